@@ -1,0 +1,70 @@
+"""peftkit: parameter-efficient fine-tuning for PyTorch and transformers, Hugging Face PEFT compatible."""
+
+from .assets import load_model, model_path
+from .checkpoint import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .config import PeftConfig, PeftType, TaskType
+from .errors import (
+    AdapterNameError,
+    CheckpointError,
+    ConfigError,
+    MergeError,
+    PeftkitError,
+    PeftkitWarning,
+    TargetError,
+)
+from .methods.lora import LoraConfig
+from .model import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+    inject_adapter_in_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterNameError",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+    "CheckpointError",
+    "ConfigError",
+    "LoraConfig",
+    "MergeError",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "PeftkitError",
+    "PeftkitWarning",
+    "TargetError",
+    "TaskType",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "load_model",
+    "load_peft_weights",
+    "model_path",
+    "set_peft_model_state_dict",
+]

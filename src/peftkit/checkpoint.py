@@ -1,0 +1,264 @@
+"""Adapter folders: safetensors + config with Hugging Face PEFT key naming, atomic writes, validation.
+
+Layout (as Hugging Face PEFT 0.21)::
+
+    dir/adapter_config.json
+    dir/adapter_model.safetensors
+    dir/README.md
+    dir/<name>/...            # every adapter other than "default"
+
+In memory keys carry the adapter name (``...q_proj.lora_A.default.weight``); file keys do not
+(``base_model.model....q_proj.lora_A.weight``). Loading checks every tensor against the model before
+touching it, and reads only safetensors (legacy ``.bin`` with ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .config import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig
+from .errors import CheckpointError, PeftkitWarning
+from .inject import AdapterLayer, ModulesToSaveWrapper
+
+PREFIX = "base_model.model."
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic files
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: Optional[dict] = None) -> None:
+    """Atomically write a safetensors file (tensors made contiguous, shared storage cloned)."""
+    from safetensors.torch import save
+
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(clean, metadata={"format": "pt", **(metadata or {})}))
+
+
+def load_tensors(path: str | os.PathLike, device: Optional[str | torch.device] = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, or a legacy ``.bin`` with ``weights_only=True``; CheckpointError if corrupt."""
+    path = os.fspath(path)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device=str(device or "cpu"))
+        out = torch.load(path, map_location=device or "cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"Missing weights file {path}.") from None
+    except Exception as exc:  # safetensors and pickle errors have no common base class
+        raise CheckpointError(f"{path} is corrupt or truncated and cannot be read ({type(exc).__name__}: {exc}).") from None
+    if not isinstance(out, dict) or not all(isinstance(v, torch.Tensor) for v in out.values()):
+        raise CheckpointError(f"{path} does not hold a flat dict of tensors.")
+    return out
+
+
+def load_peft_weights(model_id: str | os.PathLike, device: Optional[str] = None, subfolder: Optional[str] = None,
+                      revision: Optional[str] = None, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder (or Hub repo): safetensors first, then legacy ``.bin``."""
+    from .hub import resolve_file
+
+    path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, revision=revision,
+                        missing_ok=True, **hub_kwargs)
+    if path is None:
+        path = resolve_file(model_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, missing_ok=True,
+                            **hub_kwargs)
+    if path is None:
+        where = os.path.join(os.fspath(model_id), subfolder or "")
+        raise CheckpointError(f"{where} has neither {SAFETENSORS_WEIGHTS_NAME} nor {WEIGHTS_NAME}.")
+    return load_tensors(path, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# which tensors belong to an adapter
+
+
+def adapter_entries(root: nn.Module, adapter_name: str, bias: str = "none",
+                    prefix: str = "") -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(in-memory key, file key, tensor) of every tensor saved for ``adapter_name``.
+
+    Selection is structural: each adapter layer lists its tensors; ``bias`` adds biases
+    ("all": every bias of the model, "lora_only": the biases of adapted layers).
+    """
+    seen: set[int] = set()
+    layers = []
+    for key, module in root.named_modules():
+        if isinstance(module, AdapterLayer):
+            layers.append((key, module))
+            for local, tensor in module.adapter_param_items(adapter_name):
+                seen.add(id(tensor))
+                yield prefix + f"{key}.{local}", prefix + f"{key}.{module.file_key(local, adapter_name)}", tensor
+    if bias == "all":
+        wrapped = {id(p) for _, m in layers if isinstance(m, ModulesToSaveWrapper) for p in m.parameters()}
+        adapter_ids = {id(p) for _, m in layers for attr in m.adapter_layer_names for p in getattr(m, attr).parameters()}
+        for key, p in root.named_parameters():
+            if key.endswith("bias") and id(p) not in seen and id(p) not in wrapped and id(p) not in adapter_ids:
+                yield prefix + key, prefix + key, p
+    elif bias == "lora_only":
+        for key, module in layers:
+            if isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.adapter_names:
+                continue
+            b = getattr(module.get_base_layer(), "bias", None)
+            if isinstance(b, nn.Parameter):
+                yield prefix + f"{key}.base_layer.bias", prefix + f"{key}.base_layer.bias", b
+
+
+def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = None, adapter_name: str = "default",
+                              **_: Any) -> dict[str, torch.Tensor]:
+    """The file-keyed tensors of ``adapter_name`` (Hugging Face name and signature)."""
+    from .model import PeftModel
+
+    if isinstance(model, PeftModel):
+        config = model.peft_config[adapter_name]
+        if config.is_prompt_learning:
+            return model.prompt_state_dict(adapter_name)
+        entries = adapter_entries(model, adapter_name, getattr(config, "bias", "none"))
+    else:
+        entries = adapter_entries(model, adapter_name, "none")
+    out = {}
+    for mem_key, file_key, tensor in entries:
+        out[file_key] = state_dict[mem_key] if state_dict is not None and mem_key in state_dict else tensor
+    return out
+
+
+def _normalise(key: str) -> str:
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default", *, source: str = "state dict",
+                              strict: bool = True) -> list[str]:
+    """Copy file-keyed tensors into adapter ``adapter_name``; validate everything first.
+
+    Raises :class:`CheckpointError` naming the offending key on a shape mismatch or a missing tensor
+    (if ``strict``), before any tensor is copied. Returns the file keys that matched nothing (ignored,
+    with a warning).
+    """
+    from .model import PeftModel
+
+    if isinstance(model, PeftModel):
+        config = model.peft_config[adapter_name]
+        if config.is_prompt_learning:
+            model.load_prompt_state_dict(adapter_name, peft_model_state_dict, source=source)
+            return []
+        entries = list(adapter_entries(model, adapter_name, getattr(config, "bias", "none")))
+    else:
+        entries = list(adapter_entries(model, adapter_name, "none"))
+    expected = {_normalise(file_key): (file_key, tensor) for _, file_key, tensor in entries}
+    given = {_normalise(k): v for k, v in peft_model_state_dict.items()}
+    unexpected = sorted(set(given) - set(expected))
+    if expected and len(unexpected) == len(given):
+        raise CheckpointError(
+            f"None of the {len(given)} tensors in {source} matches the model (e.g. {unexpected[0]!r}); the adapter was "
+            f"saved for a different model or method. The model expects keys like {next(iter(expected))!r}."
+        )
+    for key, (file_key, tensor) in expected.items():
+        if key not in given:
+            if strict:
+                raise CheckpointError(f"{source} has no tensor {file_key!r}; the file is incomplete or for another model.")
+            continue
+        if tuple(given[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source}: tensor {file_key!r} has shape {tuple(given[key].shape)} but the model expects "
+                f"{tuple(tensor.shape)}; the adapter does not fit this model (different base model, r or targets)."
+            )
+        if not (given[key].is_floating_point() or given[key].is_complex()):
+            raise CheckpointError(f"{source}: tensor {file_key!r} has dtype {given[key].dtype}, expected floating point.")
+    if unexpected:
+        warnings.warn(f"{source}: ignoring {len(unexpected)} tensors that match no adapter tensor: "
+                      f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}", PeftkitWarning, stacklevel=3)
+    with torch.no_grad():
+        for key, (_, tensor) in expected.items():
+            if key in given:
+                tensor.copy_(given[key].to(device=tensor.device, dtype=tensor.dtype))
+    for _, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            module._clear_cache()
+    return unexpected
+
+
+# ---------------------------------------------------------------------------------------------
+# folders
+
+
+def write_model_card(folder: str, base_model: Optional[str], peft_type: str, task_type: Optional[str]) -> None:
+    """A README.md with the Hugging Face front matter; an existing README keeps its text."""
+    path = os.path.join(folder, "README.md")
+    tags = [f"base_model:adapter:{base_model}"] if base_model else []
+    tags += [peft_type.lower(), "peftkit", "transformers"]
+    front = ["---", "library_name: peft"]
+    if base_model:
+        front.append(f"base_model: {base_model}")
+    if task_type == "CAUSAL_LM":
+        front.append("pipeline_tag: text-generation")
+    front.append("tags:")
+    front += [f"- {t}" for t in tags]
+    front.append("---")
+    body = (f"\n# Adapter\n\nA {peft_type} adapter written by peftkit in the Hugging Face PEFT format.\n\n"
+            "### Framework versions\n\n- PEFT 0.21.2 (format)\n")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        if text.startswith("---"):
+            return
+        atomic_write_bytes(path, ("\n".join(front) + "\n" + text).encode())
+        return
+    atomic_write_bytes(path, ("\n".join(front) + "\n" + body).encode())
+
+
+def save_adapter_folder(folder: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
+                        safe_serialization: bool = True, extra_files: Optional[dict[str, dict]] = None,
+                        config_overrides: Optional[dict] = None) -> None:
+    """Write one adapter: weights first, then the config, each atomically."""
+    if os.path.isfile(folder):
+        raise CheckpointError(f"{folder} is a file; save_pretrained needs a directory.")
+    os.makedirs(folder, exist_ok=True)
+    if safe_serialization:
+        save_tensors(tensors, os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
+    else:
+        import io
+
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, buf)
+        atomic_write_bytes(os.path.join(folder, WEIGHTS_NAME), buf.getvalue())
+    for filename, extra in (extra_files or {}).items():
+        save_tensors(extra, os.path.join(folder, filename))
+    config.save_pretrained(folder, inference_mode=True, **(config_overrides or {}))
