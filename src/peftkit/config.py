@@ -225,7 +225,7 @@ class PeftConfig:
             if peft_type is not None and str(peft_type) != str(cls.PEFT_TYPE):
                 raise ConfigError(
                     f"{source} is a {peft_type} adapter config, not {cls.PEFT_TYPE}: load it with "
-                    f"PeftConfig.from_pretrained or {config_class_for(peft_type).__name__}."
+                    "PeftConfig.from_pretrained, which picks the config class from peft_type."
                 )
         known = {f.name for f in dataclasses.fields(target)}
         unknown = sorted(set(data) - known)

@@ -1,0 +1,376 @@
+"""LoRA API details: targeting, patterns, init options, dtypes, combining, folders and the Hub."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from peftkit import (
+    AutoPeftModelForCausalLM,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    load_model,
+    set_peft_model_state_dict,
+)
+from peftkit.inject import AdapterLayer
+from peftkit.methods.lora import Linear as LoraLinear
+
+from .models import MLP, randomize_adapters, tiny_llama
+
+
+def llama_ids(batch=2, length=6):
+    return torch.randint(3, 64, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+def lora_modules(model):
+    return {k.replace("base_model.model.", ""): m for k, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+# -- targeting ----------------------------------------------------------------------------------
+
+
+def test_target_forms():
+    m = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "mlp.down_proj"]))
+    assert sorted(lora_modules(m)) == [f"model.layers.{i}.{n}" for i in (0, 1) for n in ("mlp.down_proj", "self_attn.q_proj")]
+    m = get_peft_model(tiny_llama(), LoraConfig(target_modules=r".*\.1\.self_attn\.(k|v)_proj"))
+    assert sorted(lora_modules(m)) == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
+    m = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear"))
+    keys = lora_modules(m)
+    assert len(keys) == 14 and "lm_head" not in keys
+    m = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear", exclude_modules=["o_proj", "mlp.up_proj"]))
+    assert len(lora_modules(m)) == 10
+    m = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers"))
+    assert list(lora_modules(m)) == ["model.layers.1.self_attn.q_proj"]
+    m = get_peft_model(tiny_llama(), LoraConfig())  # default targets for llama: q_proj, v_proj
+    assert {k.rsplit(".", 1)[1] for k in lora_modules(m)} == {"q_proj", "v_proj"}
+
+
+def test_rank_and_alpha_patterns_give_hf_scalings():
+    cfg = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 4, "v_proj": 2},
+                     alpha_pattern={"q_proj": 16})
+    layers = lora_modules(get_peft_model(tiny_llama(), cfg))
+    q, v = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.0.self_attn.v_proj"]
+    assert q.r["default"] == 4 and q.scaling["default"] == 4.0 and q.lora_A["default"].weight.shape == (4, 16)
+    assert v.r["default"] == 2 and v.scaling["default"] == 4.0
+    layers = lora_modules(get_peft_model(tiny_llama(), cfg.replace(use_rslora=True)))
+    assert layers["model.layers.0.self_attn.q_proj"].scaling["default"] == 8.0
+    assert math.isclose(layers["model.layers.0.self_attn.v_proj"].scaling["default"], 8 / math.sqrt(2))
+    # a pattern for one layer only
+    cfg = LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"layers.1.self_attn.q_proj": 2})
+    layers = lora_modules(get_peft_model(tiny_llama(), cfg))
+    assert layers["model.layers.0.self_attn.q_proj"].r["default"] == 4
+    assert layers["model.layers.1.self_attn.q_proj"].r["default"] == 2
+
+
+def test_bias_modes_and_modules_to_save():
+    torch.manual_seed(0)
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], bias="all"))
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert {"base_model.model.lin1.bias", "base_model.model.lin2.bias", "base_model.model.lin0.base_layer.bias"} <= trainable
+    assert "base_model.model.lin1.bias" in get_peft_model_state_dict(pm)
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], bias="lora_only"))
+    sd = get_peft_model_state_dict(pm)
+    assert "base_model.model.lin0.base_layer.bias" in sd and "base_model.model.lin1.bias" not in sd
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], modules_to_save=["lin2"]))
+    sd = get_peft_model_state_dict(pm)
+    assert {"base_model.model.lin2.weight", "base_model.model.lin2.bias"} <= set(sd)
+    assert pm.base_model.model.lin2.modules_to_save["default"].weight.requires_grad
+    assert not pm.base_model.model.lin2.original_module.weight.requires_grad
+
+
+def test_task_heads_join_modules_to_save():
+    from .models import tiny_bert_cls
+
+    pm = get_peft_model(tiny_bert_cls(), LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"]))
+    assert pm.peft_config["default"].modules_to_save == ["classifier"]
+    assert type(pm).__name__ == "PeftModelForSequenceClassification"
+    sd = get_peft_model_state_dict(pm)
+    assert "base_model.model.classifier.weight" in sd
+
+
+# -- init options -------------------------------------------------------------------------------
+
+
+def test_init_options():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian"))
+    q = lora_modules(pm)["model.layers.0.self_attn.q_proj"]
+    assert torch.all(q.lora_B["default"].weight == 0) and q.lora_A["default"].weight.std() > 0
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    q = lora_modules(pm)["model.layers.0.self_attn.q_proj"]
+    assert q.lora_B["default"].weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4"])
+def test_pissa_keeps_output_and_takes_principal_components(init):
+    base = tiny_llama()
+    ids = llama_ids()
+    with torch.no_grad():
+        ref = base(ids).logits
+    w = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+    with torch.no_grad():
+        assert torch.allclose(pm(ids).logits, ref, atol=1e-5)
+    q = lora_modules(pm)["model.layers.0.self_attn.q_proj"]
+    delta = q.delta_weight("default")
+    U, S, Vh = torch.linalg.svd(w)
+    best = U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]
+    tol = 1e-4 if init == "pissa" else 5e-2
+    assert torch.allclose(delta, best, atol=tol)
+    assert torch.allclose(q.base_layer.weight + delta, w, atol=1e-5)
+
+
+# -- dtypes -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_base_keeps_fp32_adapters(dtype):
+    base = tiny_llama().to(dtype)
+    pm = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(pm)
+    q = lora_modules(pm)["model.layers.0.self_attn.q_proj"]
+    assert q.lora_A["default"].weight.dtype == torch.float32 and q.base_layer.weight.dtype == dtype
+    ids = llama_ids()
+    with torch.no_grad():
+        out = pm(ids).logits
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        pm.merge_adapter()
+        merged = pm(ids).logits
+    assert torch.allclose(merged.float(), out.float(), atol=5e-2, rtol=5e-2)
+    pm.unmerge_adapter()
+    pm.train()
+    loss = pm(ids).logits.float().pow(2).mean()
+    loss.backward()
+    assert q.lora_B["default"].weight.grad is not None
+
+
+# -- combining ----------------------------------------------------------------------------------
+
+
+def _two_adapters():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]))
+    randomize_adapters(pm, seed=5)
+    return pm
+
+
+def test_add_weighted_adapter_cat_is_exact_and_svd_approximates():
+    pm = _two_adapters()
+    pm.add_weighted_adapter(["default", "b"], [0.7, -1.3], "cat", combination_type="cat")
+    for key, layer in lora_modules(pm).items():
+        want = sum(w * layer.delta_weight(a) for a, w in (("default", 0.7), ("b", -1.3)) if a in layer.r)
+        assert torch.allclose(layer.delta_weight("cat"), want, atol=1e-5), key
+    assert lora_modules(pm)["model.layers.0.self_attn.q_proj"].r["cat"] == 6
+    pm.add_weighted_adapter(["default", "b"], [0.7, -1.3], "svd", combination_type="svd", svd_rank=6)
+    q = lora_modules(pm)["model.layers.0.self_attn.q_proj"]
+    assert torch.allclose(q.delta_weight("svd"), q.delta_weight("cat"), atol=1e-4)  # rank 6 holds it exactly
+    pm.set_adapter("cat")
+    ids = llama_ids()
+    with torch.no_grad():
+        cat_out = pm(ids).logits
+        pm.set_adapter("svd")
+        assert torch.allclose(pm(ids).logits, cat_out, atol=1e-4)
+
+
+def test_add_weighted_adapter_linear_and_errors():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    pm.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_adapters(pm, seed=6)
+    pm.add_weighted_adapter(["default", "b"], [0.5, 0.5], "lin", combination_type="linear")
+    q = lora_modules(pm)["model.layers.0.self_attn.q_proj"]
+    c = math.sqrt(0.5 * q.scaling["default"])
+    A = c * (q.lora_A["default"].weight + q.lora_A["b"].weight)
+    B = c * (q.lora_B["default"].weight + q.lora_B["b"].weight)
+    assert torch.allclose(q.delta_weight("lin"), B @ A, atol=1e-6)
+    pm.add_adapter("r2", LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="equal rank"):
+        pm.add_weighted_adapter(["default", "r2"], [1, 1], "x", combination_type="linear")
+    with pytest.raises(ValueError, match="Unknown adapter"):
+        pm.add_weighted_adapter(["default", "nope"], [1, 1], "x", combination_type="cat")
+    with pytest.raises(ValueError, match="combination_type"):
+        pm.add_weighted_adapter(["default"], [1], "x", combination_type="ties")
+    assert "x" not in pm.peft_config
+
+
+# -- bare modules -------------------------------------------------------------------------------
+
+
+def test_inject_adapter_in_model_and_state_dict_round_trip():
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["lin0", "lin1"]), MLP())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "lin0.lora_A.default.weight", "lin0.lora_B.default.weight", "lin1.lora_A.default.weight", "lin1.lora_B.default.weight"}
+    randomize_adapters(model)
+    sd = get_peft_model_state_dict(model)
+    assert set(sd) == {"lin0.lora_A.weight", "lin0.lora_B.weight", "lin1.lora_A.weight", "lin1.lora_B.weight"}
+    torch.manual_seed(0)
+    other = inject_adapter_in_model(LoraConfig(r=2, target_modules=["lin0", "lin1"]), MLP())
+    set_peft_model_state_dict(other, sd)
+    x = torch.randn(3, 10)
+    assert torch.equal(model(x), other(x))
+
+
+# -- folders ------------------------------------------------------------------------------------
+
+
+def test_selected_adapters_subfolders_and_load_adapter(tmp_path):
+    pm = _two_adapters()
+    ids = llama_ids()
+    with torch.no_grad():
+        out_default = pm(ids).logits
+        pm.set_adapter("b")
+        out_b = pm(ids).logits
+    pm.save_pretrained(tmp_path)
+    assert os.path.isfile(tmp_path / "adapter_config.json") and os.path.isfile(tmp_path / "b" / "adapter_model.safetensors")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded.load_adapter(tmp_path / "b", "b")
+    assert loaded.active_adapter == "default"
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out_default)
+        loaded.set_adapter("b")
+        assert torch.equal(loaded(ids).logits, out_b)
+    only_b = tmp_path / "only_b"
+    pm.save_pretrained(only_b, selected_adapters=["b"])
+    assert sorted(os.listdir(only_b)) == ["b"]
+
+
+def test_config_file_format(tmp_path):
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    pm.save_pretrained(tmp_path)
+    text = (tmp_path / "adapter_config.json").read_text()
+    data = json.loads(text)
+    assert text == json.dumps(data, indent=2, sort_keys=True)
+    assert data["peft_type"] == "LORA" and data["inference_mode"] is True and data["task_type"] == "CAUSAL_LM"
+    assert len(data) == 41
+    readme = (tmp_path / "README.md").read_text()
+    assert "library_name: peft" in readme
+    # a newer file with unknown fields loads with a warning
+    data["from_the_future"] = 1
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="from_the_future"):
+        cfg = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(cfg, LoraConfig) and cfg.r == 4
+
+
+def test_legacy_bin_loads_with_weights_only(tmp_path, monkeypatch):
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_adapters(pm)
+    pm.save_pretrained(tmp_path, safe_serialization=False)
+    assert os.path.isfile(tmp_path / "adapter_model.bin")
+    calls = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert calls == [True]
+    ids = llama_ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, pm(ids).logits)
+
+
+def test_auto_peft_model_loads_base_from_local_folder(tmp_path):
+    model, tok = load_model()
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    randomize_adapters(pm)
+    pm.save_pretrained(tmp_path)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path)
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, pm(ids).logits)
+
+
+def test_hub_id_resolves_from_offline_cache(tmp_path, monkeypatch):
+    """A pre-filled Hugging Face cache folder serves a Hub id with no network."""
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_adapters(pm)
+    src = tmp_path / "src"
+    pm.save_pretrained(src)
+    cache = tmp_path / "cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someone--tiny-lora"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (snap / name).write_bytes((src / name).read_bytes())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = PeftConfig.from_pretrained("someone/tiny-lora", cache_dir=str(cache))
+    assert cfg.r == 4
+    loaded = PeftModel.from_pretrained(tiny_llama(), "someone/tiny-lora", cache_dir=str(cache))
+    ids = llama_ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, pm(ids).logits)
+
+
+def test_push_to_hub_uploads_the_adapter_folder(monkeypatch):
+    import huggingface_hub
+
+    seen = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            seen["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            seen["repo"] = repo_id
+
+        def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
+            seen["files"] = sorted(os.listdir(folder_path))
+            return "done"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert pm.push_to_hub("me/adapter", token="t") == "done"
+    assert seen == {"token": "t", "repo": "me/adapter",
+                    "files": ["README.md", "adapter_config.json", "adapter_model.safetensors"]}
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def test_training_reduces_loss_on_bundled_model():
+    from peftkit.assets import ASSETS_DIR
+
+    torch.manual_seed(0)
+    model, tok = load_model()
+    text = (ASSETS_DIR / "data" / "tinystories_sample.txt").read_text()[:20000]
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    blocks = ids[: len(ids) // 64 * 64].view(-1, 64)[:32]
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-3)
+
+    def loss_on_all():
+        with torch.no_grad():
+            return pm(input_ids=blocks, labels=blocks).loss.item()
+
+    before = loss_on_all()
+    pm.train()
+    for step in range(25):
+        batch = blocks[(torch.arange(8) + 8 * step) % len(blocks)]
+        loss = pm(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pm.eval()
+    after = loss_on_all()
+    assert after < before - 0.05, (before, after)
+
+
+def test_adapter_layers_are_few_and_typed():
+    pm = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear"))
+    layers = [m for m in pm.modules() if isinstance(m, AdapterLayer)]
+    assert len(layers) == 14 and all(isinstance(m, LoraLinear) for m in layers)
+    assert isinstance(pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer, nn.Linear)
