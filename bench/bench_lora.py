@@ -1,0 +1,212 @@
+"""LoRA speed and memory, peftkit side by side with Hugging Face PEFT in one run.
+
+    python bench/bench_lora.py [--quick] [--only mixed,overhead,train,inject]
+
+Model: Llama config hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 8000, random weights;
+2 CPU threads. Prints a Markdown table of times and ratios. Figures: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+THREADS = 2
+
+
+def llama(seed: int = 0, device: str = "cpu"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                      intermediate_size=1376, vocab_size=8000, max_position_embeddings=512)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).eval()
+
+
+def timeit(fn, repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+
+
+def libs():
+    import peft
+
+    import peftkit
+
+    return {"peftkit": peftkit, "peft": peft}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_mixed(quick: bool) -> list[dict]:
+    """32 adapters r=16 all-linear, 32 rows each its own adapter, vs the base forward."""
+    rows = []
+    n_adapters = 32
+    for lib_name, lib in libs().items():
+        model = llama()
+        cfg = lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+        pm = lib.get_peft_model(model, cfg, adapter_name="a0")
+        for i in range(1, n_adapters):
+            pm.add_adapter(f"a{i}", cfg)
+        randomize(pm)
+        pm.eval()
+        names = [f"a{i}" for i in range(n_adapters)]
+        for T in (1, 64):
+            ids = torch.randint(0, 8000, (n_adapters, T), generator=torch.Generator().manual_seed(1))
+            repeat = 5 if quick else (30 if T == 1 else 10)
+            with torch.inference_mode():
+                with pm.disable_adapter():
+                    base = timeit(lambda: pm(input_ids=ids), repeat)
+                mixed = timeit(lambda: pm(input_ids=ids, adapter_names=names), repeat)
+            rows.append({"bench": f"mixed batch, 32 adapters, T={T}", "lib": lib_name, "base_s": base, "s": mixed,
+                         "ratio": mixed / base})
+        del pm, model
+    return rows
+
+
+def bench_overhead(quick: bool) -> list[dict]:
+    """One adapter (r=16 all-linear): unmerged and merged forward vs the base forward."""
+    rows = []
+    for lib_name, lib in libs().items():
+        model = llama()
+        pm = lib.get_peft_model(model, lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        randomize(pm)
+        pm.eval()
+        for B, T in ((8, 128), (32, 1)):
+            ids = torch.randint(0, 8000, (B, T), generator=torch.Generator().manual_seed(2))
+            repeat = 5 if quick else (20 if T == 1 else 10)
+            with torch.inference_mode():
+                with pm.disable_adapter():
+                    base = timeit(lambda: pm(input_ids=ids), repeat)
+                unmerged = timeit(lambda: pm(input_ids=ids), repeat)
+                pm.merge_adapter()
+                merged = timeit(lambda: pm(input_ids=ids), repeat)
+                pm.unmerge_adapter()
+            rows.append({"bench": f"one adapter unmerged, {B}x{T}", "lib": lib_name, "base_s": base, "s": unmerged,
+                         "ratio": unmerged / base})
+            rows.append({"bench": f"one adapter merged, {B}x{T}", "lib": lib_name, "base_s": base, "s": merged,
+                         "ratio": merged / base})
+    return rows
+
+
+def _train_child(lib_name: str, steps: int) -> None:
+    """Run in a subprocess: training steps, print time per step and peak RSS growth."""
+    torch.set_num_threads(THREADS)
+    lib = libs()[lib_name]
+    model = llama()
+    pm = lib.get_peft_model(model, lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 8000, (8, 128), generator=torch.Generator().manual_seed(3))
+    pm.train()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def step():
+        loss = pm(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t = timeit(step, steps, warmup=1)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"step_s": t, "peak_rss_growth_mb": (rss1 - rss0) / 1024, "peak_rss_mb": rss1 / 1024}))
+
+
+def bench_train(quick: bool) -> list[dict]:
+    rows = []
+    steps = 2 if quick else 5
+    res = {}
+    for lib_name in ("peftkit", "peft"):
+        out = subprocess.run([sys.executable, __file__, "--train-child", lib_name, str(steps)], capture_output=True,
+                             text=True, check=True)
+        res[lib_name] = json.loads(out.stdout.strip().splitlines()[-1])
+    for lib_name, r in res.items():
+        rows.append({"bench": "training step 8x128 (fwd+bwd+AdamW)", "lib": lib_name, "s": r["step_s"],
+                     "ratio": r["step_s"] / res["peft"]["step_s"], "peak_rss_mb": r["peak_rss_mb"],
+                     "note": "ratio vs peft"})
+    return rows
+
+
+def bench_inject(quick: bool) -> list[dict]:
+    """get_peft_model on a ~1B-parameter Llama shape built on the meta device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=8192, vocab_size=32000)
+    rows = []
+    res = {}
+    for lib_name, lib in libs().items():
+        times = []
+        for _ in range(2 if quick else 5):
+            with torch.device("meta"):
+                model = LlamaForCausalLM(cfg)
+            t = time.perf_counter()
+            lib.get_peft_model(model, lib.LoraConfig(r=16, target_modules="all-linear"))
+            times.append(time.perf_counter() - t)
+        res[lib_name] = statistics.median(times)
+    n_params = sum(p.numel() for p in model.parameters())
+    for lib_name, t in res.items():
+        rows.append({"bench": f"get_peft_model, {n_params / 1e9:.2f}B Llama on meta, all-linear r=16", "lib": lib_name,
+                     "s": t, "ratio": t / res["peft"], "note": "ratio vs peft"})
+    return rows
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--train-child":
+        _train_child(sys.argv[2], int(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--only", default="mixed,overhead,train,inject")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    import peft
+
+    import peftkit
+
+    print(f"# peftkit {peftkit.__version__} vs peft {peft.__version__}, torch {torch.__version__}, "
+          f"{THREADS} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
+    rows = []
+    for name in args.only.split(","):
+        rows += {"mixed": bench_mixed, "overhead": bench_overhead, "train": bench_train, "inject": bench_inject}[name](
+            args.quick)
+        print(f"# done {name}", file=sys.stderr)
+    print("| benchmark | library | time (ms) | ratio | note |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        note = r.get("note", "vs base forward" if "base_s" in r else "")
+        if "peak_rss_mb" in r:
+            note += f"; peak RSS {r['peak_rss_mb']:.0f} MB"
+        print(f"| {r['bench']} | {r['lib']} | {r['s'] * 1e3:.2f} | {r['ratio']:.3f} | {note} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
