@@ -1,0 +1,12 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    """Tests use tiny models: one intra-op thread per test process avoids oversubscribing the cores
+    (pytest -n 2 runs two processes) without slowing any test down."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
