@@ -13,6 +13,19 @@ from .errors import (
     TargetError,
 )
 from .methods.lora import LoraConfig
+from .methods.bottleneck import BottleneckConfig
+from .methods.ia3 import IA3Config
+from .methods.ln_tuning import LNTuningConfig
+from .methods.selective import BitFitConfig, PartialConfig
+from .methods.prompt import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    p_tuning_v2_config,
+)
 from .model import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -31,6 +44,16 @@ from .model import (
     get_peft_model,
     inject_adapter_in_model,
 )
+from .quant import (
+    Int8Linear,
+    NF4Linear,
+    QuantizedLinear,
+    dequantize_model,
+    load_quantized,
+    prepare_model_for_kbit_training,
+    quantize_model,
+    save_quantized,
+)
 
 __version__ = "0.1.0"
 
@@ -46,6 +69,18 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "LoraConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "p_tuning_v2_config",
+    "IA3Config",
+    "LNTuningConfig",
+    "BottleneckConfig",
+    "BitFitConfig",
+    "PartialConfig",
     "MergeError",
     "PeftConfig",
     "PeftModel",
@@ -67,4 +102,13 @@ __all__ = [
     "load_peft_weights",
     "model_path",
     "set_peft_model_state_dict",
+    # QLoRA (peftkit.quant)
+    "Int8Linear",
+    "NF4Linear",
+    "QuantizedLinear",
+    "dequantize_model",
+    "load_quantized",
+    "prepare_model_for_kbit_training",
+    "quantize_model",
+    "save_quantized",
 ]

@@ -59,6 +59,44 @@ class MixedBatch:
             idx = idx.repeat_interleave(batch // idx.numel())
         return idx
 
+    def plan(self, slots: tuple[str, ...], device: torch.device, batch: int) -> "RowPlan":
+        """The row -> slot index with what layers need to avoid copying weights (cached like :meth:`index`)."""
+        key = ("plan", slots, device, batch)
+        plan = self._cache.get(key)
+        if plan is None:
+            plan = RowPlan(self.index(slots, device, batch))
+            self._cache[key] = plan
+        return plan
+
+
+class RowPlan:
+    """A batch's slot per row, and the groupings layers use for batched adapter matmuls.
+
+    ``start``: when rows use consecutive slots ``start, start+1, ...`` in order (each row its own
+    adapter, in slot order), layers can slice their stacked weights instead of gathering them.
+    :meth:`groups` sorts tokens by slot for grouped matmuls (``torch.nn.functional.grouped_mm``).
+    """
+
+    def __init__(self, idx: torch.Tensor) -> None:
+        self.idx = idx
+        values = idx.tolist()
+        first = values[0] if values else 0
+        self.start = first if values == list(range(first, first + len(values))) else None
+        self._groups: dict = {}
+
+    def groups(self, tokens_per_row: int, n_slots: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``offs`` (n_slots,) int32 cumulative token counts per slot, and the token order that sorts
+        tokens by slot (``None`` when they already are)."""
+        key = (tokens_per_row, n_slots)
+        hit = self._groups.get(key)
+        if hit is None:
+            slots = self.idx.repeat_interleave(tokens_per_row) if tokens_per_row > 1 else self.idx
+            offs = torch.bincount(slots, minlength=n_slots).cumsum(0).to(torch.int32)
+            ordered = bool((slots[1:] >= slots[:-1]).all()) if slots.numel() > 1 else True
+            order = None if ordered else torch.argsort(slots, stable=True)
+            hit = self._groups[key] = (offs, order)
+        return hit
+
 
 _MIXED: contextvars.ContextVar[Optional[MixedBatch]] = contextvars.ContextVar("peftkit_mixed_batch", default=None)
 
@@ -101,6 +139,7 @@ class AdapterLayer(nn.Module):
     # in-memory key suffix -> file key suffix, applied after the adapter name is removed
     save_key_renames: dict[str, str] = {}
     mergeable: bool = True
+    merge_hint: str = ""  # why a non-mergeable layer cannot be merged (appended to the error)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -188,7 +227,7 @@ class AdapterLayer(nn.Module):
     # -- merging ------------------------------------------------------------------------------
     def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         if not self.mergeable:
-            raise MergeError(f"{type(self).__name__} adapters cannot be merged into the base weights.")
+            raise MergeError(f"{type(self).__name__} adapters cannot be merged into the base weights.{self.merge_hint}")
         names = self.active_adapters if adapter_names is None else [n for n in adapter_names if n in self.adapter_names]
         for name in names:
             if name in self.merged_adapters:
@@ -425,7 +464,12 @@ def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets
     from .methods import method_for
 
     method = method_for(config)
-    keys = targets if targets is not None else find_targets(model, config)
+    if targets is not None:
+        keys = targets
+    elif method.find_targets is not None:  # methods that locate their targets themselves
+        keys = method.find_targets(model, config)
+    else:
+        keys = find_targets(model, config)
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     extended: list[AdapterLayer] = []
     try:
@@ -483,7 +527,8 @@ def unload(model: nn.Module, *, merge: bool, safe_merge: bool = False,
             if isinstance(layer, ModulesToSaveWrapper):
                 continue
             if not layer.mergeable:
-                raise MergeError(f"{key}: {type(layer).__name__} adapters cannot be merged; use unload() instead.")
+                raise MergeError(f"{key}: {type(layer).__name__} adapters cannot be merged; use unload() instead."
+                                 f"{layer.merge_hint}")
     for key, layer in layers:
         if isinstance(layer, ModulesToSaveWrapper):
             new = layer.unwrap(merge)

@@ -81,10 +81,14 @@ def _check_new_name(name: Any, existing: Sequence[str]) -> None:
 
 def prepare_config(config: PeftConfig, model: nn.Module) -> PeftConfig:
     """Fill the fields a config takes from the model (default targets, task heads). Returns a copy."""
-    from .methods import method_for
+    from .methods import all_methods, method_for
 
     config = copy.deepcopy(config)
-    if hasattr(config, "target_modules") and config.target_modules is None:
+    hooks = all_methods().get(str(config.peft_type))
+    if hooks is not None and hooks.prepare is not None:  # method-specific defaults (may set target_modules)
+        hooks.prepare(config, model)
+    own_targets = hooks is not None and hooks.find_targets is not None  # the method finds its targets
+    if hasattr(config, "target_modules") and config.target_modules is None and not own_targets:
         method = method_for(config)
         model_type = _model_type(model)
         if model_type not in method.default_targets:
@@ -178,7 +182,10 @@ class PeftModel(nn.Module):
         engine.inject(model, config, adapter_name)
         try:
             if getattr(config, "modules_to_save", None):
-                user = set(peft_config.modules_to_save or [])
+                # task heads are optional: HF PEFT writes every head name of the task type
+                # (e.g. ["classifier", "score"] for SEQ_CLS) although a model has only one of them
+                heads = TASK_HEADS.get(str(config.task_type), []) if config.task_type else []
+                user = set(peft_config.modules_to_save or []) - set(heads)
                 found = engine.add_modules_to_save(model, config.modules_to_save, adapter_name)
                 missing = [m for m in user if not any(k == m or k.endswith("." + m) for k in found)]
                 if missing:
@@ -196,6 +203,11 @@ class PeftModel(nn.Module):
         self._apply_active()
 
     def _upcast_adapter(self, name: str) -> None:
+        from .methods import all_methods
+
+        method = all_methods().get(str(self.peft_config[name].peft_type))
+        if method is not None and not method.autocast_adapter_dtype:
+            return  # the adapter's tensors are copies of base modules and keep the base dtype
         for _, _, t in adapter_entries(self.base_model.model, name):
             if t.dtype in (torch.float16, torch.bfloat16) and isinstance(t, nn.Parameter):
                 t.data = t.data.float()
@@ -272,7 +284,7 @@ class PeftModel(nn.Module):
         layers = [(k, layer) for k, layer in self._layers() if not isinstance(layer, ModulesToSaveWrapper)]
         for key, layer in layers:
             if not layer.mergeable and any(n in layer.adapter_names for n in names):
-                raise PeftkitError(f"{key}: {type(layer).__name__} adapters cannot be merged.")
+                raise PeftkitError(f"{key}: {type(layer).__name__} adapters cannot be merged.{layer.merge_hint}")
         for _, layer in layers:
             layer.merge(names, safe_merge=safe_merge)
 
@@ -282,11 +294,26 @@ class PeftModel(nn.Module):
                 layer.unmerge()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
-        """Merge the active (or given) adapters and return the base model with no adapter layers."""
+                         adapter_names: Optional[Sequence[str]] = None, dequantize: bool = False) -> nn.Module:
+        """Merge the active (or given) adapters and return the base model with no adapter layers.
+
+        Quantized bases (:mod:`peftkit.quant`): with ``dequantize=True`` every quantized linear first
+        becomes an ``nn.Linear`` holding its dequantized weight, so the result is an exact float model;
+        otherwise the merged weights are requantized and a PeftkitWarning states the error introduced.
+        """
+        from . import quant
+
         names = self._active if adapter_names is None else list(adapter_names)
         engine.check_adapter_names(names, list(self.peft_config))
-        return engine.unload(self.base_model.model, merge=True, safe_merge=safe_merge, adapter_names=names)
+        model = self.base_model.model
+        if dequantize:
+            for key, layer in self._layers():
+                if not isinstance(layer, ModulesToSaveWrapper) and not layer.mergeable:
+                    raise PeftkitError(f"{key}: {type(layer).__name__} adapters cannot be merged; use unload() instead.")
+            quant.dequantize_model(model)
+        merged = engine.unload(model, merge=True, safe_merge=safe_merge, adapter_names=names)
+        quant.requantization_report(merged)
+        return merged
 
     def unload(self) -> nn.Module:
         """Return the base model with every adapter layer removed, without merging."""
@@ -404,8 +431,10 @@ class PeftModel(nn.Module):
                                              "parent_library": type(base).__module__}
             save_adapter_folder(folder, config, tensors, safe_serialization=safe_serialization,
                                 extra_files=self._extra_files(name), config_overrides=overrides)
-            write_model_card(folder, config.base_model_name_or_path, str(config.peft_type),
-                             str(config.task_type) if config.task_type else None)
+        first = self.peft_config[names[0]] if names else None
+        if first is not None:  # one model card, at the top (as Hugging Face PEFT)
+            write_model_card(save_directory, first.base_model_name_or_path, str(first.peft_type),
+                             str(first.task_type) if first.task_type else None)
 
     def _extra_files(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
         """Additional safetensors files saved beside the compatible one (used by prompt methods)."""
@@ -449,6 +478,10 @@ class PeftModel(nn.Module):
     @classmethod
     def _class_for(cls, config: PeftConfig) -> type["PeftModel"]:
         """Hook for methods whose PeftModel differs (prompt learning); layer methods use ``cls``."""
+        if config.is_prompt_learning:
+            from .prompt_model import prompt_model_class
+
+            return prompt_model_class(cls, config)
         return cls
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,

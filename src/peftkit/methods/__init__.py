@@ -8,7 +8,7 @@ wrapper for a target module, and default target modules per model type. The inje
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import ConfigError
 
@@ -28,6 +28,14 @@ class Method:
     # prefix of the in-memory parameter names of this method (e.g. "lora_"), used for freezing
     prefix: str
     default_targets: dict[str, list[str]] = field(default_factory=dict)
+    # Optional hooks, for methods whose targets are not (only) ``target_modules`` name matches:
+    # ``prepare(config, model)`` fills method-specific defaults into the (copied) config before the
+    # generic default-target lookup; ``find_targets(model, config)`` returns the module keys to wrap
+    # (and raises a PeftkitError if there are none) instead of the generic name matching.
+    prepare: Optional[Callable[["PeftConfig", "nn.Module"], None]] = None
+    find_targets: Optional[Callable[["nn.Module", "PeftConfig"], list[str]]] = None
+    # False for methods whose adapter tensors are copies of base modules and must keep their dtype
+    autocast_adapter_dtype: bool = True
 
 
 _METHODS: dict[str, Method] = {}
@@ -52,3 +60,5 @@ def all_methods() -> dict[str, Method]:
 
 
 from . import lora  # noqa: E402,F401  (registers LoRA)
+from . import ia3, selective, ln_tuning, bottleneck  # noqa: E402,F401  (IA3, BitFit, partial, LN tuning, adapters)
+from . import prompt  # noqa: E402,F401  (registers the soft-prompt configs; they run in peftkit.prompt_model)

@@ -31,6 +31,7 @@ from torch import nn
 from ..config import PeftConfig, PeftType, positive_int, probability, register_config, unsupported
 from ..errors import ConfigError, MergeError, PeftkitError, PeftkitWarning, TargetError
 from ..inject import AdapterLayer, MixedBatch, current_mixed_batch
+from ..quant import dequantize_weight, is_quantized_module, requantize_weight_
 from . import Method, register_method
 
 # Default target modules per model type (when target_modules is None), as Hugging Face PEFT.
@@ -187,7 +188,7 @@ def _base_weight(base: nn.Module) -> torch.Tensor:
     dequantize = getattr(base, "dequantize", None)
     if callable(dequantize):
         return dequantize()
-    return base.weight
+    return dequantize_weight(base)  # bitsandbytes modules; a float base's own weight
 
 
 class LoraLayer(AdapterLayer):
@@ -283,9 +284,10 @@ class LoraLayer(AdapterLayer):
 
     def _merge_one(self, name: str, safe_merge: bool) -> None:
         base = self.get_base_layer()
-        if getattr(base, "is_quantized_linear", False):
-            raise MergeError("Merging into a quantized base is done by peftkit.quant (dequantize=True or requantize).")
-        weight = base.weight
+        quantized = is_quantized_module(base)  # merged by requantizing (peftkit.quant reports the error)
+        if quantized and not getattr(base, "is_quantized_linear", False):
+            requantize_weight_(base, None)  # raises: bitsandbytes weights cannot be requantized here
+        weight = _base_weight(base) if quantized else base.weight
         delta = self.delta_weight(name)
         new = weight.float() + delta
         if self.use_dora.get(name):
@@ -296,21 +298,28 @@ class LoraLayer(AdapterLayer):
         if safe_merge and not torch.isfinite(new).all():
             raise MergeError(f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken. Nothing was merged.")
         with torch.no_grad():
-            weight.copy_(new.to(weight.dtype))
+            if quantized:
+                requantize_weight_(base, new)
+            else:
+                weight.copy_(new.to(weight.dtype))
             if self.lora_bias.get(name) and base.bias is not None:
                 base.bias.add_((self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype))
         self._clear_cache()
 
     def _unmerge_one(self, name: str) -> None:
         base = self.get_base_layer()
-        weight = base.weight
+        quantized = is_quantized_module(base)
+        weight = _base_weight(base) if quantized else base.weight
         current = weight.float()
         if self.use_dora.get(name):
             norm = self._dora_norm.pop(name)
             factor = self._dora_factor_shape(self.lora_magnitude_vector[name].weight.float() / norm)
             current = current / factor
         with torch.no_grad():
-            weight.copy_((current - self.delta_weight(name)).to(weight.dtype))
+            if quantized:  # inexact: requantizes again
+                requantize_weight_(base, current - self.delta_weight(name))
+            else:
+                weight.copy_((current - self.delta_weight(name)).to(weight.dtype))
             if self.lora_bias.get(name) and base.bias is not None:
                 base.bias.sub_((self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype))
         self._clear_cache()
@@ -319,12 +328,33 @@ class LoraLayer(AdapterLayer):
         """Shape ``m / norm`` (per output channel) to multiply the base weight."""
         return factor.reshape(-1, *([1] * (self.get_base_layer().weight.dim() - 1)))
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Disabled: base only (merged adapters are unmerged first). Merged: the base already holds
+        them. Mixed batch: each row its own adapter. Otherwise base + each active adapter."""
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        mixed = current_mixed_batch()
+        result = self.base_layer(x, *args, **kwargs)
+        if mixed is not None:
+            self._check_mixed(mixed)
+            return self._mixed_forward(x, result, mixed)
+        for name in self.active_adapters:
+            if name in self.r and name not in self.merged_adapters:
+                result = self._add_adapter(name, x, result)
+        return result
+
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus adapter ``name``'s contribution for input ``x``."""
+        raise NotImplementedError
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+        raise NotImplementedError
+
     def _check_mixed(self, mixed: MixedBatch) -> None:
         if self.merged:
             raise MergeError("adapter_names (mixed batches) cannot be used while adapters are merged; unmerge first.")
-
-    def _active_unmerged(self) -> list[str]:
-        return [n for n in self.active_adapters if n not in self.merged_adapters and n in self.r]
 
 
 class Linear(LoraLayer):
@@ -351,7 +381,8 @@ class Linear(LoraLayer):
 
     def _init_pissa(self, name: str, init: str) -> None:
         base = self.get_base_layer()
-        weight = base.weight
+        quantized = is_quantized_module(base)  # the residual is requantized (QPiSSA)
+        weight = _base_weight(base) if quantized else base.weight
         w = weight.float().T if self.fan_in_fan_out else weight.float()
         r, s = self.r[name], self.scaling[name]
         if init == "pissa":
@@ -367,7 +398,10 @@ class Linear(LoraLayer):
             self.lora_A[name].weight.copy_(A)
             self.lora_B[name].weight.copy_(B)
             residual = w - s * (B @ A)
-            weight.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
+            if quantized:
+                requantize_weight_(base, residual)
+            else:
+                weight.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
@@ -381,27 +415,12 @@ class Linear(LoraLayer):
     def _dora_factor_shape(self, factor: torch.Tensor) -> torch.Tensor:
         return factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        mixed = current_mixed_batch()
-        result = self.base_layer(x, *args, **kwargs)
-        if mixed is not None:
-            self._check_mixed(mixed)
-            return self._mixed_forward(x, result, mixed)
-        for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue
-            A, B = self.lora_A[name].weight, self.lora_B[name]
-            xa = self.lora_dropout[name](x.to(A.dtype))
-            if self.use_dora[name]:
-                result = result + self._dora_extra(name, x, xa, result).to(result.dtype)
-            else:
-                result = torch.add(result, F.linear(F.linear(xa, A), B.weight, B.bias).to(result.dtype),
-                                   alpha=self.scaling[name])
-        return result
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A[name].weight, self.lora_B[name]
+        xa = self.lora_dropout[name](x.to(A.dtype))
+        if self.use_dora[name]:
+            return result + self._dora_extra(name, x, xa, result).to(result.dtype)
+        return torch.add(result, F.linear(F.linear(xa, A), B.weight, B.bias).to(result.dtype), alpha=self.scaling[name])
 
     def _dora_extra(self, name: str, x: torch.Tensor, xd: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """DoRA's addition to the base output: ``(f - 1) · (W x) + f · s · B A x`` with f = m / ||W + sBA||."""
@@ -421,25 +440,28 @@ class Linear(LoraLayer):
 
     # -- mixed batches ------------------------------------------------------------------------
     def _stacked(self, names: tuple[str, ...], device: torch.device):
-        """All adapters' A (n+1, in, r_max) and s·B (n+1, r_max, out), slot 0 zeros ("no adapter"),
-        plus the DoRA factors f (n+1, out) (ones for non-DoRA slots) or None. Cached while no
-        gradient is needed and no weight changed (tracked by tensor versions)."""
+        """All adapters' A (n+1, in, r_pad) and s·B (n+1, r_pad, out), slot 0 zeros ("no adapter"),
+        ranks zero-padded to the largest (rounded up to a multiple of 8 for grouped matmuls); plus
+        the DoRA factors f (n+1, out) (ones for non-DoRA slots) or None, and the scaled lora_B
+        biases (n+1, out) or None. Cached while no gradient is needed and no weight changed
+        (tracked by tensor versions)."""
         params = [self.lora_A[n].weight for n in names] + [self.lora_B[n].weight for n in names]
         dora = [n for n in names if self.use_dora[n]]
         params += [self.lora_magnitude_vector[n].weight for n in dora]
+        params += [self.lora_B[n].bias for n in names if self.lora_bias[n]]
         if dora:
             params.append(self.get_base_layer().weight)
         need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         key = (names, tuple(p._version for p in params), tuple(self.scaling[n] for n in names), device)
         if not need_grad and self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1]
-        r_max = max(self.r[n] for n in names)
+        r_pad = -(-max(self.r[n] for n in names) // 8) * 8
         dtype = self.lora_A[names[0]].weight.dtype
-        zero_a = torch.zeros(self.in_features, r_max, device=device, dtype=dtype)
-        zero_b = torch.zeros(r_max, self.out_features, device=device, dtype=dtype)
+        zero_a = torch.zeros(self.in_features, r_pad, device=device, dtype=dtype)
+        zero_b = torch.zeros(r_pad, self.out_features, device=device, dtype=dtype)
         a_list, b_list = [zero_a], [zero_b]
         for n in names:
-            pad = r_max - self.r[n]
+            pad = r_pad - self.r[n]
             a_list.append(F.pad(self.lora_A[n].weight.T, (0, pad)))
             b_list.append(F.pad(self.lora_B[n].weight.T * self.scaling[n], (0, 0, 0, pad)))
         A, B = torch.stack(a_list), torch.stack(b_list)
@@ -456,9 +478,9 @@ class Linear(LoraLayer):
             factors = torch.stack(rows)
         bias = None
         if any(self.lora_bias[n] for n in names):
-            bias = torch.stack([torch.zeros(self.out_features, device=device, dtype=dtype)] + [
-                self.lora_B[n].bias * self.scaling[n] if self.lora_bias[n] else
-                torch.zeros(self.out_features, device=device, dtype=dtype) for n in names])
+            zeros = torch.zeros(self.out_features, device=device, dtype=dtype)
+            bias = torch.stack([zeros] + [self.lora_B[n].bias * self.scaling[n] if self.lora_bias[n] else zeros
+                                          for n in names])
         value = (A, B, factors, bias)
         if not need_grad:
             self._stack_cache = (key, value)
@@ -468,16 +490,18 @@ class Linear(LoraLayer):
         names = tuple(self.lora_A.keys())
         if not names:
             return result
-        idx = mixed.index(names, x.device, x.shape[0])
+        rows = x.shape[0]
+        plan = mixed.plan(names, x.device, rows)
+        idx = plan.idx
         A, B, factors, bias = self._stacked(names, x.device)
         shape = x.shape
-        x3 = x.reshape(shape[0], -1, shape[-1]).to(A.dtype)
+        x3 = x.reshape(rows, -1, shape[-1]).to(A.dtype)
         if self.training:
             x3 = _rowwise_dropout(x3, [0.0] + [_dropout_p(self.lora_dropout[n]) for n in names], idx)
             if factors is not None and any(self.use_dora[n] and _dropout_p(self.lora_dropout[n]) > 0 for n in names):
                 raise PeftkitError("Mixed-adapter batches with DoRA and lora_dropout > 0 cannot be trained; "
                                    "set lora_dropout=0 or train one adapter per batch.")
-        lora = torch.bmm(torch.bmm(x3, A.index_select(0, idx)), B.index_select(0, idx))
+        lora = _batched_lora(x3, A, B, plan)
         if bias is not None:
             lora = lora + bias.index_select(0, idx).unsqueeze(1)
         lora = lora.view(*shape[:-1], self.out_features)
@@ -489,6 +513,38 @@ class Linear(LoraLayer):
         if getattr(base, "bias", None) is not None:
             base_out = base_out - base.bias.to(lora.dtype)
         return result + ((f - 1) * base_out + f * lora).to(result.dtype)
+
+
+# Tokens per row up to which the grouped-matmul path is used (decode-shaped batches); above it,
+# batched matmuls over per-row weights are faster on CPU.
+GROUPED_MAX_TOKENS_PER_ROW = 4
+
+
+def _batched_lora(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, plan: Any) -> torch.Tensor:
+    """Row i of ``x3`` (rows, tokens, in) times ``A[idx[i]]`` (in, r) times ``B[idx[i]]`` (r, out).
+
+    Three equivalent ways, cheapest first, none copying the stacked weights per row unless it must:
+    a grouped matmul over tokens sorted by adapter (inference, few tokens per row), a batched matmul
+    on a slice of the stacks (rows use consecutive slots in order), or a batched matmul on gathered
+    weights (any assignment, and training).
+    """
+    rows, tokens, d_in = x3.shape
+    grad = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or x3.requires_grad)
+    if (not grad and tokens <= GROUPED_MAX_TOKENS_PER_ROW and hasattr(F, "grouped_mm")
+            and x3.dtype in (torch.float32, torch.bfloat16) and d_in % 8 == 0 and B.shape[-1] % 8 == 0):
+        offs, order = plan.groups(tokens, A.shape[0])
+        flat = x3.reshape(rows * tokens, d_in)
+        if order is not None:
+            flat = flat.index_select(0, order)
+        out = F.grouped_mm(F.grouped_mm(flat, A, offs=offs), B, offs=offs)
+        if order is not None:
+            out = torch.empty_like(out).index_copy_(0, order, out)
+        return out.view(rows, tokens, -1)
+    if plan.start is not None:
+        a, b = A.narrow(0, plan.start, rows), B.narrow(0, plan.start, rows)
+    else:
+        a, b = A.index_select(0, plan.idx), B.index_select(0, plan.idx)
+    return torch.bmm(torch.bmm(x3, a), b)
 
 
 def _dropout_p(module: nn.Module) -> float:
@@ -544,33 +600,19 @@ class Embedding(LoraLayer):
         return F.embedding(x, table, padding_idx=base.padding_idx, max_norm=base.max_norm,
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        mixed = current_mixed_batch()
-        result = self.base_layer(x, *args, **kwargs)
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        after_a = self._lookup(x, self.lora_embedding_A[name].T)
+        out = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
         scale = getattr(self.get_base_layer(), "embed_scale", None)
-        if mixed is not None:
-            self._check_mixed(mixed)
-            return self._mixed_forward(x, result, mixed, scale)
-        for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.lora_embedding_A:
-                continue
-            after_a = self._lookup(x, self.lora_embedding_A[name].T)
-            out = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
-            if scale is not None:
-                out = out * scale
-            if self.use_dora[name]:
-                weight = self.get_base_layer().weight
-                f = self.lora_magnitude_vector[name].weight / self._dora_weight_norm(name, weight.float()).detach()
-                result = (f * result.to(f.dtype) + f * out).to(result.dtype)
-            else:
-                result = result + out.to(result.dtype)
-        return result
+        if scale is not None:
+            out = out * scale
+        if not self.use_dora[name]:
+            return result + out.to(result.dtype)
+        weight = self.get_base_layer().weight
+        f = self.lora_magnitude_vector[name].weight / self._dora_weight_norm(name, weight.float()).detach()
+        return (f * result.to(f.dtype) + f * out).to(result.dtype)
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch, scale: Any) -> torch.Tensor:
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
         """Rows gather their adapter's A columns for their tokens, then one batched matmul with B."""
         names = tuple(self.lora_embedding_A.keys())
         if not names:
@@ -588,6 +630,7 @@ class Embedding(LoraLayer):
         rows = idx.view(-1, *([1] * (x.dim() - 1))).expand_as(x)
         after_a = A[rows, x].reshape(x.shape[0], -1, r_max)  # (batch, tokens, r)
         out = torch.bmm(after_a, B.index_select(0, idx)).view(*x.shape, self.out_features)
+        scale = getattr(self.get_base_layer(), "embed_scale", None)
         if scale is not None:
             out = out * scale
         return result + out.to(result.dtype)
@@ -643,36 +686,22 @@ class ConvNd(LoraLayer):
     def _dora_factor_shape(self, factor: torch.Tensor) -> torch.Tensor:
         return factor.transpose(0, 1)  # (out, 1, 1, ...) to scale the weight's rows
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        mixed = current_mixed_batch()
-        result = self.base_layer(x, *args, **kwargs)
-        if mixed is not None:
-            self._check_mixed(mixed)
-            return self._mixed_forward(x, result, mixed)
-        for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue
-            xa = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))
-            lora = self.lora_B[name](self.lora_A[name](xa))
-            if not self.use_dora[name]:
-                result = result + (lora * self.scaling[name]).to(result.dtype)
-                continue
-            base = self.get_base_layer()
-            norm = self._dora_weight_norm(name, base.weight.to(lora.dtype)).detach()
-            f = self.lora_magnitude_vector[name].weight / norm
-            if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
-                base_out = self._conv_fn(xa, base.weight.to(xa.dtype), None, base.stride, base.padding,
-                                         base.dilation, base.groups)
-            else:
-                base_out = result.to(lora.dtype)
-                if base.bias is not None:
-                    base_out = base_out - base.bias.to(lora.dtype).view(1, -1, *([1] * self._conv_dim))
-            result = result + ((f - 1) * base_out + f * self.scaling[name] * lora).to(result.dtype)
-        return result
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        xa = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))
+        lora = self.lora_B[name](self.lora_A[name](xa))
+        if not self.use_dora[name]:
+            return result + (lora * self.scaling[name]).to(result.dtype)
+        base = self.get_base_layer()
+        norm = self._dora_weight_norm(name, base.weight.to(lora.dtype)).detach()
+        f = self.lora_magnitude_vector[name].weight / norm
+        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+            base_out = self._conv_fn(xa, base.weight.to(xa.dtype), None, base.stride, base.padding,
+                                     base.dilation, base.groups)
+        else:
+            base_out = result.to(lora.dtype)
+            if base.bias is not None:
+                base_out = base_out - base.bias.to(lora.dtype).view(1, -1, *([1] * self._conv_dim))
+        return result + ((f - 1) * base_out + f * self.scaling[name] * lora).to(result.dtype)
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
         """Each row its own adapter, as one grouped convolution over the batch (groups = batch)."""

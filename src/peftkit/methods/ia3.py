@@ -1,0 +1,403 @@
+"""(IA)³: infused adapters by inhibiting and amplifying inner activations (Liu et al. 2022).
+
+A learned vector ``l`` (initialised to ones, so the adapter starts as a no-op) rescales each target:
+
+* a feed-forward module (listed in ``feedforward_modules``) scales its **input**::
+
+      y = W (x ⊙ l) + b,        l: (1, in)
+
+* any other target (attention keys and values) scales its **output**, bias included::
+
+      y = (W x + b) ⊙ l,        l: (out, 1)
+
+Several active adapters multiply their vectors. Merging folds ``l`` into the weight
+(``W ← W ⊙ l`` along the scaled axis, and ``b ← b ⊙ l`` for output scaling); unmerging divides it out
+again, which is exact up to float rounding unless ``l`` has zero entries (those rows are lost and a
+warning says so). A mixed batch gathers one vector per row from the stacked vectors (slot 0 is all
+ones, "no adapter") and multiplies once, so it costs one elementwise product more than the base.
+
+File format as Hugging Face PEFT: ``<module>.ia3_l`` with shape ``(out, 1)`` or ``(1, in)`` for linear
+layers (transformers ``Conv1D`` included: the shapes are the same, the weight layout is handled by
+``fan_in_fan_out``) and ``(1, channels, 1, ...)`` for convolutions. Which targets are feed-forward
+follows Hugging Face's rule: a regex string must match the whole module name, a list entry matches
+when the module name ends with it.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig, PeftType, register_config
+from ..errors import ConfigError, MergeError, PeftkitWarning, TargetError
+from ..inject import AdapterLayer, MixedBatch, current_mixed_batch
+from . import Method, register_method
+
+# Default target / feed-forward modules per model type (when not given), as Hugging Face PEFT 0.21.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "t5": ["k", "v", "wo"],
+    "mt5": ["k", "v", "wi_1"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+    "roberta": ["key", "value", "output.dense"],
+    "opt": ["q_proj", "k_proj", "fc2"],
+    "gptj": ["q_proj", "v_proj", "fc_out"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "bart": ["q_proj", "v_proj", "fc2"],
+    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "llama4": ["q_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "mixtral": ["k_proj", "v_proj", "w2"],
+    "bert": ["key", "value", "output.dense"],
+    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "deberta": ["in_proj", "output.dense"],
+    "RefinedWebModel": ["query_key_value", "dense_4h_to_h"],
+    "RefinedWeb": ["query_key_value", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+}
+
+DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
+    "t5": ["wo"],
+    "mt5": [],
+    "gpt2": ["mlp.c_proj"],
+    "bloom": ["mlp.dense_4h_to_h"],
+    "roberta": ["output.dense"],
+    "opt": ["fc2"],
+    "gptj": ["fc_out"],
+    "gpt_neox": ["dense_4h_to_h"],
+    "gpt_neo": ["c_proj"],
+    "bart": ["fc2"],
+    "gpt_bigcode": ["mlp.c_proj"],
+    "llama": ["down_proj"],
+    "llama4": ["down_proj"],
+    "mistral": ["down_proj"],
+    "mixtral": ["w2"],
+    "bert": ["output.dense"],
+    "deberta-v2": ["output.dense"],
+    "deberta": ["output.dense"],
+    "RefinedWeb": ["dense_4h_to_h"],
+    "RefinedWebModel": ["dense_4h_to_h"],
+    "falcon": ["dense_4h_to_h"],
+    "phi": ["fc2"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "gemma3_text": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
+}
+
+
+def _as_list(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+@register_config
+@dataclass
+class IA3Config(PeftConfig):
+    """Config of (IA)³ (field names and defaults as Hugging Face PEFT 0.21).
+
+    Args:
+        target_modules: module names (exact or dotted suffix), a regex (full match), or "all-linear".
+            ``None``: the default of the model type (e.g. Llama ``["k_proj", "v_proj", "down_proj"]``).
+        exclude_modules: modules never adapted (same forms as target_modules).
+        feedforward_modules: the targets whose **input** is scaled (the others' output is); a subset
+            of target_modules. ``None``: the default of the model type (Llama ``["down_proj"]``).
+        fan_in_fan_out: the base stores its weight as (in, out) (GPT-2 ``Conv1D``; set automatically
+            for those layers).
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier).
+        init_ia3_weights: start the vectors at ones (a no-op); ``False`` draws them from N(0, 1).
+    """
+
+    PEFT_TYPE = PeftType.IA3
+
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    feedforward_modules: Optional[Union[list[str], str]] = None
+    fan_in_fan_out: bool = False
+    modules_to_save: Optional[list[str]] = None
+    init_ia3_weights: bool = True
+
+    def validate(self) -> None:
+        self.target_modules = _as_list(self.target_modules)
+        self.exclude_modules = _as_list(self.exclude_modules)
+        self.feedforward_modules = _as_list(self.feedforward_modules)
+        if isinstance(self.modules_to_save, (set, frozenset, tuple)):
+            self.modules_to_save = _as_list(self.modules_to_save)
+        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ConfigError(
+                    f"IA3Config.feedforward_modules must be a subset of target_modules; {extra} are not in "
+                    f"target_modules={self.target_modules}. Add them to target_modules or remove them."
+                )
+
+
+def is_feedforward(config: IA3Config, key: str) -> bool:
+    """Hugging Face's rule: a regex must match the whole key, a list entry matches a key ending with it."""
+    ff = config.feedforward_modules
+    if ff is None:
+        return False
+    if isinstance(ff, str):
+        return re.fullmatch(ff, key) is not None
+    return any(key.endswith(name) for name in ff)
+
+
+def _model_type(model: nn.Module) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def prepare(config: IA3Config, model: nn.Module) -> None:
+    """Fill ``feedforward_modules`` from the model type when it is not given (as Hugging Face PEFT)."""
+    if config.feedforward_modules is not None:
+        return
+    model_type = _model_type(model)
+    if model_type in DEFAULT_FEEDFORWARD:
+        config.feedforward_modules = list(DEFAULT_FEEDFORWARD[model_type])
+    elif config.target_modules is not None:
+        raise ConfigError(
+            f"IA3Config.feedforward_modules is not set and peftkit has no default for model type {model_type!r}; "
+            "pass feedforward_modules (the targets whose input is scaled; [] if none of them is a feed-forward layer)."
+        )
+    # else: target_modules is also None; the generic default-target lookup reports the unknown model type
+
+
+# ---------------------------------------------------------------------------------------------
+# layers
+
+
+class IA3Layer(AdapterLayer):
+    """Shared bookkeeping of (IA)³ layers: one vector ``ia3_l[name]`` per adapter (see module doc)."""
+
+    adapter_layer_names = ("ia3_l",)
+
+    def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
+        super().__init__(base_layer)
+        self.ia3_l = nn.ParameterDict()
+        self.is_feedforward = is_feedforward
+
+    def _vector_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        for t in list(self.get_base_layer().parameters()) + list(self.get_base_layer().buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def update_layer(self, adapter_name: str, config: IA3Config, key: str) -> None:
+        if is_feedforward(config, key) != self.is_feedforward:
+            kind = "a feed-forward" if self.is_feedforward else "not a feed-forward"
+            raise TargetError(
+                f"{key} is {kind} module for the adapters it already has ({self.adapter_names}) but not for "
+                f"{adapter_name!r}; (IA)³ adapters on one module must agree on feedforward_modules."
+            )
+        shape = self._vector_shape()
+        device = self._device()
+        if config.init_ia3_weights:
+            value = torch.ones(shape, device=device)
+        else:
+            value = torch.randn(shape, device=device)
+        self.ia3_l[adapter_name] = nn.Parameter(value)
+
+    def _active_vectors(self) -> list[torch.Tensor]:
+        return [self.ia3_l[n] for n in self.active_adapters if n in self.ia3_l and n not in self.merged_adapters]
+
+    def _product(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        out = vectors[0]
+        for v in vectors[1:]:
+            out = out * v
+        return out
+
+    # forward ---------------------------------------------------------------------------------
+    def _broadcast(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        """A (dim,) vector shaped to multiply a tensor of ``ndim`` dims along the scaled axis."""
+        raise NotImplementedError
+
+    def _rows(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        """A (batch, dim) matrix shaped to multiply a (batch, ...) tensor row by row."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        mixed = current_mixed_batch()
+        if mixed is not None:
+            if self.merged:
+                raise MergeError("adapter_names (mixed batches) cannot be used while adapters are merged; unmerge first.")
+            return self._mixed_forward(x, args, kwargs, mixed)
+        vectors = self._active_vectors()
+        if not vectors:
+            return self.base_layer(x, *args, **kwargs)
+        scale = self._product(vectors).flatten()
+        if self.is_feedforward:
+            scaled = (x.to(scale.dtype) * self._broadcast(scale, x.dim())).to(x.dtype)
+            return self.base_layer(scaled, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return (result * self._broadcast(scale, result.dim())).to(result.dtype)
+
+    def _mixed_forward(self, x: torch.Tensor, args: tuple, kwargs: dict, mixed: MixedBatch) -> torch.Tensor:
+        """Row i is scaled by the vector of its adapter: one gather of the stacked vectors, one product."""
+        names = tuple(self.ia3_l.keys())
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        first = self.ia3_l[names[0]]
+        stacked = torch.stack([torch.ones(first.numel(), device=first.device, dtype=first.dtype)]
+                              + [self.ia3_l[n].flatten() for n in names])  # (n+1, dim), slot 0: no adapter
+        idx = mixed.index(names, x.device, x.shape[0])
+        rows = stacked.to(x.device).index_select(0, idx)  # (batch, dim)
+        if self.is_feedforward:
+            scaled = (x.to(rows.dtype) * self._rows(rows, x.dim())).to(x.dtype)
+            return self.base_layer(scaled, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return (result * self._rows(rows, result.dim())).to(result.dtype)
+
+    # merging ---------------------------------------------------------------------------------
+    def _weight_factor(self, v: torch.Tensor) -> torch.Tensor:
+        """The vector shaped to multiply the base weight."""
+        raise NotImplementedError
+
+    def _merge_one(self, name: str, safe_merge: bool) -> None:
+        base = self.get_base_layer()
+        if getattr(base, "is_quantized_linear", False):
+            raise MergeError("(IA)³ vectors cannot be merged into a quantized base layer.")
+        v = self.ia3_l[name].detach().float()
+        weight = base.weight.float() * self._weight_factor(v)
+        bias = None
+        if not self.is_feedforward and getattr(base, "bias", None) is not None:
+            bias = base.bias.float() * v.flatten()
+        if safe_merge and (not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all())):
+            raise MergeError(f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken. Nothing was merged.")
+        with torch.no_grad():
+            base.weight.copy_(weight.to(base.weight.dtype))
+            if bias is not None:
+                base.bias.copy_(bias.to(base.bias.dtype))
+
+    def _unmerge_one(self, name: str) -> None:
+        base = self.get_base_layer()
+        v = self.ia3_l[name].detach().float()
+        if (v == 0).any():
+            warnings.warn(f"(IA)³ adapter {name!r} has zero entries; the weights they scaled to zero cannot be "
+                          "restored by unmerging.", PeftkitWarning, stacklevel=3)
+        v = torch.where(v == 0, torch.ones_like(v), v)
+        with torch.no_grad():
+            base.weight.copy_((base.weight.float() / self._weight_factor(v)).to(base.weight.dtype))
+            if not self.is_feedforward and getattr(base, "bias", None) is not None:
+                base.bias.copy_((base.bias.float() / v.flatten()).to(base.bias.dtype))
+
+    def extra_repr(self) -> str:
+        return f"feedforward={self.is_feedforward}, " + super().extra_repr()
+
+
+class Linear(IA3Layer):
+    """(IA)³ on a linear map (``nn.Linear``; transformers ``Conv1D`` with ``fan_in_fan_out``).
+
+    Shapes: x (..., in) -> y (..., out); ``l`` is (1, in) for feed-forward targets, else (out, 1).
+    The base weight is (out, in), or (in, out) with ``fan_in_fan_out``.
+    """
+
+    def __init__(self, base_layer: nn.Module, is_feedforward: bool, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer, is_feedforward)
+        base = self.get_base_layer()
+        self.fan_in_fan_out = fan_in_fan_out
+        if fan_in_fan_out:  # transformers Conv1D: weight (in, out)
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+
+    def _vector_shape(self) -> tuple[int, ...]:
+        return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+
+    def _broadcast(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        return v  # the scaled axis is the last one
+
+    def _rows(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        return v.view(v.shape[0], *([1] * (ndim - 2)), v.shape[1])
+
+    def _weight_factor(self, v: torch.Tensor) -> torch.Tensor:
+        return v.T if self.fan_in_fan_out else v
+
+
+class ConvNd(IA3Layer):
+    """(IA)³ on ``nn.Conv1d/2d/3d``: ``l`` is (1, channels, 1, ...), scaling the input channels
+    (feed-forward) or the output channels (otherwise)."""
+
+    def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
+        super().__init__(base_layer, is_feedforward)
+        base = self.get_base_layer()
+        self.in_features, self.out_features = base.in_channels, base.out_channels
+        self._conv_dim = base.weight.dim() - 2
+
+    def _vector_shape(self) -> tuple[int, ...]:
+        channels = self.in_features if self.is_feedforward else self.out_features
+        return (1, channels) + (1,) * self._conv_dim
+
+    def _broadcast(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        return v.view(1, -1, *([1] * (ndim - 2)))
+
+    def _rows(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        return v.view(v.shape[0], v.shape[1], *([1] * (ndim - 2)))
+
+    def _weight_factor(self, v: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        if not self.is_feedforward:
+            return v.transpose(0, 1)  # (out, 1, 1, ...)
+        if base.groups == 1:
+            return v  # (1, in, 1, ...)
+        # grouped conv: weight (out, in/groups, k...); output channel o sees input group o // (out/groups)
+        g, per_in, per_out = base.groups, base.in_channels // base.groups, base.out_channels // base.groups
+        v = v.reshape(g, 1, per_in, *v.shape[2:]).expand(g, per_out, per_in, *v.shape[2:])
+        return v.reshape(base.out_channels, per_in, *v.shape[3:])
+
+
+def make_layer(target: nn.Module, config: IA3Config, adapter_name: str, key: str) -> IA3Layer:
+    from transformers.pytorch_utils import Conv1D
+
+    ff = is_feedforward(config, key)
+    if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        layer: IA3Layer = ConvNd(target, ff)
+    elif isinstance(target, Conv1D):
+        if not config.fan_in_fan_out:
+            warnings.warn("transformers Conv1D layers store their weight as (in, out); using fan_in_fan_out=True for them.",
+                          PeftkitWarning, stacklevel=4)
+        layer = Linear(target, ff, fan_in_fan_out=True)
+    elif isinstance(target, nn.Linear) or getattr(target, "is_quantized_linear", False):
+        if config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out=True is ignored for nn.Linear layers (their weight is (out, in)).",
+                          PeftkitWarning, stacklevel=4)
+        layer = Linear(target, ff, fan_in_fan_out=False)
+    else:
+        raise TargetError(
+            f"Target module {key} ({type(target).__name__}) is not supported by (IA)³. Supported: nn.Linear, "
+            "transformers Conv1D, nn.Conv1d/2d/3d; target its linear submodules instead."
+        )
+    layer.update_layer(adapter_name, config, key)
+    return layer
+
+
+register_method(Method(
+    peft_type=PeftType.IA3,
+    config_cls=IA3Config,
+    layer_types=(IA3Layer,),
+    make_layer=make_layer,
+    prefix="ia3_",
+    default_targets=DEFAULT_TARGETS,
+    prepare=prepare,
+))
