@@ -44,6 +44,21 @@ def timeit(fn, repeat: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def paired(fn_a, fn_b, repeat: int, warmup: int = 2) -> tuple[float, float]:
+    """Median times of two functions measured alternately, so load changes hit both alike."""
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    ta, tb = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn_a()
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn_b()
+        tb.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def randomize(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -67,6 +82,7 @@ def bench_mixed(quick: bool) -> list[dict]:
     """32 adapters r=16 all-linear, 32 rows each its own adapter, vs the base forward."""
     rows = []
     n_adapters = 32
+    plain = llama()  # an untouched copy: the base model with no adapter code at all
     for lib_name, lib in libs().items():
         model = llama()
         cfg = lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
@@ -80,9 +96,8 @@ def bench_mixed(quick: bool) -> list[dict]:
             ids = torch.randint(0, 8000, (n_adapters, T), generator=torch.Generator().manual_seed(1))
             repeat = 5 if quick else (30 if T == 1 else 10)
             with torch.inference_mode():
-                with pm.disable_adapter():
-                    base = timeit(lambda: pm(input_ids=ids), repeat)
-                mixed = timeit(lambda: pm(input_ids=ids, adapter_names=names), repeat)
+                base, mixed = paired(lambda: plain(input_ids=ids), lambda: pm(input_ids=ids, adapter_names=names),
+                                     repeat)
             rows.append({"bench": f"mixed batch, 32 adapters, T={T}", "lib": lib_name, "base_s": base, "s": mixed,
                          "ratio": mixed / base})
         del pm, model
@@ -94,6 +109,7 @@ def bench_overhead(quick: bool) -> list[dict]:
     rows = []
     for lib_name, lib in libs().items():
         model = llama()
+        plain = llama()  # an untouched copy: the base model with no adapter code at all
         pm = lib.get_peft_model(model, lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         randomize(pm)
         pm.eval()
@@ -101,16 +117,14 @@ def bench_overhead(quick: bool) -> list[dict]:
             ids = torch.randint(0, 8000, (B, T), generator=torch.Generator().manual_seed(2))
             repeat = 5 if quick else (20 if T == 1 else 10)
             with torch.inference_mode():
-                with pm.disable_adapter():
-                    base = timeit(lambda: pm(input_ids=ids), repeat)
-                unmerged = timeit(lambda: pm(input_ids=ids), repeat)
+                base, unmerged = paired(lambda: plain(input_ids=ids), lambda: pm(input_ids=ids), repeat)
                 pm.merge_adapter()
-                merged = timeit(lambda: pm(input_ids=ids), repeat)
+                base2, merged = paired(lambda: plain(input_ids=ids), lambda: pm(input_ids=ids), repeat)
                 pm.unmerge_adapter()
             rows.append({"bench": f"one adapter unmerged, {B}x{T}", "lib": lib_name, "base_s": base, "s": unmerged,
                          "ratio": unmerged / base})
-            rows.append({"bench": f"one adapter merged, {B}x{T}", "lib": lib_name, "base_s": base, "s": merged,
-                         "ratio": merged / base})
+            rows.append({"bench": f"one adapter merged, {B}x{T}", "lib": lib_name, "base_s": base2, "s": merged,
+                         "ratio": merged / base2})
     return rows
 
 

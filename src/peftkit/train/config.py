@@ -1,0 +1,326 @@
+"""Settings of a training run: :class:`ModelArgs`, :class:`DataConfig`, :class:`TrainConfig`, :class:`RunConfig`.
+
+These dataclasses are the single source of the toolkit's defaults. The ``peftkit`` command generates
+its flags from them (and from the method's config class, e.g. :class:`~peftkit.LoraConfig`), and a
+``--config run.yaml`` file holds the same fields, either flat (``lr: 0.001``) or in sections
+(``train: {lr: 0.001}``). The ``run.yaml`` written into every run folder is the nested form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from ..errors import ConfigError
+
+FORMATS = ("text", "instruction", "chat", "classification", "seq2seq")
+
+
+@dataclass
+class ModelArgs:
+    """The model and the method.
+
+    Args:
+        model: a local Hugging Face model folder or a Hub id (default: the bundled stories260k).
+        method: the PEFT method (see ``peftkit train --help`` for the list); ``dora`` is LoRA with
+            ``use_dora``.
+        task: CAUSAL_LM, SEQ_2_SEQ_LM or SEQ_CLS; default: from the data format and the model.
+        adapter_name: name of the trained adapter.
+        dtype: dtype of the frozen base weights: float32, bfloat16 or float16 (adapters stay float32).
+        trust_remote_code: allow models whose code lives in their folder (off by default).
+    """
+
+    model: Optional[str] = None
+    method: str = "lora"
+    task: Optional[Literal["CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS"]] = None
+    adapter_name: str = "default"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """The data and how it becomes token ids.
+
+    Args:
+        data: training data: a .json, .jsonl, .csv, .tsv or .txt file, or a folder written by
+            ``datasets.save_to_disk`` (default: the bundled E2E NLG demo).
+        eval_data: evaluation data (same forms); default: the bundled demo's eval split, or
+            ``eval_fraction`` of ``data``.
+        format: text, instruction, chat, classification or seq2seq; default: detected from the columns.
+        columns: map of a format's field to your column name, e.g. ``source=mr,target=ref``.
+        max_length: longest tokenized example (longer ones are truncated; text is cut into windows).
+        eval_fraction: share of ``data`` held out for evaluation when ``eval_data`` is not given.
+        max_eval_samples: evaluate on at most this many examples.
+        packing: pack several examples into each row (causal LMs); examples never attend to each other.
+        separator: text between source and target (seq2seq on a decoder-only model).
+        prompt_template: template of the instruction format; fields {instruction} and {input}.
+        prompt_template_no_input: the same for records without an input.
+    """
+
+    data: Optional[str] = None
+    eval_data: Optional[str] = None
+    format: Optional[Literal["text", "instruction", "chat", "classification", "seq2seq"]] = None
+    columns: dict[str, str] = field(default_factory=dict)
+    max_length: int = 256
+    eval_fraction: float = 0.1
+    max_eval_samples: Optional[int] = 200
+    packing: bool = False
+    separator: str = "\n"
+    prompt_template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation, evaluation and output.
+
+    Args:
+        output_dir: where the run writes (default: runs/<time>).
+        max_steps: optimizer steps; overrides epochs when set.
+        epochs: passes over the training data (when max_steps is not set).
+        batch_size: global batch: examples per optimizer step, summed over all processes.
+        micro_batch_size: examples per process and forward pass (default: as many as fit the global
+            batch); gradient accumulation makes up the rest.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of the steps with a linear warmup from 0 (warmup_steps wins when set).
+        warmup_steps: steps of linear warmup.
+        scheduler: learning-rate decay after warmup: linear, cosine or constant.
+        max_grad_norm: clip the gradient norm to this (0 turns clipping off).
+        seed: seed of the data order, the adapter init and dropout.
+        logging_steps: log the training loss every N steps.
+        eval_steps: evaluate every N steps (always before and after training; 0: only then).
+        save_steps: write a resumable checkpoint every N steps (0: none).
+        save_total_limit: keep the newest N checkpoints.
+        resume: continue from the newest complete checkpoint in output_dir/checkpoints.
+        early_stopping_patience: stop after N evaluations without a better metric_for_best.
+        metric_for_best: the eval metric early stopping watches (eval_loss: lower is better; others higher).
+        gradient_checkpointing: recompute activations in the backward pass (saves memory).
+        precision: auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16 or fp16.
+        num_generations: prompts generated and printed before and after training.
+        eval_generate_samples: eval examples scored by generation (exact match, ROUGE-L); 0: none.
+        max_new_tokens: generation length for those.
+        progress: show a progress bar.
+        device: cpu, cuda, cuda:1, ... (default: the GPU if there is one).
+    """
+
+    output_dir: Optional[str] = None
+    max_steps: Optional[int] = None
+    epochs: int = 3
+    batch_size: int = 16
+    micro_batch_size: Optional[int] = None
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    warmup_steps: Optional[int] = None
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    logging_steps: int = 10
+    eval_steps: int = 50
+    save_steps: int = 50
+    save_total_limit: int = 2
+    resume: bool = False
+    early_stopping_patience: Optional[int] = None
+    metric_for_best: str = "eval_loss"
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    num_generations: int = 3
+    eval_generate_samples: int = 32
+    max_new_tokens: int = 48
+    progress: bool = True
+    device: Optional[str] = None
+
+
+SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": TrainConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs: model and method, the method's own fields, data, training."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    method_args: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for name in ("model", "data", "train"):
+            out[name] = _plain(dataclasses.asdict(getattr(self, name)))
+        out["method_args"] = _plain(dict(self.method_args))
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "settings") -> "RunConfig":
+        """Build from nested sections or flat keys (any field of any section, or of the method)."""
+        sections, method_args = split_settings(values, source)
+        return cls(
+            model=make_section(ModelArgs, sections["model"], source),
+            method_args=method_args,
+            data=make_section(DataConfig, sections["data"], source),
+            train=make_section(TrainConfig, sections["train"], source),
+        )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain(v) for v in value]
+        return sorted(items) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def split_settings(values: dict[str, Any], source: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Sort settings into the sections; keys no section knows go to the method's fields.
+
+    ``values`` may hold sections (``{"train": {...}}``), ``method_args``, or flat field names.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(values).__name__}.")
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    method_args: dict[str, Any] = {}
+    owners = {}
+    for name, cls in SECTIONS.items():
+        for f in field_names(cls):
+            owners.setdefault(f, name)
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if key in SECTIONS and isinstance(value, dict):
+            # "model" is both a section and a field: a mapping means the section
+            for sub_key, sub_value in value.items():
+                sections[key][str(sub_key).replace("-", "_")] = sub_value
+        elif key == "method_args":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: method_args must be a mapping of the method's fields.")
+            method_args.update({str(k).replace("-", "_"): v for k, v in value.items()})
+        elif key in owners:
+            sections[owners[key]][key] = value
+        else:
+            method_args[key] = value
+    return sections, method_args
+
+
+def make_section(cls: type, values: dict[str, Any], source: str) -> Any:
+    known = field_names(cls)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}.")
+    obj = cls(**values)
+    check_types(obj, source)
+    return obj
+
+
+def check_types(obj: Any, source: str) -> None:
+    """Check each field's value against its annotation (the same rules as the method configs)."""
+    import typing
+
+    from ..config import _matches, _type_name
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _matches(value, hints.get(f.name, Any)):
+            raise ConfigError(
+                f"{source}: {f.name} must be of type {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}."
+            )
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML settings file; PeftkitError with the line on bad YAML."""
+    import yaml
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"Config file {path} is a folder; pass a .yaml file.") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings (key: value lines), not a {type(data).__name__}.")
+    return data
+
+
+def demo_settings() -> dict[str, Any]:
+    """The settings of the demo run (``assets/data/demo.yaml``), applied by ``peftkit train`` when
+    neither a model nor data is given, under any settings of the user."""
+    from ..assets import ASSETS_DIR
+
+    return load_yaml(ASSETS_DIR / "data" / "demo.yaml")
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def docstring_args(cls: type) -> dict[str, str]:
+    """The ``Args:`` sections of a class's docstring and its bases' as {field: text} (the class wins).
+
+    A line ``a / b: text`` documents both ``a`` and ``b``.
+    """
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if "__doc__" in vars(klass) and klass.__doc__:
+            out.update(_docstring_args(klass.__doc__))
+    return out
+
+
+def _docstring_args(text: str) -> dict[str, str]:
+    import inspect
+    import re
+
+    doc = inspect.cleandoc(text)
+    out: dict[str, str] = {}
+    in_args = False
+    current: list[str] = []
+    for line in doc.splitlines():
+        if line.strip() == "Args:":
+            in_args = True
+            continue
+        if not in_args:
+            continue
+        if line and not line.startswith(" "):
+            break
+        m = re.match(r"^ {4}([A-Za-z_][\w]*(?:\s*/\s*[A-Za-z_]\w*)*):\s*(.*)$", line)
+        if m:
+            current = [n.strip() for n in m.group(1).split("/")]
+            for n in current:
+                out[n] = m.group(2).strip()
+        elif current and line.strip():
+            for n in current:
+                out[n] += " " + line.strip()
+    return out
+
+
+__all__ = [
+    "FORMATS",
+    "DataConfig",
+    "ModelArgs",
+    "RunConfig",
+    "TrainConfig",
+    "docstring_args",
+    "dump_yaml",
+    "load_yaml",
+    "split_settings",
+]

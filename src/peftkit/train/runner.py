@@ -1,0 +1,273 @@
+"""High-level entry points: :func:`train` a run from settings, load a model + adapters for inference.
+
+``peftkit train`` is ``train(RunConfig.from_dict(settings))``; the Python API is the same::
+
+    from peftkit.train import RunConfig, train
+    result = train(RunConfig.from_dict({"max_steps": 20, "r": 4}))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Optional
+
+from ..errors import PeftkitError
+from .config import DataConfig, RunConfig, dump_yaml, load_yaml
+from .data import DataError, prepare_data
+from .distributed import DistInfo, broadcast_object, setup, teardown
+from .loop import Trainer, TrainResult, set_seed
+from .modeling import (
+    build_peft_config,
+    check_method_args,
+    default_model_path,
+    load_model,
+    load_tokenizer,
+    method_fields,
+    resolve_method,
+    task_for,
+)
+
+RUN_FILE = "run.yaml"
+# settings that may change between a run and its resumption
+_RESUME_FREE = {("train", "resume"), ("train", "progress"), ("train", "device"), ("train", "output_dir")}
+
+
+def _default_output_dir() -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _holds_run(folder: str) -> bool:
+    return os.path.isdir(os.path.join(folder, "checkpoints")) and any(
+        n.startswith("step-") for n in os.listdir(os.path.join(folder, "checkpoints"))
+    ) or os.path.isdir(os.path.join(folder, "adapter"))
+
+
+def _plain(value: Any) -> Any:
+    from .config import _plain as plain
+
+    return plain(value)
+
+
+def train(run: RunConfig, *, train_data: Any = None, eval_data: Any = None, quiet: bool = False,
+          callbacks: Optional[list[Any]] = None) -> TrainResult:
+    """Fine-tune ``run.model.model`` with ``run.model.method`` on the data of ``run``.
+
+    ``train_data`` / ``eval_data`` may be records, a ``datasets.Dataset``, or file paths (they
+    replace ``run.data.data`` / ``run.data.eval_data``). Under torchrun every process calls this;
+    only the main process writes and prints. ``callbacks``: see :class:`~peftkit.train.Trainer`.
+    """
+    info = setup(run.train.device)
+    try:
+        return _train(run, info, train_data, eval_data, quiet, callbacks)
+    finally:
+        teardown(info)
+
+
+def _train(run: RunConfig, info: DistInfo, train_data: Any, eval_data: Any, quiet: bool,
+           callbacks: Optional[list[Any]]) -> TrainResult:
+    cfg = run.train
+    model_path = run.model.model or default_model_path()
+    method_name, _, _ = resolve_method(run.model.method)  # fail on a bad method before loading anything
+    check_method_args(method_name, run.method_args)
+    output_dir = cfg.output_dir
+    if output_dir is None:
+        if cfg.resume:
+            raise PeftkitError("--resume continues a run: pass the run's --output-dir.")
+        output_dir = broadcast_object(_default_output_dir(), info)
+    if not cfg.resume and _holds_run(output_dir):
+        raise PeftkitError(f"{output_dir} already holds a run (adapter/ or checkpoints/); pass --resume to continue "
+                           "it, or choose another --output-dir.")
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(model_path, run.model.trust_remote_code)
+    data = prepare_data(run.data, tokenizer, lambda fmt: run.model.task or task_for(fmt, model_path,
+                                                                                     run.model.trust_remote_code),
+                        train_source=train_data, eval_source=eval_data, seed=cfg.seed)
+    labels = data.label_names
+    model = load_model(model_path, data.task_type, num_labels=len(labels) if labels else None,
+                       id2label=dict(enumerate(labels)) if labels else None, dtype=run.model.dtype,
+                       trust_remote_code=run.model.trust_remote_code, pad_token_id=tokenizer.pad_token_id)
+    peft_config = build_peft_config(method_name, run.method_args, data.task_type, model_path)
+    from ..model import get_peft_model
+
+    set_seed(cfg.seed)  # the adapter's init depends on the seed only
+    peft_model = get_peft_model(model, peft_config, adapter_name=run.model.adapter_name)
+    if info.is_main:
+        os.makedirs(output_dir, exist_ok=True)
+    trainer = Trainer(peft_model, tokenizer, data.train, data.eval, dataclasses.replace(cfg, output_dir=output_dir),
+                      task_type=data.task_type, dist_info=info, output_dir=output_dir, packing=run.data.packing,
+                      max_length=run.data.max_length, quiet=quiet, callbacks=callbacks)
+    resolved = _resolved_settings(run, model_path, method_name, peft_model, data, trainer, output_dir,
+                                  train_data, eval_data)
+    if info.is_main:
+        _write_run_file(output_dir, resolved, cfg.resume, quiet)
+    if not quiet and info.is_main:
+        if data.train is not None and data.train.dropped:
+            print(f"note: {data.train.dropped} training examples were dropped: max_length "
+                  f"{run.data.max_length} cut off their whole completion.")
+        print(f"== peftkit train: {method_name} on {model_path} ({data.task_type}), data format {data.format}, "
+              f"writing to {output_dir}")
+    return trainer.fit(resume=cfg.resume)
+
+
+def _resolved_settings(run: RunConfig, model_path: str, method_name: str, peft_model: Any, data: Any,
+                       trainer: Trainer, output_dir: str, train_data: Any, eval_data: Any) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    out = run.to_dict()
+    out["model"]["model"] = model_path
+    out["model"]["method"] = method_name
+    out["model"]["task"] = data.task_type
+    config = peft_model.peft_config[run.model.adapter_name]
+    out["method_args"] = _plain({f.name: getattr(config, f.name) for f in method_fields(type(config))})
+    from .data import bundled_data
+
+    src = run.data.data
+    if train_data is not None:
+        src = train_data if isinstance(train_data, (str, os.PathLike)) else "<in-memory data>"
+    elif src is None:
+        src = bundled_data()[0]
+    ev = run.data.eval_data
+    if eval_data is not None:
+        ev = eval_data if isinstance(eval_data, (str, os.PathLike)) else "<in-memory data>"
+    elif ev is None and run.data.data is None and train_data is None:
+        ev = bundled_data()[1]
+    out["data"]["data"] = os.fspath(src)
+    out["data"]["eval_data"] = os.fspath(ev) if ev is not None else None
+    out["data"]["format"] = data.format
+    out["data"]["columns"] = dict(data.columns)
+    out["train"]["output_dir"] = output_dir
+    out["train"]["micro_batch_size"] = trainer.micro
+    out["resolved"] = {
+        "world_size": trainer.info.world_size,
+        "gradient_accumulation_steps": trainer.accum,
+        "steps_per_epoch": trainer.steps_per_epoch,
+        "total_steps": trainer.total_steps,
+        "train_examples": len(data.train) if data.train is not None else 0,
+        "eval_examples": len(data.eval) if data.eval is not None else 0,
+        "label_names": data.label_names,
+        "precision": trainer.precision,
+        "versions": {"peftkit": str(__version__), "torch": str(torch.__version__),
+                     "transformers": str(transformers.__version__)},
+    }
+    return out
+
+
+def _write_run_file(output_dir: str, resolved: dict[str, Any], resume: bool, quiet: bool) -> None:
+    from ..checkpoint import atomic_write_bytes
+
+    path = os.path.join(output_dir, RUN_FILE)
+    if resume and os.path.isfile(path) and not quiet:
+        old = load_yaml(path)
+        changed = []
+        for section in ("model", "method_args", "data", "train"):
+            a, b = old.get(section) or {}, resolved.get(section) or {}
+            for key in sorted(set(a) | set(b)):
+                if (section, key) not in _RESUME_FREE and a.get(key) != b.get(key):
+                    changed.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+        if changed:
+            print("warning: resuming with settings that differ from the run's run.yaml: " + "; ".join(changed))
+    atomic_write_bytes(path, dump_yaml(resolved).encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# inference: a base model with one or more adapters
+
+
+def read_run_file(adapter_dir: str) -> Optional[dict[str, Any]]:
+    """The run.yaml of the run that wrote ``adapter_dir`` (its parent folder), if there is one."""
+    for folder in (adapter_dir, os.path.dirname(os.path.abspath(adapter_dir))):
+        path = os.path.join(folder, RUN_FILE)
+        if os.path.isfile(path):
+            try:
+                return load_yaml(path)
+            except PeftkitError:
+                return None
+    return None
+
+
+def _num_labels_from_tensors(adapter_dir: str) -> Optional[int]:
+    from ..checkpoint import load_peft_weights
+
+    for key, t in load_peft_weights(adapter_dir).items():
+        if key.endswith(("score.weight", "classifier.weight", "classifier.out_proj.weight")) and t.dim() == 2:
+            return int(t.shape[0])
+    return None
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    task_type: str
+    model_path: str
+    data_config: DataConfig
+    format: Optional[str]
+    label_names: Optional[list[str]]
+    adapters: list[str]
+
+
+def load_for_inference(adapters: list[tuple[str, str]], model: Optional[str] = None, *, task: Optional[str] = None,
+                       dtype: str = "float32", device: Any = "cpu", trust_remote_code: bool = False) -> Loaded:
+    """A base model with the given adapters loaded (``[(name, folder), ...]``), on ``device``.
+
+    The base model is ``model`` or the first adapter's ``base_model_name_or_path``; the task, the
+    prompt format and the class names come from the adapter config and the run's ``run.yaml``.
+    """
+    from ..config import PeftConfig
+    from ..model import PeftModel
+
+    configs = []
+    for name, folder in adapters:
+        if not os.path.isdir(folder):
+            raise PeftkitError(f"Adapter folder {folder} does not exist.")
+        configs.append(PeftConfig.from_pretrained(folder))
+    run = read_run_file(adapters[0][1]) if adapters else None
+    model_path = model
+    if model_path is None and configs:
+        model_path = configs[0].base_model_name_or_path
+    if model_path is None and run:
+        model_path = (run.get("model") or {}).get("model")
+    model_path = model_path or default_model_path()
+    if configs and not os.path.exists(model_path) and model is None and os.path.isabs(model_path):
+        raise PeftkitError(f"The adapter's base model {model_path} does not exist here; pass --model.")
+    task_type = task or (str(configs[0].task_type) if configs and configs[0].task_type else None)
+    data_cfg = DataConfig()
+    fmt = None
+    label_names = None
+    if run:
+        d = {k: v for k, v in (run.get("data") or {}).items() if k in {f.name for f in dataclasses.fields(DataConfig)}}
+        data_cfg = dataclasses.replace(DataConfig(), **d)
+        fmt = data_cfg.format
+        label_names = (run.get("resolved") or {}).get("label_names")
+        task_type = task_type or (run.get("model") or {}).get("task")
+    if task_type is None:
+        task_type = task_for("text", model_path, trust_remote_code)
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    num_labels = None
+    if task_type == "SEQ_CLS":
+        num_labels = len(label_names) if label_names else (_num_labels_from_tensors(adapters[0][1]) if adapters else None)
+        if label_names is None and num_labels:
+            label_names = [str(i) for i in range(num_labels)]
+    base = load_model(model_path, task_type, num_labels=num_labels,
+                      id2label=dict(enumerate(label_names)) if label_names else None, dtype=dtype,
+                      trust_remote_code=trust_remote_code, pad_token_id=tokenizer.pad_token_id)
+    out: Any = base
+    names = []
+    for i, ((name, folder), config) in enumerate(zip(adapters, configs)):
+        if i == 0:
+            out = PeftModel.from_pretrained(base, folder, adapter_name=name)
+        else:
+            out.load_adapter(folder, adapter_name=name)
+        names.append(name)
+    out.to(device)
+    out.eval()
+    return Loaded(model=out, tokenizer=tokenizer, task_type=task_type, model_path=model_path, data_config=data_cfg,
+                  format=fmt, label_names=label_names, adapters=names)
+
+
+__all__ = ["DataError", "Loaded", "load_for_inference", "read_run_file", "train"]
