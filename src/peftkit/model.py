@@ -255,6 +255,11 @@ class PeftModel(nn.Module):
         merged = [k for k, layer in self._layers() if adapter_name in layer.merged_adapters]
         if merged:
             raise PeftkitError(f"Adapter {adapter_name!r} is merged (e.g. in {merged[0]}); unmerge_adapter() first.")
+        self._forget_adapter(adapter_name)
+
+    def _forget_adapter(self, adapter_name: str) -> None:
+        """Drop a (known, unmerged) adapter's tensors and config; the first remaining one becomes active
+        if no active adapter is left."""
         self._remove_adapter_tensors(adapter_name)
         del self.peft_config[adapter_name]
         self._active = [n for n in self._active if n != adapter_name]

@@ -453,12 +453,7 @@ class PromptLearningModel(PeftModel):
         """Remove an adapter: its encoder and its head copies."""
         if adapter_name not in self.peft_config:
             raise AdapterNameError(f"Unknown adapter {adapter_name!r}; loaded adapters: {list(self.peft_config)}.")
-        self._remove_adapter_tensors(adapter_name)
-        del self.peft_config[adapter_name]
-        self._active = [n for n in self._active if n != adapter_name]
-        if not self._active and self.peft_config:
-            self._active = [next(iter(self.peft_config))]
-        self._apply_active()
+        self._forget_adapter(adapter_name)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
