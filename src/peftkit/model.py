@@ -84,12 +84,12 @@ def prepare_config(config: PeftConfig, model: nn.Module) -> PeftConfig:
     from .methods import all_methods, method_for
 
     config = copy.deepcopy(config)
-    hooks = all_methods().get(str(config.peft_type))
-    if hooks is not None and hooks.prepare is not None:  # method-specific defaults (may set target_modules)
-        hooks.prepare(config, model)
-    own_targets = hooks is not None and hooks.find_targets is not None  # the method finds its targets
+    method = all_methods().get(str(config.peft_type))  # None for prompt-learning configs
+    if method is not None and method.prepare is not None:  # method-specific defaults (may set target_modules)
+        method.prepare(config, model)
+    own_targets = method is not None and method.find_targets is not None  # the method finds its targets
     if hasattr(config, "target_modules") and config.target_modules is None and not own_targets:
-        method = method_for(config)
+        method = method or method_for(config)  # raises a clear error for an unregistered method
         model_type = _model_type(model)
         if model_type not in method.default_targets:
             raise ConfigError(
