@@ -44,19 +44,29 @@ def timeit(fn, repeat: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def paired(fn_a, fn_b, repeat: int, warmup: int = 2) -> tuple[float, float]:
-    """Median times of two functions measured alternately, so load changes hit both alike."""
+def paired(fn_a, fn_b, repeat: int, warmup: int = 2) -> tuple[float, float, float]:
+    """Median times of two functions measured in alternating order (ABBA...), so load changes and
+    order effects hit both alike, and the median of the per-pair ratios b/a (robust to drift)."""
     for _ in range(warmup):
         fn_a(), fn_b()
     ta, tb = [], []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn_a()
-        ta.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        fn_b()
-        tb.append(time.perf_counter() - t)
-    return statistics.median(ta), statistics.median(tb)
+    for i in range(repeat):
+        pair = {}
+        for key, fn in ((("a", fn_a), ("b", fn_b)) if i % 2 == 0 else (("b", fn_b), ("a", fn_a))):
+            t = time.perf_counter()
+            fn()
+            pair[key] = time.perf_counter() - t
+        ta.append(pair["a"])
+        tb.append(pair["b"])
+    return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
+
+
+def sharing(plain):
+    """A second model object whose parameters are ``plain``'s own tensors: the adapter model and
+    the base it is timed against read the same weight memory, so layout luck cannot favour either."""
+    model = llama()
+    model.load_state_dict(plain.state_dict(), assign=True)
+    return model
 
 
 def randomize(model, seed=0):
@@ -82,9 +92,9 @@ def bench_mixed(quick: bool) -> list[dict]:
     """32 adapters r=16 all-linear, 32 rows each its own adapter, vs the base forward."""
     rows = []
     n_adapters = 32
-    plain = llama()  # an untouched copy: the base model with no adapter code at all
+    plain = llama()  # the base model with no adapter code at all
     for lib_name, lib in libs().items():
-        model = llama()
+        model = sharing(plain)
         cfg = lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
         pm = lib.get_peft_model(model, cfg, adapter_name="a0")
         for i in range(1, n_adapters):
@@ -96,10 +106,10 @@ def bench_mixed(quick: bool) -> list[dict]:
             ids = torch.randint(0, 8000, (n_adapters, T), generator=torch.Generator().manual_seed(1))
             repeat = 5 if quick else (30 if T == 1 else 10)
             with torch.inference_mode():
-                base, mixed = paired(lambda: plain(input_ids=ids), lambda: pm(input_ids=ids, adapter_names=names),
-                                     repeat)
+                base, mixed, ratio = paired(lambda: plain(input_ids=ids),
+                                            lambda: pm(input_ids=ids, adapter_names=names), repeat)
             rows.append({"bench": f"mixed batch, 32 adapters, T={T}", "lib": lib_name, "base_s": base, "s": mixed,
-                         "ratio": mixed / base})
+                         "ratio": ratio})
         del pm, model
     return rows
 
@@ -108,23 +118,23 @@ def bench_overhead(quick: bool) -> list[dict]:
     """One adapter (r=16 all-linear): unmerged and merged forward vs the base forward."""
     rows = []
     for lib_name, lib in libs().items():
-        model = llama()
-        plain = llama()  # an untouched copy: the base model with no adapter code at all
+        plain = llama()  # the base model with no adapter code at all (merging writes into it too)
+        model = sharing(plain)
         pm = lib.get_peft_model(model, lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         randomize(pm)
         pm.eval()
         for B, T in ((8, 128), (32, 1)):
             ids = torch.randint(0, 8000, (B, T), generator=torch.Generator().manual_seed(2))
-            repeat = 5 if quick else (20 if T == 1 else 10)
+            repeat = 5 if quick else (40 if T == 1 else 16)
             with torch.inference_mode():
-                base, unmerged = paired(lambda: plain(input_ids=ids), lambda: pm(input_ids=ids), repeat)
+                base, unmerged, ratio = paired(lambda: plain(input_ids=ids), lambda: pm(input_ids=ids), repeat)
                 pm.merge_adapter()
-                base2, merged = paired(lambda: plain(input_ids=ids), lambda: pm(input_ids=ids), repeat)
+                base2, merged, ratio2 = paired(lambda: plain(input_ids=ids), lambda: pm(input_ids=ids), repeat)
                 pm.unmerge_adapter()
             rows.append({"bench": f"one adapter unmerged, {B}x{T}", "lib": lib_name, "base_s": base, "s": unmerged,
-                         "ratio": unmerged / base})
+                         "ratio": ratio})
             rows.append({"bench": f"one adapter merged, {B}x{T}", "lib": lib_name, "base_s": base2, "s": merged,
-                         "ratio": merged / base2})
+                         "ratio": ratio2})
     return rows
 
 

@@ -416,11 +416,22 @@ class Linear(LoraLayer):
         return factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
 
     def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A[name].weight, self.lora_B[name]
-        xa = self.lora_dropout[name](x.to(A.dtype))
+        A, B, dropout = self.lora_A[name].weight, self.lora_B[name], self.lora_dropout[name]
+        xa = x if x.dtype == A.dtype else x.to(A.dtype)
+        if not isinstance(dropout, nn.Identity):
+            xa = dropout(xa)
         if self.use_dora[name]:
             return result + self._dora_extra(name, x, xa, result).to(result.dtype)
-        return torch.add(result, F.linear(F.linear(xa, A), B.weight, B.bias).to(result.dtype), alpha=self.scaling[name])
+        h = F.linear(xa, A)
+        if B.bias is None and result.dtype == h.dtype and result.is_contiguous():
+            # ``result + s · h Bᵀ`` as one GEMM with beta=1: no (…, out) temporary and no separate
+            # add pass. In place when no gradient is recorded (the base output is a fresh tensor).
+            out2d, h2d = result.view(-1, result.shape[-1]), h.reshape(-1, h.shape[-1])
+            if torch.is_grad_enabled():
+                return torch.addmm(out2d, h2d, B.weight.t(), alpha=self.scaling[name]).view(result.shape)
+            out2d.addmm_(h2d, B.weight.t(), alpha=self.scaling[name])
+            return result
+        return torch.add(result, F.linear(h, B.weight, B.bias).to(result.dtype), alpha=self.scaling[name])
 
     def _dora_extra(self, name: str, x: torch.Tensor, xd: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """DoRA's addition to the base output: ``(f - 1) · (W x) + f · s · B A x`` with f = m / ||W + sBA||."""
