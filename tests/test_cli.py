@@ -169,6 +169,36 @@ def test_other_commands_bad_input(tmp_path, capsys):
     assert code == 2 and "--prompt" in err
 
 
+def test_inspect_prints_nearest_tokens_of_a_soft_prompt(tmp_path, capsys):
+    """TEXT init puts each virtual token exactly on a text token: that token is its nearest (score 1)."""
+    import peftkit
+    from peftkit import PromptTuningConfig, get_peft_model
+
+    model, tok = peftkit.load_model()
+    path = str(peftkit.model_path())
+    cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
+                             prompt_tuning_init_text="Once upon a time", tokenizer_name_or_path=path)
+    pm = get_peft_model(model, cfg)
+    pm.save_pretrained(str(tmp_path / "pt"))
+    ids = tok("Once upon a time")["input_ids"][:4]
+    words = tok.convert_ids_to_tokens(ids)
+    assert main(["inspect", str(tmp_path / "pt"), "--nearest", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "nearest vocabulary tokens of each virtual token" in out
+    for i, word in enumerate(words):
+        assert f"{i:>3}: {word!r} 1.000, " in out
+    assert main(["inspect", str(tmp_path / "pt"), "--json", "--nearest", "3"]) == 0
+    near = json.loads(capsys.readouterr().out)["adapters"][0]["nearest_tokens"]
+    assert [row[0]["token_id"] for row in near] == ids and all(len(row) == 3 for row in near)
+    assert main(["inspect", str(tmp_path / "pt"), "--nearest", "0"]) == 0
+    assert "vocabulary tokens" not in capsys.readouterr().out
+    # without the base model at hand: the file facts, and a note saying why there are no nearest tokens
+    assert main(["inspect", str(tmp_path / "pt"), "--model", str(tmp_path / "nowhere")]) == 0
+    assert "not computed" in capsys.readouterr().out
+    code, err = _err(capsys, ["inspect", str(tmp_path / "pt"), "--nearest", "-1"])
+    assert code == 2 and "--nearest" in err
+
+
 def test_python_m_peftkit_runs():
     out = subprocess.run([sys.executable, "-m", "peftkit", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "peftkit train" in out.stdout
@@ -238,3 +268,68 @@ def test_train_inspect_eval_generate_merge(tmp_path, capsys):
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert main(["merge", adapter, "--output-dir", str(merged)]) == 2  # refuses to overwrite
     capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_qlora_train_eval_merge_both_exports(tmp_path, capsys):
+    """peftkit train --quantize 8: the base loads quantized, the adapter is an ordinary folder; eval
+    and merge use the run's quantization; merge exports a float model (dequantized, exact) or a
+    quantized folder (requantized, error reported) that load_quantized reads back exactly."""
+    import torch
+    import transformers
+
+    import peftkit
+    from peftkit.quant import Int8Linear, load_quantized
+
+    run_dir = tmp_path / "run"
+    argv = ["train", "--output-dir", str(run_dir), "--quantize", "8", "--max-steps", "3", "--batch-size", "4",
+            "--max-eval-samples", "4", "--eval-generate-samples", "0", "--num-generations", "0", "--r", "4",
+            "--lr", "0.01", "--no-progress"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    resolved = yaml.safe_load(open(run_dir / "run.yaml"))
+    assert resolved["model"]["quantize"] == 8
+    adapter = str(run_dir / "adapter")
+    # an ordinary adapter folder: it also loads onto the float base
+    float_model = peftkit.PeftModel.from_pretrained(peftkit.load_model()[0], adapter)
+    assert any("lora_A" in n for n, _ in float_model.named_parameters())
+
+    loaded_q = peftkit.train.runner.load_for_inference([("default", adapter)])
+    assert any(isinstance(m, Int8Linear) for m in loaded_q.model.modules())
+    loaded_f = peftkit.train.runner.load_for_inference([("default", adapter)], quantize=None)
+    assert not any(isinstance(m, Int8Linear) for m in loaded_f.model.modules())
+
+    tok = loaded_q.tokenizer
+    probe = tok("Once upon a time", return_tensors="pt")
+    with torch.no_grad():
+        ref = loaded_q.model(**probe).logits
+
+    merged = tmp_path / "merged-float"
+    assert main(["merge", adapter, "--output-dir", str(merged)]) == 0
+    out = capsys.readouterr().out
+    assert "base dequantized" in out and "verified" in out
+    plain = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(**probe).logits, ref, atol=1e-4)
+
+    merged_q = tmp_path / "merged-int8"
+    assert main(["merge", adapter, "--output-dir", str(merged_q), "--export", "quantized"]) == 0
+    out = capsys.readouterr().out
+    assert "requantizing" in out and "reloaded folder equals the merged model" in out
+    reloaded = load_quantized(merged_q).eval()
+    assert any(isinstance(m, Int8Linear) for m in reloaded.modules())
+    with torch.no_grad():
+        err = (reloaded(**probe).logits - ref).abs().max().item()
+    assert 0 < err < 0.5  # requantization moves the output a little, not a lot
+
+    code, err_text = _err(capsys, ["merge", adapter, "--output-dir", str(tmp_path / "x"), "--export", "quantized",
+                                   "--quantize", "none"])
+    assert code == 2 and "--export quantized needs a quantized base" in err_text
+    assert not (tmp_path / "x").exists()
+
+
+def test_quantize_flag_bad_block_size_says_what_to_do(tmp_path, capsys):
+    # the bundled model's down_proj rows are 172 long: NF4 blocks of 64 do not divide them
+    code, err = _err(capsys, ["train", "--output-dir", str(tmp_path / "r"), "--quantize", "4", "--max-steps", "1",
+                              "--no-progress"])
+    assert code == 2 and "--quant-block-size" in err and "--quant-skip-modules" in err

@@ -87,6 +87,17 @@ def _scalar(text: str, tp: Any) -> Any:
     raise ValueError
 
 
+_NO_MATCH = object()
+
+
+def _literal_value(text: str, allowed: tuple) -> Any:
+    """The allowed Literal value written as ``text`` (``"8"`` gives ``8`` for ``Literal[4, 8]``)."""
+    for value in allowed:
+        if text == str(value):
+            return value
+    return _NO_MATCH
+
+
 def converter(tp: Any, name: str):
     """A string -> value function for the annotation ``tp`` (None for "none" where allowed)."""
     inner, optional = _strip_optional(tp)
@@ -109,8 +120,9 @@ def converter(tp: Any, name: str):
                         for p in text.split(",") if p.strip()]
         for o in scalars:
             if typing.get_origin(o) is Literal:
-                if text in typing.get_args(o):
-                    return text
+                hit = _literal_value(text, typing.get_args(o))
+                if hit is not _NO_MATCH:
+                    return hit
                 continue
             for cand in (bool, int, float):  # the most specific number type first
                 if o is cand:
@@ -120,9 +132,10 @@ def converter(tp: Any, name: str):
                         break
         if typing.get_origin(inner) is Literal:
             allowed = typing.get_args(inner)
-            if text not in allowed:
+            hit = _literal_value(text, allowed)
+            if hit is _NO_MATCH:
                 raise argparse.ArgumentTypeError(f"{name}: choose from {', '.join(map(str, allowed))}")
-            return text
+            return hit
         if str in scalars or any(isinstance(o, type) and issubclass(o, enum.Enum) for o in scalars) or Any in scalars:
             if Any in scalars or inner is Any:
                 try:
@@ -396,6 +409,16 @@ def _adapter_specs(values: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _add_quantize_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["run", "none", "4", "8"], default="run",
+                   help="load the base quantized: as the run that wrote the adapter did (run), in float (none), "
+                        "NF4 (4) or int8 (8)")
+
+
+def _quantize_arg(value: str) -> Any:
+    return {"run": "run", "none": None}.get(value, int(value) if value in ("4", "8") else "run")
+
+
 def _device(name: Optional[str]) -> Any:
     import torch
 
@@ -428,10 +451,12 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--device", help="cpu, cuda, ... (default: GPU if available)")
     p.add_argument("--output", help="also write the metrics to this JSON file")
+    _add_quantize_flag(p)
     args = p.parse_args(argv)
     adapter = args.adapter or args.adapter_pos
     device = _device(args.device)
-    loaded = load_for_inference([("default", adapter)] if adapter else [], args.model, device=device)
+    loaded = load_for_inference([("default", adapter)] if adapter else [], args.model, device=device,
+                                quantize=_quantize_arg(args.quantize))
     cfg: DataConfig = loaded.data_config
     changes: dict[str, Any] = {}
     if args.format:
@@ -489,6 +514,7 @@ def cmd_generate(argv: list[str]) -> int:
                    "prompt format")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device")
+    _add_quantize_flag(p)
     args = p.parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -501,7 +527,7 @@ def cmd_generate(argv: list[str]) -> int:
         raise PeftkitError("Give at least one --prompt (or --prompts-file).")
     specs = _adapter_specs(args.adapter)
     device = _device(args.device)
-    loaded = load_for_inference(specs, args.model, device=device)
+    loaded = load_for_inference(specs, args.model, device=device, quantize=_quantize_arg(args.quantize))
     names = [n for n, _ in specs]
     from .inject import BASE_ADAPTER
 
@@ -547,19 +573,29 @@ def _data_config(run: dict[str, Any]) -> Any:
 
 
 def cmd_merge(argv: list[str]) -> int:
+    import warnings
+
     import torch
 
+    from .quant import is_quantized_module
     from .train.reporting import folder_bytes, human_bytes
     from .train.runner import load_for_inference
 
     p = argparse.ArgumentParser(prog=f"{PROG} merge", formatter_class=_Formatter,
-                                description="Merge an adapter into its base model and write a standalone Hugging Face "
-                                            "model folder (loadable with transformers alone).")
+                                description="Merge an adapter into its base model and write a standalone model folder: "
+                                            "a Hugging Face model (loadable with transformers alone), or for a "
+                                            "quantized base (QLoRA) either that (dequantized, exact) or a quantized "
+                                            "folder for peftkit.load_quantized (requantized; the error is reported).")
     p.add_argument("adapter_pos", nargs="?", metavar="ADAPTER", help="adapter folder (same as --adapter)")
     p.add_argument("--adapter", help="adapter folder")
     p.add_argument("--model", help="base model (default: the adapter's base model)")
     p.add_argument("--output-dir", required=True, help="where to write the merged model")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--export", choices=["float", "quantized"], default="float",
+                   help="float: a plain float model (a quantized base is dequantized first, so the merge is exact); "
+                        "quantized: merge into the quantized weights (requantizing) and write them with "
+                        "peftkit.save_quantized")
+    _add_quantize_flag(p)
     p.add_argument("--safe-merge", action="store_true", help="check the merged weights for NaN before writing")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip comparing the merged model's output with the adapter model's")
@@ -569,30 +605,60 @@ def cmd_merge(argv: list[str]) -> int:
         raise PeftkitError("Give the adapter folder to merge.")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
         raise PeftkitError(f"{args.output_dir} exists and is not empty; choose a new --output-dir.")
-    loaded = load_for_inference([("default", adapter)], args.model, dtype=args.dtype)
+    loaded = load_for_inference([("default", adapter)], args.model, dtype=args.dtype,
+                                quantize=_quantize_arg(args.quantize))
     model, tok = loaded.model, loaded.tokenizer
     if not hasattr(model, "merge_and_unload"):
         raise PeftkitError(f"{type(model).__name__} adapters cannot be merged.")
+    quantized = any(is_quantized_module(m) for m in model.modules())
+    if args.export == "quantized" and not quantized:
+        raise PeftkitError("--export quantized needs a quantized base, and this one is float (the run that wrote the "
+                           "adapter did not quantize it); pass --quantize 4 or --quantize 8.")
     probe = tok("Once upon a time", return_tensors="pt")
     with torch.no_grad():
         ref = _probe_logits(model, probe, loaded.task_type)
     try:
-        merged = model.merge_and_unload(safe_merge=args.safe_merge)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merged = model.merge_and_unload(safe_merge=args.safe_merge, dequantize=quantized and args.export == "float")
     except (AttributeError, NotImplementedError) as exc:
         raise PeftkitError(f"This adapter's method cannot be merged: {exc}") from None
-    merged.save_pretrained(args.output_dir)
+    for w in caught:
+        if "requantizing" in str(w.message):
+            print(f"note: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if args.export == "quantized":
+        from .quant import save_quantized
+
+        save_quantized(merged, args.output_dir)
+        what = "a quantized model for peftkit.load_quantized, with the adapter merged in"
+    else:
+        merged.save_pretrained(args.output_dir)
+        what = f"a {type(merged).__name__} with the adapter merged in" + (" (base dequantized)" if quantized else "")
     tok.save_pretrained(args.output_dir)
-    print(f"wrote {args.output_dir} ({human_bytes(folder_bytes(args.output_dir))}): a {type(merged).__name__} "
-          f"with the adapter merged in")
+    print(f"wrote {args.output_dir} ({human_bytes(folder_bytes(args.output_dir))}): {what}")
     if args.verify:
         import transformers
 
         auto = {"CAUSAL_LM": transformers.AutoModelForCausalLM, "SEQ_2_SEQ_LM": transformers.AutoModelForSeq2SeqLM,
                 "SEQ_CLS": transformers.AutoModelForSequenceClassification}[loaded.task_type]
-        reloaded = auto.from_pretrained(args.output_dir, dtype=getattr(torch, args.dtype)).eval()
+        if args.export == "quantized":
+            from .quant import load_quantized
+
+            reloaded = load_quantized(args.output_dir, model_class=auto).eval()
+        else:
+            reloaded = auto.from_pretrained(args.output_dir, dtype=getattr(torch, args.dtype)).eval()
         with torch.no_grad():
             out = _probe_logits(reloaded, probe, loaded.task_type)
-        diff = float((out.float() - ref.float()).abs().max())
+            diff = float((out.float() - ref.float()).abs().max())
+            if args.export == "quantized":  # the folder must hold exactly the merged model
+                exact = float((out.float() - _probe_logits(merged.eval(), probe, loaded.task_type).float()).abs().max())
+                if exact > 1e-4:
+                    raise PeftkitError(f"The reloaded quantized model differs from the merged model by {exact:.3e}.")
+                print(f"verified: the reloaded folder equals the merged model (max abs diff {exact:.2e}); its logits "
+                      f"differ from the adapter model's by {diff:.2e} (requantization)")
+                return 0
         print(f"verified: the reloaded merged model's logits match the adapter model's (max abs diff {diff:.2e})")
         tol = 1e-3 if args.dtype == "float32" else 5e-2 * float(ref.float().abs().max())
         if diff > tol:
@@ -612,13 +678,24 @@ def cmd_inspect(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog=f"{PROG} inspect", formatter_class=_Formatter,
                                 description="Print an adapter's config, parameter counts, size on disk and tensor "
-                                            "shapes (reads the files only; no model is loaded).")
+                                            "shapes (reads the files only), and for prompt tuning / P-tuning "
+                                            "adapters the vocabulary tokens nearest to each virtual token (loads "
+                                            "the base model).")
     p.add_argument("adapter", help="adapter folder")
     p.add_argument("--model", help="base model for the total parameter count (default: the adapter's base model, "
                                    "when it is a local folder)")
+    p.add_argument("--nearest", type=int, default=5, metavar="K",
+                   help="prompt tuning / P-tuning adapters: also load the base model and print, for each virtual "
+                        "token, the K vocabulary tokens nearest by cosine similarity (0: skip)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = p.parse_args(argv)
+    if args.nearest < 0:
+        raise PeftkitError(f"--nearest must be >= 0, got {args.nearest}.")
     info = inspect_adapter(args.adapter, args.model)
+    if args.nearest:
+        for entry in info["adapters"]:
+            if entry["config"].get("peft_type") in NEAREST_TOKEN_METHODS:
+                entry["nearest_tokens"] = _nearest_tokens(entry, args.model, args.nearest)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -637,7 +714,30 @@ def cmd_inspect(argv: list[str]) -> int:
         width = max((len(t["name"]) for t in entry["tensors"]), default=0)
         for t in entry["tensors"]:
             print(f"     {t['name'].ljust(width)}  {str(tuple(t['shape'])):<14} {t['dtype']}")
+        near = entry.get("nearest_tokens")
+        if isinstance(near, str):
+            print(f"   nearest vocabulary tokens: not computed ({near})")
+        elif near:
+            print("   nearest vocabulary tokens of each virtual token (cosine similarity):")
+            for i, row in enumerate(near):
+                print(f"     {i:>3}: " + ", ".join(f"{t['token']!r} {t['score']:.3f}" for t in row))
     return 0
+
+
+# input-prompt methods: their virtual tokens live in the word-embedding space
+NEAREST_TOKEN_METHODS = ("PROMPT_TUNING", "P_TUNING")
+
+
+def _nearest_tokens(entry: dict[str, Any], model: Optional[str], k: int) -> Any:
+    """``nearest_tokens`` of one prompt adapter as JSON-ready rows, or why it could not be computed."""
+    from .train.runner import load_for_inference
+
+    base = model or entry["config"].get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        return f"the base model {base!r} is not a local folder here; pass --model"
+    loaded = load_for_inference([(entry["name"], entry["path"])], model)
+    rows = loaded.model.nearest_tokens(entry["name"], k=k, tokenizer=loaded.tokenizer)
+    return [[{"token_id": t.token_id, "token": t.token, "score": round(t.score, 6)} for t in row] for row in rows]
 
 
 def inspect_adapter(folder: str, model: Optional[str] = None) -> dict[str, Any]:
@@ -730,7 +830,8 @@ COMMANDS = {
     "eval": (cmd_eval, "compute task metrics of a model + adapter on a data file"),
     "generate": (cmd_generate, "generate with one or several adapters (mixed batches)"),
     "merge": (cmd_merge, "merge an adapter into a standalone Hugging Face model folder"),
-    "inspect": (cmd_inspect, "print an adapter's config, parameter counts, size and tensor shapes"),
+    "inspect": (cmd_inspect, "print an adapter's config, parameter counts, size, tensor shapes (and a soft "
+                           "prompt's nearest tokens)"),
 }
 
 

@@ -31,6 +31,12 @@ class ModelArgs:
         adapter_name: name of the trained adapter.
         dtype: dtype of the frozen base weights: float32, bfloat16 or float16 (adapters stay float32).
         trust_remote_code: allow models whose code lives in their folder (off by default).
+        quantize: load the frozen base quantized (QLoRA): 4 (NF4) or 8 (int8), layer by layer with
+            ``peftkit.load_quantized`` (a local model folder); the adapter stays float32. Add
+            ``gradient_checkpointing`` for the QLoRA recipe's memory.
+        quant_block_size: NF4 block length; must divide the in-features of every quantized layer.
+        double_quant: NF4 only: also quantize the block scales.
+        quant_skip_modules: module names kept in full precision (e.g. ``down_proj``).
     """
 
     model: Optional[str] = None
@@ -39,6 +45,10 @@ class ModelArgs:
     adapter_name: str = "default"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    quantize: Optional[Literal[4, 8]] = None
+    quant_block_size: int = 64
+    double_quant: bool = False
+    quant_skip_modules: Optional[list[str]] = None
 
 
 @dataclass

@@ -135,10 +135,25 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
+def quant_options(model_args: Any) -> Optional[dict[str, Any]]:
+    """``load_quantized`` options from a run's model settings (a ModelArgs or its dict), or None."""
+    get = model_args.get if isinstance(model_args, dict) else lambda k, d=None: getattr(model_args, k, d)
+    bits = get("quantize")
+    if bits is None:
+        return None
+    return {"bits": int(bits), "block_size": int(get("quant_block_size", 64) or 64),
+            "double_quant": bool(get("double_quant", False)), "skip_modules": list(get("quant_skip_modules") or [])}
+
+
 def load_model(model_path: str, task_type: str, *, num_labels: Optional[int] = None,
                id2label: Optional[dict[int, str]] = None, dtype: str = "float32",
-               trust_remote_code: bool = False, pad_token_id: Optional[int] = None) -> Any:
-    """A transformers model for ``task_type`` (a new classification head when the model has none)."""
+               trust_remote_code: bool = False, pad_token_id: Optional[int] = None,
+               quantize: Optional[dict[str, Any]] = None) -> Any:
+    """A transformers model for ``task_type`` (a new classification head when the model has none).
+
+    ``quantize`` (options of :func:`peftkit.load_quantized`: bits, block_size, double_quant,
+    skip_modules) loads the base quantized layer by layer and freezes it for k-bit training.
+    """
     import torch
     import transformers
 
@@ -161,13 +176,36 @@ def load_model(model_path: str, task_type: str, *, num_labels: Optional[int] = N
             if id2label:
                 kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
                 kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}
-    try:
-        model = auto.from_pretrained(model_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise PeftkitError(f"Could not load {model_path!r} as a {task_type} model: {exc}") from None
+    if quantize is not None:
+        model = _load_quantized(model_path, auto, kwargs, quantize)
+    else:
+        try:
+            model = auto.from_pretrained(model_path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise PeftkitError(f"Could not load {model_path!r} as a {task_type} model: {exc}") from None
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def _load_quantized(model_path: str, auto: Any, kwargs: dict[str, Any], options: dict[str, Any]) -> Any:
+    from ..quant import load_quantized, prepare_model_for_kbit_training
+
+    if not os.path.isdir(model_path):
+        raise PeftkitError(f"--quantize loads a local model folder layer by layer; {model_path!r} is not one (download "
+                           "it first, e.g. with huggingface-cli download, and pass the folder).")
+    kwargs = dict(kwargs)
+    dtype = kwargs.pop("dtype")
+    try:
+        model = load_quantized(model_path, model_class=auto, dtype=dtype, **options, **kwargs)
+    except PeftkitError as exc:
+        hint = (" Choose a --quant-block-size that divides every quantized layer's in-features, or keep such layers "
+                "in full precision with --quant-skip-modules." if "block" in str(exc) else "")
+        raise type(exc)(f"{exc}{hint}") from None
+    except (OSError, ValueError) as exc:
+        raise PeftkitError(f"Could not load {model_path!r} quantized: {exc}") from None
+    # freeze, float32 norms/embeddings; gradient checkpointing is the Trainer's own setting
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def task_for(format: str, model_path: str, trust_remote_code: bool = False) -> str:
@@ -188,6 +226,7 @@ __all__ = [
     "build_peft_config",
     "default_model_path",
     "load_model",
+    "quant_options",
     "load_tokenizer",
     "method_fields",
     "method_names",

@@ -23,6 +23,7 @@ from .modeling import (
     check_method_args,
     default_model_path,
     load_model,
+    quant_options,
     load_tokenizer,
     method_fields,
     resolve_method,
@@ -87,7 +88,8 @@ def _train(run: RunConfig, info: DistInfo, train_data: Any, eval_data: Any, quie
     labels = data.label_names
     model = load_model(model_path, data.task_type, num_labels=len(labels) if labels else None,
                        id2label=dict(enumerate(labels)) if labels else None, dtype=run.model.dtype,
-                       trust_remote_code=run.model.trust_remote_code, pad_token_id=tokenizer.pad_token_id)
+                       trust_remote_code=run.model.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
+                       quantize=quant_options(run.model))
     peft_config = build_peft_config(method_name, run.method_args, data.task_type, model_path)
     from ..model import get_peft_model
 
@@ -212,11 +214,14 @@ class Loaded:
 
 
 def load_for_inference(adapters: list[tuple[str, str]], model: Optional[str] = None, *, task: Optional[str] = None,
-                       dtype: str = "float32", device: Any = "cpu", trust_remote_code: bool = False) -> Loaded:
+                       dtype: str = "float32", device: Any = "cpu", trust_remote_code: bool = False,
+                       quantize: Any = "run") -> Loaded:
     """A base model with the given adapters loaded (``[(name, folder), ...]``), on ``device``.
 
     The base model is ``model`` or the first adapter's ``base_model_name_or_path``; the task, the
     prompt format and the class names come from the adapter config and the run's ``run.yaml``.
+    ``quantize``: ``"run"`` loads the base quantized as the run that wrote the first adapter did
+    (``peftkit train --quantize``), None loads it in float, 4 / 8 quantize it (NF4 / int8).
     """
     from ..config import PeftConfig
     from ..model import PeftModel
@@ -253,9 +258,16 @@ def load_for_inference(adapters: list[tuple[str, str]], model: Optional[str] = N
         num_labels = len(label_names) if label_names else (_num_labels_from_tensors(adapters[0][1]) if adapters else None)
         if label_names is None and num_labels:
             label_names = [str(i) for i in range(num_labels)]
+    run_model = (run or {}).get("model") or {}
+    if quantize == "run":
+        quant = quant_options(run_model)
+    elif quantize is None:
+        quant = None
+    else:
+        quant = quant_options({**run_model, "quantize": quantize})
     base = load_model(model_path, task_type, num_labels=num_labels,
                       id2label=dict(enumerate(label_names)) if label_names else None, dtype=dtype,
-                      trust_remote_code=trust_remote_code, pad_token_id=tokenizer.pad_token_id)
+                      trust_remote_code=trust_remote_code, pad_token_id=tokenizer.pad_token_id, quantize=quant)
     out: Any = base
     names = []
     for i, ((name, folder), config) in enumerate(zip(adapters, configs)):
