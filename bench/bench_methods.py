@@ -183,7 +183,8 @@ def table(rows) -> str:
             how = "Trainer on the plain model"
         if "error" in r:
             err = r["error"].replace("|", "\\|")
-            lines.append(f"| {r['label']} | {how} | {r['lr']:g} | **failed**: {err} | | | {fmt_bytes(r['peak_rss_bytes'])} | | |")
+            kind = "**n/a**" if "bias" in err.lower() else "**failed**"  # BitFit on a model without biases
+            lines.append(f"| {r['label']} | {how} | {r['lr']:g} | {kind}: {err} | | | {fmt_bytes(r['peak_rss_bytes'])} | | |")
             continue
         pct = 100 * r["trainable"] / r["total"] if r.get("total") else 0
         lines.append(f"| {r['label']} | {how} | {r['lr']:g} | {r['trainable']:,} ({pct:.2f}%) | "

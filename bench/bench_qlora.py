@@ -1,60 +1,49 @@
 """QLoRA quality on the bundled model: eval loss of a float, int8 and NF4 base, before and after the
-same LoRA fine-tune on each.
+same ``peftkit train`` run on each.
 
-    python bench/bench_qlora.py [--steps 150] [--batch 8] [--seq 128]
+    python bench/bench_qlora.py [--jobs 2] [--threads 1] [--json rows.json]
 
-Model: the bundled stories260k Llama (hidden 64, intermediate 172). Data: TinyStories validation
-head (../shared/data/tinystories/tinystories_val_head.txt; the script exits cleanly if it is
-missing), tokenized as one stream and cut into blocks of ``--seq`` tokens: the last 64 blocks are
-the eval set, training draws batches from the rest. Each base gets LoRA r=8 (alpha 16) on all
-linear layers and the same AdamW run (same seed, same batches). NF4 needs a block size dividing
-every row: the MLP's down_proj rows are 172 long, so NF4 is run with block 64 and down_proj kept in
-float32, and with block 4 on every linear layer (also with double quantization).
+Each setting is the demo run ``peftkit train`` does with no arguments (the bundled stories260k Llama,
+the bundled E2E NLG data, the settings of peftkit/assets/data/demo.yaml: LoRA on all linear layers),
+plus ``--quantize`` for the quantized bases, run through the toolkit's Python API
+(``train(RunConfig.from_dict(...))``, what the command runs), one child process per setting. The
+eval loss "before" is the toolkit's eval of the base (quantized where it is) before the first step;
+"after" is the same eval after the last step. Same data, batches, seed and schedule for all.
 
-This uses a plain training loop, not ``peftkit train`` (the CLI is built separately). There is no
-peer here: Hugging Face PEFT's QLoRA needs bitsandbytes on CUDA. Figures: docs/benchmarks.md.
+NF4 needs a block size dividing every quantized row. The bundled model's rows are 64 (attention,
+gate/up) and 172 (down_proj) long, so NF4 runs with blocks of 4 on every linear layer (also with
+double quantization), and with the usual blocks of 64 keeping down_proj in float32.
+
+There is no peer here: Hugging Face PEFT's QLoRA needs bitsandbytes on CUDA. Figures:
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
-THREADS = 1  # the model is tiny: one thread is faster, and steadier on a shared machine
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_val_head.txt"
-SETTINGS = {  # name -> quantize_model options (None: float32 base)
-    "float32": None,
-    "int8": {"bits": 8},
-    "nf4 (block 64, down_proj fp32)": {"bits": 4, "block_size": 64, "skip_modules": ["down_proj"]},
-    "nf4 (block 4)": {"bits": 4, "block_size": 4},
-    "nf4 (block 4, double quant)": {"bits": 4, "block_size": 4, "double_quant": True},
+SETTINGS = {  # label -> extra train settings
+    "float32": {},
+    "int8": {"quantize": 8},
+    "NF4, block 4": {"quantize": 4, "quant_block_size": 4},
+    "NF4, block 4, double quant": {"quantize": 4, "quant_block_size": 4, "double_quant": True},
+    "NF4, block 64, down_proj fp32": {"quantize": 4, "quant_block_size": 64, "quant_skip_modules": ["down_proj"]},
 }
-EVAL_BLOCKS = 64
-
-
-def eval_loss(model, blocks: torch.Tensor, batch: int = 16) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(blocks), batch):
-            ids = blocks[i:i + batch]
-            loss = model(input_ids=ids, labels=ids).loss
-            n = ids.numel() - ids.shape[0]  # predicted tokens
-            total += loss.item() * n
-            count += n
-    return total / count
 
 
 def linear_bytes(model) -> int:
-    """Bytes of the base weights of the linear layers that can be quantized (the head excluded)."""
+    """Bytes of the frozen base weights of the linear layers that can be quantized (the head excluded)."""
+    import torch
+
     from peftkit.inject import AdapterLayer
     from peftkit.quant import QuantizedLinear
 
@@ -69,60 +58,77 @@ def linear_bytes(model) -> int:
     return total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--data", default=str(DATA))
-    args = parser.parse_args()
-    if not os.path.isfile(args.data):
-        print(f"skipped: {args.data} not found (the TinyStories sample of ../shared/data)")
-        return
-    torch.set_num_threads(THREADS)
-    import peftkit
+def child(spec: dict) -> dict:
+    import torch
 
-    base, tok = peftkit.load_model()
-    text = Path(args.data).read_text(encoding="utf-8")
-    ids = torch.tensor(tok(text).input_ids)
-    blocks = ids[: len(ids) // args.seq * args.seq].view(-1, args.seq)
-    eval_blocks, train_blocks = blocks[-EVAL_BLOCKS:], blocks[:-EVAL_BLOCKS]
-    order = torch.randint(0, len(train_blocks), (args.steps, args.batch), generator=torch.Generator().manual_seed(0))
-    rows = []
-    for name, opts in SETTINGS.items():
-        model = copy.deepcopy(base)
-        if opts is not None:
-            peftkit.quantize_model(model, **opts)
-        before = eval_loss(model, eval_blocks)
-        torch.manual_seed(0)
-        pm = peftkit.get_peft_model(model, peftkit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=args.lr)
-        pm.train()
-        t = time.perf_counter()
-        for step in range(args.steps):
-            batch = train_blocks[order[step]]
-            loss = pm(input_ids=batch, labels=batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        train_s = time.perf_counter() - t
-        after = eval_loss(pm, eval_blocks)
-        qbytes = linear_bytes(pm)
-        rows.append((name, before, after, train_s, qbytes))
-        print(f"{name}: eval loss {before:.4f} -> {after:.4f} ({train_s:.1f}s)", file=sys.stderr)
-    lin_bytes = linear_bytes(base)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {THREADS} threads; "
-          f"{len(train_blocks)} train / {len(eval_blocks)} eval blocks of {args.seq} tokens; LoRA r=8 all-linear, "
-          f"{args.steps} steps x batch {args.batch}, AdamW lr {args.lr}\n")
-    ref_before, ref_after = rows[0][1], rows[0][2]
-    print("| base | eval loss before | Δ vs float | eval loss after LoRA | Δ vs float | train time (s) | "
-          "linear base weights (bytes / fp32) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, before, after, train_s, qbytes in rows:
-        frac = f"{qbytes / lin_bytes:.3f}"
-        print(f"| {name} | {before:.4f} (ppl {math.exp(before):.2f}) | {before - ref_before:+.4f} | "
-              f"{after:.4f} (ppl {math.exp(after):.2f}) | {after - ref_after:+.4f} | {train_s:.1f} | {frac} |")
+    torch.set_num_threads(spec["threads"])
+    from peftkit.cli import merge_settings
+    from peftkit.train import RunConfig, train
+    from peftkit.train import loop
+    from peftkit.train.config import demo_settings
+
+    seen = {}
+    orig_fit = loop.Trainer.fit
+
+    def fit(self, *a, **k):  # the model as trained: measure its base weights
+        seen["linear_bytes"] = linear_bytes(self.model)
+        return orig_fit(self, *a, **k)
+
+    loop.Trainer.fit = fit
+    settings = merge_settings(demo_settings(), {"output_dir": spec["output_dir"], "progress": False, **spec["extra"]})
+    t = time.perf_counter()
+    result = train(RunConfig.from_dict(settings), quiet=True)
+    return {"before": result.metrics_before, "after": result.metrics_after, "seconds": time.perf_counter() - t,
+            "steps": result.steps, "linear_bytes": seen["linear_bytes"]}
+
+
+def run_one(label: str, extra: dict, opts, workdir: str) -> dict:
+    spec = {"extra": extra, "threads": opts.threads,
+            "output_dir": os.path.join(workdir, label.replace(" ", "_").replace(",", ""))}
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"label": label, "error": (out.stdout + out.stderr).strip().splitlines()[-1]}
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["label"] = label
+    print(f"# {label}: eval loss {row['before']['eval_loss']:.4f} -> {row['after']['eval_loss']:.4f} "
+          f"({row['seconds']:.0f} s)", file=sys.stderr)
+    return row
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print(json.dumps(child(json.loads(sys.argv[2]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=2, help="settings run at once (one process each)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--json", help="also write the rows to this file")
+    opts = parser.parse_args()
+    import torch
+
+    with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(opts.jobs) as pool:
+        rows = list(pool.map(lambda item: run_one(item[0], item[1], opts, workdir), SETTINGS.items()))
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"{opts.threads} thread(s) per run, {opts.jobs} run(s) at once; `peftkit train` demo settings "
+          f"({rows[0].get('steps')} steps)\n")
+    ref = rows[0]
+    print("| base | eval loss before | Δ vs float | eval loss after | Δ vs float | ROUGE-L after | "
+          "linear base weights (bytes / fp32) | train time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['label']} | error: {r['error']} | | | | | | |")
+            continue
+        b, a = r["before"]["eval_loss"], r["after"]["eval_loss"]
+        rouge = r["after"].get("eval_rouge_l")
+        print(f"| {r['label']} | {b:.4f} (ppl {math.exp(b):.2f}) | {b - ref['before']['eval_loss']:+.4f} | "
+              f"{a:.4f} (ppl {math.exp(a):.2f}) | {a - ref['after']['eval_loss']:+.4f} | "
+              f"{'' if rouge is None else f'{rouge:.3f}'} | {r['linear_bytes'] / ref['linear_bytes']:.3f} | "
+              f"{r['seconds']:.0f} |")
+    if opts.json:
+        with open(opts.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -377,9 +377,10 @@ def test_adapter_layers_are_few_and_typed():
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 9])
-@pytest.mark.parametrize("assign", ["in_order", "shuffled", "repeated_with_base"])
+@pytest.mark.parametrize("assign", ["in_order", "shuffled", "repeated_with_base", "few_adapters_many_rows"])
 def test_batched_lora_paths_agree_with_per_row_reference(tokens, assign):
-    """Grouped matmul (sorted or not), sliced stacks and gathered stacks all equal the per-row math."""
+    """Sliced stacks (rows in slot order), grouped matmul (few adapters shared by many rows) and
+    gathered stacks (anything else) all equal the per-row math, with and without ``add_to``."""
     from peftkit.inject import RowPlan
     from peftkit.methods.lora import _batched_lora
 
@@ -388,14 +389,26 @@ def test_batched_lora_paths_agree_with_per_row_reference(tokens, assign):
     A = torch.randn(n + 1, d_in, r, generator=g)
     B = torch.randn(n + 1, r, d_out, generator=g)
     A[0], B[0] = 0, 0
-    idx = {"in_order": [1, 2, 3, 4, 5], "shuffled": [3, 1, 5, 2, 4], "repeated_with_base": [2, 0, 2, 5, 0, 1]}[assign]
+    idx = {"in_order": [1, 2, 3, 4, 5], "shuffled": [3, 1, 5, 2, 4], "repeated_with_base": [2, 0, 2, 5, 0, 1],
+           "few_adapters_many_rows": [2, 4, 2, 2, 0, 4, 4, 2, 0, 2, 4, 4]}[assign]
+    plan = RowPlan(torch.tensor(idx))
+    assert (plan.start is not None) == (assign == "in_order")
     x = torch.randn(len(idx), tokens, d_in, generator=g)
     want = torch.stack([x[i] @ A[j] @ B[j] for i, j in enumerate(idx)])
     with torch.no_grad():
-        got = _batched_lora(x, A, B, RowPlan(torch.tensor(idx)))
-    assert torch.allclose(got, want, atol=1e-4)
+        got = _batched_lora(x, A, B, plan)
+        assert torch.allclose(got, want, atol=1e-4)
+        base = torch.randn(len(idx), tokens, d_out, generator=g)
+        expected = base + want
+        out = _batched_lora(x, A, B, plan, add_to=base)  # added in place without autograd
+        assert out.data_ptr() == base.data_ptr() and torch.allclose(out, expected, atol=1e-4)
     A.requires_grad_(True)
     got = _batched_lora(x, A, B, RowPlan(torch.tensor(idx)))  # training path (gathered or sliced)
     assert torch.allclose(got, want, atol=1e-4)
     got.sum().backward()
     assert A.grad is not None
+    base = torch.randn(len(idx), tokens, d_out, generator=g, requires_grad=True)
+    out = _batched_lora(x, A, B, RowPlan(torch.tensor(idx)), add_to=base)  # out of place under autograd
+    assert torch.allclose(out, base.detach() + want, atol=1e-4)
+    out.sum().backward()
+    assert torch.equal(base.grad, torch.ones_like(base))

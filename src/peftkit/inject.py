@@ -74,7 +74,8 @@ class RowPlan:
 
     ``start``: when rows use consecutive slots ``start, start+1, ...`` in order (each row its own
     adapter, in slot order), layers can slice their stacked weights instead of gathering them.
-    :meth:`groups` sorts tokens by slot for grouped matmuls (``torch.nn.functional.grouped_mm``).
+    ``n_slots_used``: distinct slots among the rows. :meth:`groups` sorts tokens by slot for grouped
+    matmuls (``torch.nn.functional.grouped_mm``).
     """
 
     def __init__(self, idx: torch.Tensor) -> None:
@@ -82,6 +83,7 @@ class RowPlan:
         values = idx.tolist()
         first = values[0] if values else 0
         self.start = first if values == list(range(first, first + len(values))) else None
+        self.n_slots_used = len(set(values))
         self._groups: dict = {}
 
     def groups(self, tokens_per_row: int, n_slots: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

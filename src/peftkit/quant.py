@@ -142,7 +142,7 @@ def dequantize_scales(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Te
 
 
 # ---------------------------------------------------------------------------------------------
-# bitsandbytes (optional; CUDA only)
+# bitsandbytes (optional: its kernels for NF4 on CUDA; models it quantized, on any device)
 
 _BNB: Any = None
 
@@ -170,9 +170,7 @@ def is_quantized_module(module: nn.Module) -> bool:
 
 
 def dequantize_weight(module: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The dense (out, in) weight of a quantized linear (peftkit or bitsandbytes); a float weight as is.
-
-    Not tested on bitsandbytes modules in peftkit's own test suite (no CUDA there)."""
+    """The dense (out, in) weight of a quantized linear (peftkit or bitsandbytes); a float weight as is."""
     if isinstance(module, QuantizedLinear):
         return module.dequantize(dtype)
     if _is_bnb_module(module):
@@ -447,8 +445,8 @@ class NF4Linear(QuantizedLinear):
                 self.absmax.copy_(absmax)
 
     def _bnb_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        # Untested in peftkit's suite (no CUDA there); same buffers as bitsandbytes' NF4 (block-major codes,
-        # high nibble first, the same 16 levels), so its kernel reads them directly.
+        # Same buffers as bitsandbytes' NF4 (block-major codes, high nibble first, the same 16 levels), so
+        # its kernel reads them directly (tests/test_bnb.py checks this call on CPU against the PyTorch path).
         bnb = _bitsandbytes()
         if bnb is None:
             return None
@@ -570,7 +568,7 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
             continue
         if isinstance(module, QuantizedLinear):
             new = module.to_linear(dtype)
-        else:  # bitsandbytes; not tested in peftkit's suite
+        else:  # bitsandbytes
             weight = dequantize_weight(module, dtype or torch.float32)
             new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             new.weight = nn.Parameter(weight.contiguous(), requires_grad=False)

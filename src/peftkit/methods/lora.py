@@ -456,10 +456,12 @@ class Linear(LoraLayer):
         the DoRA factors f (n+1, out) (ones for non-DoRA slots) or None, and the scaled lora_B
         biases (n+1, out) or None. Cached while no gradient is needed and no weight changed
         (tracked by tensor versions)."""
-        params = [self.lora_A[n].weight for n in names] + [self.lora_B[n].weight for n in names]
+        # plain dict lookups (not nn.Module attribute access): this runs on every mixed-batch forward
+        mods_a, mods_b = self.lora_A._modules, self.lora_B._modules
+        params = [mods_a[n]._parameters["weight"] for n in names] + [mods_b[n]._parameters["weight"] for n in names]
         dora = [n for n in names if self.use_dora[n]]
         params += [self.lora_magnitude_vector[n].weight for n in dora]
-        params += [self.lora_B[n].bias for n in names if self.lora_bias[n]]
+        params += [mods_b[n]._parameters["bias"] for n in names if self.lora_bias[n]]
         if dora:
             params.append(self.get_base_layer().weight)
         need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
@@ -512,6 +514,10 @@ class Linear(LoraLayer):
             if factors is not None and any(self.use_dora[n] and _dropout_p(self.lora_dropout[n]) > 0 for n in names):
                 raise PeftkitError("Mixed-adapter batches with DoRA and lora_dropout > 0 cannot be trained; "
                                    "set lora_dropout=0 or train one adapter per batch.")
+        if factors is None and bias is None and result.dtype == A.dtype and result.is_contiguous():
+            # the usual case: add into the base output inside the second batched matmul
+            out = _batched_lora(x3, A, B, plan, add_to=result.view(rows, -1, self.out_features))
+            return out.view(result.shape)
         lora = _batched_lora(x3, A, B, plan)
         if bias is not None:
             lora = lora + bias.index_select(0, idx).unsqueeze(1)
@@ -526,22 +532,24 @@ class Linear(LoraLayer):
         return result + ((f - 1) * base_out + f * lora).to(result.dtype)
 
 
-# Tokens per row up to which the grouped-matmul path is used (decode-shaped batches); above it,
-# batched matmuls over per-row weights are faster on CPU.
-GROUPED_MAX_TOKENS_PER_ROW = 4
+def _batched_lora(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, plan: Any,
+                  add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Row i of ``x3`` (rows, tokens, in) times ``A[idx[i]]`` (in, r) times ``B[idx[i]]`` (r, out),
+    plus ``add_to`` (rows, tokens, out) when given (added in the same batched matmul; in place when
+    no gradient is recorded).
 
-
-def _batched_lora(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, plan: Any) -> torch.Tensor:
-    """Row i of ``x3`` (rows, tokens, in) times ``A[idx[i]]`` (in, r) times ``B[idx[i]]`` (r, out).
-
-    Three equivalent ways, cheapest first, none copying the stacked weights per row unless it must:
-    a grouped matmul over tokens sorted by adapter (inference, few tokens per row), a batched matmul
-    on a slice of the stacks (rows use consecutive slots in order), or a batched matmul on gathered
-    weights (any assignment, and training).
+    Three equivalent ways, none copying the stacked weights per row unless it must: a batched
+    matmul on a slice of the stacks (rows use consecutive slots in order: no copy); a grouped matmul
+    over tokens sorted by adapter when many rows share few adapters (inference; its cost grows with
+    the number of adapters, so it loses to the next one when most rows have their own); a batched
+    matmul on gathered weights (any assignment, and training).
     """
     rows, tokens, d_in = x3.shape
-    grad = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or x3.requires_grad)
-    if (not grad and tokens <= GROUPED_MAX_TOKENS_PER_ROW and hasattr(F, "grouped_mm")
+    grad = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or x3.requires_grad
+                                        or (add_to is not None and add_to.requires_grad))
+    if plan.start is not None:
+        return _bmm_pair(x3, A.narrow(0, plan.start, rows), B.narrow(0, plan.start, rows), add_to, grad)
+    if (not grad and plan.n_slots_used * 4 <= rows and hasattr(F, "grouped_mm")
             and x3.dtype in (torch.float32, torch.bfloat16) and d_in % 8 == 0 and B.shape[-1] % 8 == 0):
         offs, order = plan.groups(tokens, A.shape[0])
         flat = x3.reshape(rows * tokens, d_in)
@@ -550,12 +558,18 @@ def _batched_lora(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, plan: Any)
         out = F.grouped_mm(F.grouped_mm(flat, A, offs=offs), B, offs=offs)
         if order is not None:
             out = torch.empty_like(out).index_copy_(0, order, out)
-        return out.view(rows, tokens, -1)
-    if plan.start is not None:
-        a, b = A.narrow(0, plan.start, rows), B.narrow(0, plan.start, rows)
-    else:
-        a, b = A.index_select(0, plan.idx), B.index_select(0, plan.idx)
-    return torch.bmm(torch.bmm(x3, a), b)
+        out = out.view(rows, tokens, -1)
+        return out if add_to is None else (add_to + out if grad else add_to.add_(out))
+    return _bmm_pair(x3, A.index_select(0, plan.idx), B.index_select(0, plan.idx), add_to, grad)
+
+
+def _bmm_pair(x3: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add_to: Optional[torch.Tensor],
+              grad: bool) -> torch.Tensor:
+    """``(x3 @ a) @ b`` (+ ``add_to``, fused into the second batched matmul)."""
+    h = torch.bmm(x3, a)
+    if add_to is None:
+        return torch.bmm(h, b)
+    return torch.baddbmm(add_to, h, b) if grad else add_to.baddbmm_(h, b)
 
 
 def _dropout_p(module: nn.Module) -> float:
