@@ -183,8 +183,11 @@ def table(rows) -> str:
             how = "Trainer on the plain model"
         if "error" in r:
             err = r["error"].replace("|", "\\|")
-            kind = "**n/a**" if "bias" in err.lower() else "**failed**"  # BitFit on a model without biases
-            lines.append(f"| {r['label']} | {how} | {r['lr']:g} | {kind}: {err} | | | {fmt_bytes(r['peak_rss_bytes'])} | | |")
+            if "no bias" in err.lower():  # BitFit on a model built without biases: not a failure
+                cell = "**n/a**: the model has no bias terms (see below)"
+            else:
+                cell = f"**failed**: {err}"
+            lines.append(f"| {r['label']} | {how} | {r['lr']:g} | {cell} | | | {fmt_bytes(r['peak_rss_bytes'])} | | |")
             continue
         pct = 100 * r["trainable"] / r["total"] if r.get("total") else 0
         lines.append(f"| {r['label']} | {how} | {r['lr']:g} | {r['trainable']:,} ({pct:.2f}%) | "
@@ -248,7 +251,7 @@ tokenizer, data and model with the same functions `train` uses (`load_tokenizer`
 
 """
     if failed:
-        text += "Failed rows (no figures are given for them):\n\n"
+        text += "Rows without figures, and why:\n\n"
         for r in failed:
             text += f"* {r['label']}: `{r['error']}`\n"
         text += "\n"

@@ -22,6 +22,8 @@ import peftkit  # noqa: E402
 from peftkit import LoraConfig, MergeError, PeftModel, get_peft_model  # noqa: E402
 from peftkit.quant import NF4Linear, dequantize_weight, quantize_model  # noqa: E402
 
+from .models import randomize_adapters  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _quiet():
@@ -47,14 +49,6 @@ def bnb_model(kind: str):
 BNB_CLASS = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}
 
 
-def set_lora_weights(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
 @pytest.fixture
 def ids():
     return torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -67,7 +61,7 @@ def test_lora_wraps_bnb_layers_and_matches_hf_peft(kind, ids, tmp_path):
     pm = get_peft_model(bnb_model(kind), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer.get_base_layer()).__name__ == BNB_CLASS[kind]
-    set_lora_weights(pm)
+    randomize_adapters(pm, std=0.05)
     with torch.no_grad():
         ours = pm(input_ids=ids).logits
         with pm.disable_adapter():
@@ -120,7 +114,7 @@ def test_dequantize_weight_reads_bnb_modules():
 @pytest.mark.parametrize("kind", ["4bit", "8bit"])
 def test_merge_and_unload_dequantize_gives_a_float_model(kind, ids):
     pm = get_peft_model(bnb_model(kind), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    set_lora_weights(pm)
+    randomize_adapters(pm, std=0.05)
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, layer.in_features)
     with torch.no_grad():
@@ -163,7 +157,7 @@ def test_peft_model_loads_on_bnb_base_from_a_float_trained_folder(ids, tmp_path)
     """An adapter trained on the float base loads onto a bitsandbytes-quantized base."""
     base, _ = peftkit.load_model()
     pm = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    set_lora_weights(pm)
+    randomize_adapters(pm, std=0.05)
     pm.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(bnb_model("4bit"), str(tmp_path))
     with torch.no_grad():
