@@ -62,7 +62,6 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from peftkit.cli import merge_settings
     from peftkit.train import RunConfig, train
     from peftkit.train import loop
     from peftkit.train.config import demo_settings
@@ -75,7 +74,8 @@ def child(spec: dict) -> dict:
         return orig_fit(self, *a, **k)
 
     loop.Trainer.fit = fit
-    settings = merge_settings(demo_settings(), {"output_dir": spec["output_dir"], "progress": False, **spec["extra"]})
+    settings = {k: v for section in demo_settings().values() for k, v in section.items()}  # flat keys
+    settings.update({"output_dir": spec["output_dir"], "progress": False, **spec["extra"]})
     t = time.perf_counter()
     result = train(RunConfig.from_dict(settings), quiet=True)
     return {"before": result.metrics_before, "after": result.metrics_after, "seconds": time.perf_counter() - t,

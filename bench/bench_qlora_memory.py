@@ -1,7 +1,7 @@
 """QLoRA memory: whole-process peak RSS of a LoRA training run over an fp32, int8 or NF4 base.
 
     python bench/bench_qlora_memory.py [--dir /tmp/peftkit-bench/llama300m] [--settings fp32,int8,nf4]
-                                       [--gc off|on|both] [--steps 3]
+                                       [--gc off|on|both|recipe] [--steps 3]
 
 Model: a Llama of ~323M parameters (hidden 1024, 20 layers, intermediate 2816, vocab 32000, 16
 heads, untied head), random weights saved once as a safetensors folder (``--dir``). Each setting
@@ -11,7 +11,10 @@ layers, run ``--steps`` AdamW steps at batch 4 x 128. The parent reads each chil
 ``os.wait4`` (``ru_maxrss``; the child also reports ``resource.getrusage``) and prints a Markdown
 table with the ratios to the fp32 run. ``--gc on`` turns on gradient checkpointing (re-entrant, as
 ``prepare_model_for_kbit_training`` does) in every setting, so ratios compare like with like;
-``--gc both`` runs every setting without and with it. There is no peer here: Hugging Face PEFT's
+``--gc both`` runs every setting without and with it. ``--gc recipe`` compares the QLoRA recipe with
+plain LoRA: the quantized runs call ``peftkit.prepare_model_for_kbit_training(model)`` (its default
+turns gradient checkpointing on, as in Hugging Face PEFT), the fp32 run adds LoRA to the model as
+loaded. There is no peer here: Hugging Face PEFT's
 QLoRA needs bitsandbytes on CUDA. Figures: docs/benchmarks.md ("QLoRA").
 """
 
@@ -58,7 +61,7 @@ def current_rss_mb() -> float:
     return float("nan")
 
 
-def child(setting: str, folder: str, steps: int, gc: bool) -> None:
+def child(setting: str, folder: str, steps: int, gc: str) -> None:
     import torch
 
     torch.set_num_threads(THREADS)
@@ -80,9 +83,11 @@ def child(setting: str, folder: str, steps: int, gc: bool) -> None:
     load_s = time.perf_counter() - t
     rss_loaded = current_rss_mb()
     peak_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if gc:
+    if gc == "on":
         model.enable_input_require_grads()
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    elif gc == "recipe" and setting != "fp32":
+        peftkit.prepare_model_for_kbit_training(model)
     pm = peftkit.get_peft_model(model, peftkit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     trainable = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
@@ -125,8 +130,9 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/peftkit-bench/llama300m")
     parser.add_argument("--settings", default="fp32,int8,nf4")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--gc", choices=["off", "on", "both"], default="off",
-                        help="gradient checkpointing in every setting")
+    parser.add_argument("--gc", choices=["off", "on", "both", "recipe"], default="off",
+                        help="gradient checkpointing in every setting (on), in none (off), both tables, or the QLoRA "
+                             "recipe (prepare_model_for_kbit_training on the quantized runs only)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--make", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,7 +140,7 @@ def main() -> None:
         make_folder(args.dir)
         return
     if args.child:
-        child(args.child, args.dir, args.steps, args.gc == "on")
+        child(args.child, args.dir, args.steps, args.gc)
         return
     if not os.path.isfile(os.path.join(args.dir, "model.safetensors")):
         os.makedirs(args.dir, exist_ok=True)

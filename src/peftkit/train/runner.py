@@ -108,7 +108,11 @@ def _train(run: RunConfig, info: DistInfo, train_data: Any, eval_data: Any, quie
         if data.train is not None and data.train.dropped:
             print(f"note: {data.train.dropped} training examples were dropped: max_length "
                   f"{run.data.max_length} cut off their whole completion.")
-        print(f"== peftkit train: {method_name} on {model_path} ({data.task_type}), data format {data.format}, "
+        quant = quant_options(run.model)
+        base = "" if quant is None else (" (base quantized: " + ("int8" if quant["bits"] == 8 else
+                                         f"NF4, blocks of {quant['block_size']}"
+                                         + (", double quant" if quant["double_quant"] else "")) + ")")
+        print(f"== peftkit train: {method_name} on {model_path}{base} ({data.task_type}), data format {data.format}, "
               f"writing to {output_dir}")
     return trainer.fit(resume=cfg.resume)
 
