@@ -358,7 +358,9 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """int8 weight, one absmax scale per output channel: ``Ŵ[o] = Q[o] · s_o``, ``s_o = max|W[o]| / 127``.
 
-    Buffers: ``weight`` (out, in) int8, ``weight_scale`` (out,) float32. Pure PyTorch on every device.
+    Buffers: ``weight`` (out, in) int8, ``weight_scale`` (out,) float32. Pure PyTorch on every device:
+    bitsandbytes' int8 matmul (LLM.int8) also rounds the activations to int8, so it would give other
+    results than this layer's definition; models quantized by bitsandbytes itself keep its kernel.
     """
 
     bits = 8
