@@ -625,7 +625,8 @@ def cmd_merge(argv: list[str]) -> int:
         raise PeftkitError(f"This adapter's method cannot be merged: {exc}") from None
     for w in caught:
         if "requantizing" in str(w.message):
-            print(f"note: {w.message}")
+            text = str(w.message).replace("Use merge_and_unload(dequantize=True)", "Use --export float")
+            print(f"note: {text}")
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if args.export == "quantized":
