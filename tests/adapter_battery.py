@@ -20,19 +20,9 @@ from torch import nn
 from peftkit import PeftConfig, PeftModel, PeftkitError, get_peft_model
 from peftkit.inject import AdapterLayer
 
-from .models import CASES, Case
+from .models import CASES, Case, randomize_adapters
 
 _BASES: dict[str, nn.Module] = {}
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run ~100x faster on one thread than on an oversubscribed OpenMP pool (2 shared
-    cores); import this fixture into a test module to use it there. The thread count is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def build(case: Case) -> nn.Module:
@@ -59,15 +49,6 @@ def out(case: Case, model: nn.Module, batch: int = 3, **extra: Any) -> torch.Ten
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-5) -> bool:
     """Equal up to fp32 rounding, relative to the output's scale."""
     return torch.allclose(a, b, atol=tol * max(1.0, b.abs().max().item()), rtol=0)
-
-
-def randomize(model: nn.Module, is_adapter: Callable[[str], bool], seed: int = 0, std: float = 0.1) -> None:
-    """Perturb every adapter tensor (so a no-op cannot pass) — the trainable ones and the inactive ones."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter(name):
-                p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 @dataclass
@@ -143,7 +124,7 @@ def check_merge(spec: Spec, case: Case) -> None:
     base, cfg = spec.setup(case)
     base_out = out(case, base)
     pm = get_peft_model(base, cfg)
-    randomize(pm, spec.is_adapter)
+    randomize_adapters(pm, is_adapter=spec.is_adapter)
     ref = out(case, pm)
     assert not torch.allclose(ref, base_out, atol=1e-4), "adapter must change the output"
     if not spec.mergeable:
@@ -174,7 +155,7 @@ def check_disable(spec: Spec, case: Case) -> None:
     base, cfg = spec.setup(case)
     base_out = out(case, base)
     pm = get_peft_model(base, cfg)
-    randomize(pm, spec.is_adapter)
+    randomize_adapters(pm, is_adapter=spec.is_adapter)
     ref = out(case, pm)
     assert not torch.allclose(ref, base_out, atol=1e-4)
     with pm.disable_adapter():
@@ -189,7 +170,7 @@ def check_save_load(spec: Spec, case: Case, tmp_path: Any) -> dict[str, torch.Te
     base, cfg = spec.setup(case)
     fresh = copy.deepcopy(base)
     pm = get_peft_model(base, cfg)
-    randomize(pm, spec.is_adapter)
+    randomize_adapters(pm, is_adapter=spec.is_adapter)
     ref = out(case, pm)
     pm.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
@@ -237,7 +218,7 @@ def check_several_adapters(spec: Spec, case: Case) -> None:
     pm = get_peft_model(base, cfg)
     pm.add_adapter("other", spec.second(cfg))
     assert pm.active_adapter == "default"
-    randomize(pm, spec.is_adapter, seed=2)  # perturbs both adapters
+    randomize_adapters(pm, seed=2, is_adapter=spec.is_adapter)  # perturbs both adapters
     out_a = out(case, pm)
     pm.set_adapter("other")
     out_b = out(case, pm)
@@ -262,7 +243,7 @@ def check_mixed_batch(spec: Spec, case: Case) -> None:
     base, cfg = spec.setup(case)
     pm = get_peft_model(base, cfg)
     pm.add_adapter("b", spec.second(cfg))
-    randomize(pm, spec.is_adapter, seed=3)
+    randomize_adapters(pm, seed=3, is_adapter=spec.is_adapter)
     names = ["default", "__base__", "b", "b", "default", "__base__"]
     batch = len(names)
     singles = {}

@@ -2,10 +2,11 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_per_test():
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_process():
     """Tests use tiny models: one intra-op thread per test process avoids oversubscribing the cores
-    (pytest -n 2 runs two processes) without slowing any test down."""
+    (pytest -n 2 runs two processes) without slowing any test down. Session-wide, so module-scoped
+    fixtures (models built once per file) run on one thread too."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

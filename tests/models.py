@@ -5,7 +5,7 @@ output tensor to compare."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -127,10 +127,13 @@ CASES = [
 ]
 
 
-def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.1) -> None:
-    """Give every adapter tensor non-zero values so that a no-op cannot pass a merge/disable test."""
+def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.1,
+                       is_adapter: Optional[Callable[[str], bool]] = None) -> None:
+    """Perturb every adapter tensor (trainable or not) so that a no-op cannot pass a merge/disable
+    test. ``is_adapter(name)`` picks them (default: LoRA, IA3 and bottleneck tensors)."""
+    is_adapter = is_adapter or (lambda name: any(k in name for k in ("lora_", "ia3_", "adapter_")))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(k in name for k in ("lora_", "ia3_", "adapter_")):
+            if is_adapter(name):
                 p.add_(torch.randn(p.shape, generator=g) * std)

@@ -14,7 +14,6 @@ from peftkit.inject import AdapterLayer
 from peftkit.methods.bottleneck import BottleneckLayer
 
 from . import adapter_battery as B
-from .adapter_battery import single_thread  # noqa: F401  (autouse fixture)
 from .models import MLP, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 MLP_PLACEMENT = {

@@ -15,8 +15,7 @@ from peftkit import ConfigError, IA3Config, MergeError, PeftModel, PeftkitError,
 from peftkit.inject import AdapterLayer
 
 from . import adapter_battery as B
-from .adapter_battery import single_thread  # noqa: F401  (autouse fixture)
-from .models import MLP, _tokens, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
+from .models import MLP, _tokens, randomize_adapters, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 CUSTOM = {
     "mlp": dict(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]),
@@ -111,7 +110,7 @@ def test_math_output_and_input_scaling_on_mlp():
 def test_several_active_adapters_multiply():
     base, pm = _mlp_pm()
     pm.add_adapter("b", IA3Config(**CUSTOM["mlp"]))
-    B.randomize(pm, SPEC.is_adapter, seed=7, std=0.3)
+    randomize_adapters(pm, seed=7, std=0.3, is_adapter=SPEC.is_adapter)
     layers = dict(pm.named_modules())
     x = torch.randn(3, 10)
     pm.set_adapter(["default", "b"])
@@ -179,7 +178,7 @@ def test_mixed_batch_generate_llama():
     case = next(c for c in B.CASES if c.name == "llama")
     pm = get_peft_model(B.build(case), IA3Config(task_type="CAUSAL_LM"))
     pm.add_adapter("b", IA3Config(task_type="CAUSAL_LM"))
-    B.randomize(pm, SPEC.is_adapter, seed=4, std=0.5)
+    randomize_adapters(pm, seed=4, std=0.5, is_adapter=SPEC.is_adapter)
     names = ["default", "b", "__base__"]
     inputs = case.inputs(3)
     kw = dict(max_new_tokens=4, do_sample=False)

@@ -29,21 +29,11 @@ from torch import nn
 
 import peftkit
 
-from .models import CNN, MLP, _tokens, tiny_bert_cls, tiny_gpt2, tiny_llama
+from .models import CNN, MLP, _tokens, randomize_adapters, tiny_bert_cls, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft", minversion="0.21")
 
 ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (tens of ms per matmul on a busy
-    machine). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,12 +127,9 @@ def _randomize(model: nn.Module, seed: int = 0, std: float = 0.1) -> None:
     """Non-zero values for every adapter tensor and every modules_to_save copy, and for the biases
     an adapter with ``bias != "none"`` saves; never for the rest of the base."""
     bias = next(iter(model.peft_config.values())).bias
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if ("lora_" in name or ".modules_to_save." in name or bias == "all" and name.endswith(".bias")
-                    or bias == "lora_only" and name.endswith(".base_layer.bias")):
-                p.add_(torch.randn(p.shape, generator=g) * std)
+    randomize_adapters(model, seed, std, is_adapter=lambda name: (
+        "lora_" in name or ".modules_to_save." in name or bias == "all" and name.endswith(".bias")
+        or bias == "lora_only" and name.endswith(".base_layer.bias")))
 
 
 def _run(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:

@@ -14,7 +14,6 @@ from peftkit import LNTuningConfig, MergeError, PeftModel, PeftkitError, TargetE
 from peftkit.inject import AdapterLayer
 
 from . import adapter_battery as B
-from .adapter_battery import single_thread  # noqa: F401  (autouse fixture)
 from .models import CASES as MODEL_CASES
 from .models import MLP, Case, _logits, _tokens, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 

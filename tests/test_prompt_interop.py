@@ -36,15 +36,6 @@ METHODS = {
 N_VIRTUAL = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def inputs(task, batch=3):
     kw = {"input_ids": _tokens(batch, 6, 64, seed=5), "attention_mask": torch.ones(batch, 6, dtype=torch.long)}
     if task == "SEQ_2_SEQ_LM":

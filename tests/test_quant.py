@@ -59,15 +59,6 @@ FORMATS = {  # name -> quantize_model options for the bundled model
 # fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is faster and immune to a busy machine's other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bundled():
     model, tok = peftkit.load_model()

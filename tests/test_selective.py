@@ -14,7 +14,6 @@ from peftkit import (BitFitConfig, ConfigError, MergeError, PartialConfig, Peftk
 from peftkit.inject import AdapterLayer
 
 from . import adapter_battery as B
-from .adapter_battery import single_thread  # noqa: F401  (autouse fixture)
 from .models import CNN, MLP, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 BIASLESS = ("llama", "t5", "stories260k")  # built without biases: BitFit raises (test_no_bias_to_train)
