@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -84,6 +84,7 @@ class RowPlan:
         first = values[0] if values else 0
         self.start = first if values == list(range(first, first + len(values))) else None
         self.n_slots_used = len(set(values))
+        self._sorted = all(a <= b for a, b in zip(values, values[1:]))  # host-side: no device sync
         self._groups: dict = {}
 
     def groups(self, tokens_per_row: int, n_slots: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -94,8 +95,7 @@ class RowPlan:
         if hit is None:
             slots = self.idx.repeat_interleave(tokens_per_row) if tokens_per_row > 1 else self.idx
             offs = torch.bincount(slots, minlength=n_slots).cumsum(0).to(torch.int32)
-            ordered = bool((slots[1:] >= slots[:-1]).all()) if slots.numel() > 1 else True
-            order = None if ordered else torch.argsort(slots, stable=True)
+            order = None if self._sorted else torch.argsort(slots, stable=True)  # repeating rows keeps the order
             hit = self._groups[key] = (offs, order)
         return hit
 
@@ -520,17 +520,20 @@ def add_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: st
     return found
 
 
+def check_mergeable(layers: Iterable[tuple[str, nn.Module]]) -> None:
+    """MergeError (before anything changes) if any of ``(key, layer)`` holds a non-mergeable adapter."""
+    for key, layer in layers:
+        if not isinstance(layer, ModulesToSaveWrapper) and not layer.mergeable:
+            raise MergeError(f"{key}: {type(layer).__name__} adapters cannot be merged; use unload() instead."
+                             f"{layer.merge_hint}")
+
+
 def unload(model: nn.Module, *, merge: bool, safe_merge: bool = False,
            adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
     """Replace every wrapper by its base module, merging the active (or given) adapters first."""
     layers = list(adapter_layers(model))
     if merge:
-        for key, layer in layers:
-            if isinstance(layer, ModulesToSaveWrapper):
-                continue
-            if not layer.mergeable:
-                raise MergeError(f"{key}: {type(layer).__name__} adapters cannot be merged; use unload() instead."
-                                 f"{layer.merge_hint}")
+        check_mergeable(layers)
     for key, layer in layers:
         if isinstance(layer, ModulesToSaveWrapper):
             new = layer.unwrap(merge)

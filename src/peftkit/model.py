@@ -312,9 +312,7 @@ class PeftModel(nn.Module):
         engine.check_adapter_names(names, list(self.peft_config))
         model = self.base_model.model
         if dequantize:
-            for key, layer in self._layers():
-                if not isinstance(layer, ModulesToSaveWrapper) and not layer.mergeable:
-                    raise PeftkitError(f"{key}: {type(layer).__name__} adapters cannot be merged; use unload() instead.")
+            engine.check_mergeable(self._layers())  # before dequantize_model changes the model
             quant.dequantize_model(model)
         merged = engine.unload(model, merge=True, safe_merge=safe_merge, adapter_names=names)
         quant.requantization_report(merged)

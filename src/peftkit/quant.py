@@ -27,6 +27,7 @@ Public API: :func:`quantize_model`, :func:`load_quantized`, :func:`dequantize_mo
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import math
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, MergeError, PeftkitError, PeftkitWarning
-from .inject import AdapterLayer, ModulesToSaveWrapper, get_submodule_parent, linear_module_names
+from .inject import AdapterLayer, ModulesToSaveWrapper, adapter_layers, get_submodule_parent, linear_module_names
 
 # The 16 NF4 levels as bitsandbytes stores them (float32), index 7 is exactly 0.
 NF4_LEVELS: tuple[float, ...] = (
@@ -80,6 +81,13 @@ _NF4_PAIRS = torch.stack([_NF4[torch.arange(256) >> 4], _NF4[torch.arange(256) &
 NF4_MAX_ERROR = float((_NF4[1:] - _NF4[:-1]).max() / 2)  # worst |w/c - q_j| (times the block absmax)
 
 
+@functools.lru_cache(maxsize=None)
+def _nf4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(_NF4, _NF4_PAIRS, _NF4_MIDPOINTS)`` on ``device``, copied there once (a per-call ``.to(cuda)``
+    of a CPU tensor would synchronize the stream at every matmul)."""
+    return _NF4.to(device), _NF4_PAIRS.to(device), _NF4_MIDPOINTS.to(device)
+
+
 # ---------------------------------------------------------------------------------------------
 # the formats (pure functions on tensors)
 
@@ -104,7 +112,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, t
     w = weight.detach().float().reshape(-1, block_size)
     absmax = w.abs().amax(dim=1)
     normed = w / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    codes = torch.bucketize(normed, _NF4_MIDPOINTS.to(w.device), out_int32=True).to(torch.uint8)
+    codes = torch.bucketize(normed, _nf4_tables(w.device)[2], out_int32=True).to(torch.uint8)
     codes = codes.view(out_features, in_features)
     packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
     return packed.contiguous(), absmax
@@ -114,7 +122,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, block_size: int,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``ŵ = q[code] · c`` per block, computed in float32 and returned in ``dtype``; shape (out, in)."""
     out_features = packed.shape[0]
-    pairs = F.embedding(packed.to(torch.int32), _NF4_PAIRS.to(packed.device))  # (out, in/2, 2)
+    pairs = F.embedding(packed.to(torch.int32), _nf4_tables(packed.device)[1])  # (out, in/2, 2)
     w = pairs.view(-1, block_size).mul_(absmax.float().unsqueeze(1)).view(out_features, -1)
     return w if dtype == torch.float32 else w.to(dtype)
 
@@ -452,10 +460,9 @@ class NF4Linear(QuantizedLinear):
         bnb = _bitsandbytes()
         if bnb is None:
             return None
-        from bitsandbytes.functional import QuantState
-
-        state = QuantState(absmax=self.block_scales(), shape=torch.Size((self.out_features, self.in_features)),
-                           code=_NF4.to(x.device), blocksize=self.block_size, quant_type="nf4", dtype=self.compute_dtype)
+        state = bnb.functional.QuantState(
+            absmax=self.block_scales(), shape=torch.Size((self.out_features, self.in_features)),
+            code=_nf4_tables(x.device)[0], blocksize=self.block_size, quant_type="nf4", dtype=self.compute_dtype)
         return bnb.matmul_4bit(x, self.weight.view(-1, 1).t(), bias=None, quant_state=state)
 
     def extra_repr(self) -> str:
@@ -890,8 +897,6 @@ def save_quantized(model: nn.Module, save_directory: Union[str, os.PathLike]) ->
     codes as float weights). Files are written atomically."""
     from .checkpoint import atomic_write_bytes, save_tensors
 
-    from .inject import adapter_layers
-
     if any(True for _ in adapter_layers(model)):
         raise PeftkitError("save_quantized needs a model without adapter layers: merge_and_unload() or unload() first.")
     modules = {k: m for k, m in model.named_modules() if isinstance(m, QuantizedLinear)}
@@ -945,7 +950,6 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     kwargs = dict(gradient_checkpointing_kwargs or {})
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in model.parameters():
         if p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.to(torch.float32)
     if auto_clear_cache and torch.cuda.is_available():

@@ -183,12 +183,13 @@ class DoraMagnitude(nn.Module):
         self.weight = nn.Parameter(magnitude)
 
 
-def _base_weight(base: nn.Module) -> torch.Tensor:
-    """The dense weight of a base layer (dequantized if the base is quantized)."""
-    dequantize = getattr(base, "dequantize", None)
-    if callable(dequantize):
-        return dequantize()
-    return dequantize_weight(base)  # bitsandbytes modules; a float base's own weight
+def _store_base_weight(base: nn.Module, new: torch.Tensor) -> None:
+    """Write ``new`` (float, in the layout of the base weight) into the base layer: requantized if the
+    base is quantized (peftkit.quant records the error), else copied into its weight in place."""
+    if is_quantized_module(base):
+        requantize_weight_(base, new)
+    else:
+        base.weight.copy_(new.to(base.weight.dtype))
 
 
 class LoraLayer(AdapterLayer):
@@ -262,7 +263,7 @@ class LoraLayer(AdapterLayer):
 
     def _init_dora(self, name: str) -> None:
         with torch.no_grad():
-            norm = self._dora_weight_norm(name, _base_weight(self.get_base_layer()).float())
+            norm = self._dora_weight_norm(name, dequantize_weight(self.get_base_layer()).float())
         self.lora_magnitude_vector[name] = DoraMagnitude(norm.to(torch.float32))
 
     def _adapter_device(self) -> torch.device:
@@ -284,10 +285,9 @@ class LoraLayer(AdapterLayer):
 
     def _merge_one(self, name: str, safe_merge: bool) -> None:
         base = self.get_base_layer()
-        quantized = is_quantized_module(base)  # merged by requantizing (peftkit.quant reports the error)
-        if quantized and not getattr(base, "is_quantized_linear", False):
-            requantize_weight_(base, None)  # raises: bitsandbytes weights cannot be requantized here
-        weight = _base_weight(base) if quantized else base.weight
+        if is_quantized_module(base) and not getattr(base, "is_quantized_linear", False):
+            requantize_weight_(base, None)  # raises before anything changes: bitsandbytes weights cannot be requantized
+        weight = dequantize_weight(base)
         delta = self.delta_weight(name)
         new = weight.float() + delta
         if self.use_dora.get(name):
@@ -298,28 +298,20 @@ class LoraLayer(AdapterLayer):
         if safe_merge and not torch.isfinite(new).all():
             raise MergeError(f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken. Nothing was merged.")
         with torch.no_grad():
-            if quantized:
-                requantize_weight_(base, new)
-            else:
-                weight.copy_(new.to(weight.dtype))
+            _store_base_weight(base, new)
             if self.lora_bias.get(name) and base.bias is not None:
                 base.bias.add_((self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype))
         self._clear_cache()
 
     def _unmerge_one(self, name: str) -> None:
         base = self.get_base_layer()
-        quantized = is_quantized_module(base)
-        weight = _base_weight(base) if quantized else base.weight
-        current = weight.float()
+        current = dequantize_weight(base).float()
         if self.use_dora.get(name):
             norm = self._dora_norm.pop(name)
             factor = self._dora_factor_shape(self.lora_magnitude_vector[name].weight.float() / norm)
             current = current / factor
         with torch.no_grad():
-            if quantized:  # inexact: requantizes again
-                requantize_weight_(base, current - self.delta_weight(name))
-            else:
-                weight.copy_((current - self.delta_weight(name)).to(weight.dtype))
+            _store_base_weight(base, current - self.delta_weight(name))  # a quantized base: inexact (requantized)
             if self.lora_bias.get(name) and base.bias is not None:
                 base.bias.sub_((self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype))
         self._clear_cache()
@@ -380,9 +372,8 @@ class Linear(LoraLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, device=device)
 
     def _init_pissa(self, name: str, init: str) -> None:
-        base = self.get_base_layer()
-        quantized = is_quantized_module(base)  # the residual is requantized (QPiSSA)
-        weight = _base_weight(base) if quantized else base.weight
+        base = self.get_base_layer()  # a quantized base gets the residual requantized (QPiSSA)
+        weight = dequantize_weight(base)
         w = weight.float().T if self.fan_in_fan_out else weight.float()
         r, s = self.r[name], self.scaling[name]
         if init == "pissa":
@@ -398,10 +389,7 @@ class Linear(LoraLayer):
             self.lora_A[name].weight.copy_(A)
             self.lora_B[name].weight.copy_(B)
             residual = w - s * (B @ A)
-            if quantized:
-                requantize_weight_(base, residual)
-            else:
-                weight.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
+            _store_base_weight(base, residual.T if self.fan_in_fan_out else residual)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
@@ -436,7 +424,7 @@ class Linear(LoraLayer):
     def _dora_extra(self, name: str, x: torch.Tensor, xd: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """DoRA's addition to the base output: ``(f - 1) · (W x) + f · s · B A x`` with f = m / ||W + sBA||."""
         base = self.get_base_layer()
-        weight = _base_weight(base)
+        weight = dequantize_weight(base)
         lora = self.lora_B[name](self.lora_A[name](xd))
         norm = self._dora_weight_norm(name, weight.to(lora.dtype)).detach()
         f = self.lora_magnitude_vector[name].weight / norm
@@ -480,7 +468,7 @@ class Linear(LoraLayer):
         A, B = torch.stack(a_list), torch.stack(b_list)
         factors = None
         if dora:
-            weight = _base_weight(self.get_base_layer()).to(dtype)
+            weight = dequantize_weight(self.get_base_layer()).to(dtype)
             ones = torch.ones(self.out_features, device=device, dtype=dtype)
             rows = [ones]
             for n in names:
