@@ -365,9 +365,9 @@ def cmd_train(argv: list[str]) -> int:
         # the demo run: bundled model and data, with the demo's settings under the user's
         from .train.config import demo_settings
 
-        preset = demo_settings()
+        preset, user = demo_settings(), settings
         settings = merge_settings(preset, {}, None)
-        for name, section in merge_settings(file_values, flags, set_values).items():
+        for name, section in user.items():
             settings.setdefault(name, {}).update(section)
         if _is_main():
             shown = ", ".join(f"{k}={v}" for sec in preset.values() if isinstance(sec, dict) for k, v in sec.items())
@@ -431,7 +431,7 @@ def cmd_eval(argv: list[str]) -> int:
     from .train.config import DataConfig
     from .train.data import prepare_data
     from .train.loop import evaluate
-    from .train.runner import load_for_inference, read_run_file
+    from .train.runner import load_for_inference
 
     p = argparse.ArgumentParser(prog=f"{PROG} eval", formatter_class=_Formatter,
                                 description="Compute the task metrics (loss/perplexity, accuracy/F1, exact match/"
@@ -469,8 +469,7 @@ def cmd_eval(argv: list[str]) -> int:
     cfg = dataclasses.replace(cfg, data=None, **changes)
     data_path = args.data
     if data_path is None:
-        run = read_run_file(adapter) if adapter else None
-        data_path = ((run or {}).get("data") or {}).get("eval_data")
+        data_path = cfg.eval_data  # the eval data of the run that wrote the adapter (read by load_for_inference)
         if not data_path:
             raise PeftkitError("Pass --data FILE to evaluate on.")
     data = prepare_data(dataclasses.replace(cfg, eval_data=data_path), loaded.tokenizer, lambda fmt: loaded.task_type,
@@ -491,7 +490,7 @@ def cmd_eval(argv: list[str]) -> int:
 def cmd_generate(argv: list[str]) -> int:
     from .train.data import format_prompt
     from .train.loop import generate_texts
-    from .train.runner import load_for_inference, read_run_file
+    from .train.runner import data_config_of, load_for_inference, read_run_file
 
     p = argparse.ArgumentParser(
         prog=f"{PROG} generate", formatter_class=_Formatter,
@@ -547,7 +546,7 @@ def cmd_generate(argv: list[str]) -> int:
     for name, folder in specs:
         run = read_run_file(folder)
         fmt = ((run or {}).get("data") or {}).get("format")
-        formats[name] = (fmt, loaded.data_config if run is None else _data_config(run))
+        formats[name] = (fmt, loaded.data_config if run is None else data_config_of(run))
     first = formats[names[0]] if names else (None, loaded.data_config)
     ids = []
     for i, a in rows:
@@ -563,13 +562,6 @@ def cmd_generate(argv: list[str]) -> int:
                 label = "base" if a == BASE_ADAPTER else a
                 print(f"   [{label}] {text}")
     return 0
-
-
-def _data_config(run: dict[str, Any]) -> Any:
-    from .train.config import DataConfig
-
-    d = {k: v for k, v in (run.get("data") or {}).items() if k in {f.name for f in dataclasses.fields(DataConfig)}}
-    return dataclasses.replace(DataConfig(), **d)
 
 
 def cmd_merge(argv: list[str]) -> int:

@@ -139,9 +139,10 @@ def latest_checkpoint(checkpoints_dir: str) -> Optional[str]:
     return None
 
 
-def load_checkpoint(folder: str) -> dict[str, Any]:
-    """The optimizer, scheduler, RNG and trainer states of a verified checkpoint (no code is run)."""
-    problem = verify(folder)
+def load_checkpoint(folder: str, verified: bool = False) -> dict[str, Any]:
+    """The optimizer, scheduler, RNG and trainer states of a verified checkpoint (no code is run).
+    ``verified``: the caller has just run :func:`verify` on it (e.g. through latest_checkpoint)."""
+    problem = None if verified else verify(folder)
     if problem is not None:
         raise CheckpointError(f"Checkpoint {folder} cannot be used: {problem}.")
 

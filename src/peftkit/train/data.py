@@ -28,7 +28,7 @@ import csv
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import PeftkitError
@@ -279,7 +279,6 @@ class Dataset:
     task_type: str
     label_names: Optional[list[str]] = None
     dropped: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -306,8 +306,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, tokenizer: Any, train_data: Dataset, eval_data: Optional[Dataset],
                  config: TrainConfig, *, task_type: str, dist_info: Optional[DistInfo] = None,
-                 output_dir: Optional[str] = None, run_settings: Optional[dict[str, Any]] = None,
-                 packing: bool = False, max_length: int = 256, quiet: bool = False,
+                 output_dir: Optional[str] = None, packing: bool = False, max_length: int = 256, quiet: bool = False,
                  callbacks: Optional[list[Any]] = None) -> None:
         self.config = config
         self.callbacks = list(callbacks or [])
@@ -317,7 +316,6 @@ class Trainer:
         self.tokenizer = tokenizer
         self.eval_data = eval_data
         self.output_dir = output_dir
-        self.run_settings = run_settings or {}
         self.quiet = quiet or not self.info.is_main
         self.precision = resolve_precision(config.precision, self.device)
         self.model = model.to(self.device)
@@ -387,11 +385,15 @@ class Trainer:
         self.train_time_run = 0.0
         self._bar: Any = None
         self.resumed_from: Optional[str] = None
+        self._order_cache: tuple[Optional[int], list[int]] = (None, [])
 
     # data -----------------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.config.seed * 1000003 + epoch)
-        return torch.randperm(len(self.units), generator=g).tolist()
+        """The epoch's example order (seeded; computed once per epoch, not once per step)."""
+        if self._order_cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.config.seed * 1000003 + epoch)
+            self._order_cache = (epoch, torch.randperm(len(self.units), generator=g).tolist())
+        return self._order_cache[1]
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This process's micro-batches of global step ``step`` (0-based)."""
@@ -431,13 +433,14 @@ class Trainer:
 
     def resume(self, folder: Optional[str] = None) -> bool:
         """Load the newest complete checkpoint (or ``folder``); False if there is none."""
+        verified = folder is None  # latest_checkpoint returns only folders it has verified
         if folder is None:
             if not self.checkpoints_dir:
                 raise PeftkitError("Resuming needs the output_dir of the run to continue.")
             folder = ckpt.latest_checkpoint(self.checkpoints_dir)
             if folder is None:
                 return False
-        data = ckpt.load_checkpoint(folder)
+        data = ckpt.load_checkpoint(folder, verified=verified)
         state = data["state"]
         if state.get("batch_size") != self.config.batch_size or state.get("seed") != self.config.seed:
             raise PeftkitError(f"Checkpoint {folder} was written with batch_size={state.get('batch_size')} and "
@@ -513,7 +516,7 @@ class Trainer:
             "processes": self.info.world_size,
             "global batch": f"{self.config.batch_size} = {self.micro} micro x {self.accum} accumulation x "
                             f"{self.info.world_size} processes",
-            "examples / steps": f"{len(self.units)} {'packed rows' if self.units is not self.train_data.examples and len(self.units) != len(self.train_data) else 'examples'}, "
+            "examples / steps": f"{len(self.units)} {'packed rows' if len(self.units) != len(self.train_data) else 'examples'}, "
                                 f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps",
         }
         self._report_numbers = {"trainable_params": trainable, "total_params": total, "adapter_bytes": size}
@@ -545,11 +548,14 @@ class Trainer:
         # DDP averages gradients over processes: scale by world_size so that the result is sum / total
         scale = self.info.world_size / total
         runner = self.ddp if self.ddp is not None else self.model
-        loss_total = 0.0
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on device: no sync per batch
         for i, batch in enumerate(micro_batches):
+            # counted on the host, before the copy to the device
+            tokens = float(batch["attention_mask"].sum() if "attention_mask" in batch
+                           else (batch["input_ids"] != self.tokenizer.pad_token_id).sum())
+            self.tokens_seen += tokens
+            self.tokens_seen_run += tokens
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            self.tokens_seen_run += float(batch["attention_mask"].sum() if "attention_mask" in batch
-                                          else (batch["input_ids"] != self.tokenizer.pad_token_id).sum())
             sync = self.ddp is None or i == len(micro_batches) - 1
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
             with ctx:
@@ -560,7 +566,7 @@ class Trainer:
                     self.scaler.scale(scaled).backward()
                 else:
                     scaled.backward()
-            loss_total += float(loss.detach())
+            loss_total += loss.detach().double()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm and self.config.max_grad_norm > 0:
@@ -572,7 +578,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        summed = all_reduce_sum(torch.tensor([loss_total], dtype=torch.float64), self.info)
+        summed = all_reduce_sum(loss_total.reshape(1).cpu(), self.info)
         return float(summed[0]) / total
 
     def fit(self, resume: bool = False) -> TrainResult:

@@ -15,10 +15,13 @@ from typing import Optional
 import torch
 
 
+_PUNCTUATION = frozenset(string.punctuation)
+
+
 def normalize_text(text: str) -> str:
     """Lower case, no punctuation, single spaces (the SQuAD normalisation, without article removal)."""
     text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     return " ".join(text.split())
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from typing import Any, Optional
 
 from ..config import PeftConfig, TaskType
@@ -214,12 +213,6 @@ def task_for(format: str, model_path: str, trust_remote_code: bool = False) -> s
     if is_encoder_decoder(model_path, trust_remote_code):
         return str(TaskType.SEQ_2_SEQ_LM)
     return str(TaskType.CAUSAL_LM)
-
-
-def field_type_name(cls: type, name: str) -> str:
-    from ..config import _type_name
-
-    return _type_name(typing.get_type_hints(cls).get(name, Any))
 
 
 __all__ = [

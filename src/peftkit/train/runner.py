@@ -14,7 +14,7 @@ import time
 from typing import Any, Optional
 
 from ..errors import PeftkitError
-from .config import DataConfig, RunConfig, dump_yaml, load_yaml
+from .config import DataConfig, RunConfig, dump_yaml, field_names, load_yaml
 from .data import DataError, prepare_data
 from .distributed import DistInfo, broadcast_object, setup, teardown
 from .loop import Trainer, TrainResult, set_seed
@@ -217,6 +217,12 @@ class Loaded:
     adapters: list[str]
 
 
+def data_config_of(run: dict[str, Any]) -> DataConfig:
+    """The DataConfig a run used, from its ``run.yaml`` (unknown keys ignored)."""
+    d = {k: v for k, v in (run.get("data") or {}).items() if k in field_names(DataConfig)}
+    return dataclasses.replace(DataConfig(), **d)
+
+
 def load_for_inference(adapters: list[tuple[str, str]], model: Optional[str] = None, *, task: Optional[str] = None,
                        dtype: str = "float32", device: Any = "cpu", trust_remote_code: bool = False,
                        quantize: Any = "run") -> Loaded:
@@ -249,8 +255,7 @@ def load_for_inference(adapters: list[tuple[str, str]], model: Optional[str] = N
     fmt = None
     label_names = None
     if run:
-        d = {k: v for k, v in (run.get("data") or {}).items() if k in {f.name for f in dataclasses.fields(DataConfig)}}
-        data_cfg = dataclasses.replace(DataConfig(), **d)
+        data_cfg = data_config_of(run)
         fmt = data_cfg.format
         label_names = (run.get("resolved") or {}).get("label_names")
         task_type = task_type or (run.get("model") or {}).get("task")
