@@ -15,7 +15,7 @@ from peftkit.inject import AdapterLayer
 
 from . import adapter_battery as B
 from .models import CASES as MODEL_CASES
-from .models import MLP, Case, _logits, _tokens, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
+from .models import MLP, Case, _logits, _tokens, randomize_adapters, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 
 class NormNet(nn.Module):
@@ -140,7 +140,7 @@ def test_one_active_adapter_at_a_time():
 
 def test_merged_adapter_saves_tuned_values(tmp_path):
     pm = get_peft_model(_normnet(), LNTuningConfig())
-    B.randomize(pm, SPEC.is_adapter)
+    randomize_adapters(pm, is_adapter=SPEC.is_adapter)
     x = torch.randn(2, 10)
     with torch.no_grad():
         ref = pm(x)

@@ -14,7 +14,7 @@ from peftkit import (BitFitConfig, ConfigError, MergeError, PartialConfig, Peftk
 from peftkit.inject import AdapterLayer
 
 from . import adapter_battery as B
-from .models import CNN, MLP, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
+from .models import CNN, MLP, randomize_adapters, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 BIASLESS = ("llama", "t5", "stories260k")  # built without biases: BitFit raises (test_no_bias_to_train)
 
@@ -97,7 +97,7 @@ def test_bitfit_output_is_the_model_with_the_tuned_biases():
     torch.manual_seed(0)
     base = MLP().eval()
     pm = get_peft_model(copy.deepcopy(base), BitFitConfig())
-    B.randomize(pm, BITFIT.is_adapter, std=0.5)
+    randomize_adapters(pm, std=0.5, is_adapter=BITFIT.is_adapter)
     x = torch.randn(4, 10)
     ref = copy.deepcopy(base)
     layers = dict(pm.base_model.model.named_modules())
@@ -121,7 +121,7 @@ def test_bitfit_several_active_adapters_add_their_deltas_and_merge():
     base = MLP().eval()
     pm = get_peft_model(copy.deepcopy(base), BitFitConfig())
     pm.add_adapter("b", BitFitConfig())
-    B.randomize(pm, BITFIT.is_adapter, std=0.5)
+    randomize_adapters(pm, std=0.5, is_adapter=BITFIT.is_adapter)
     x = torch.randn(4, 10)
     layers = dict(pm.base_model.model.named_modules())
     ref = copy.deepcopy(base)
@@ -171,7 +171,7 @@ def test_partial_targets_last_blocks_of_every_stack():
 def test_partial_saved_adapter_is_a_state_dict_subset(tmp_path):
     base = tiny_gpt2()
     pm = get_peft_model(copy.deepcopy(base), PartialConfig(num_last_layers=1, task_type="CAUSAL_LM"))
-    B.randomize(pm, PARTIAL.is_adapter)
+    randomize_adapters(pm, is_adapter=PARTIAL.is_adapter)
     ids = torch.randint(3, 64, (2, 6))
     with torch.no_grad():
         ref = pm(input_ids=ids).logits
