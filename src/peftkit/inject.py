@@ -241,6 +241,30 @@ class AdapterLayer(nn.Module):
         while self.merged_adapters:
             self._unmerge_one(self.merged_adapters.pop())
 
+    # -- running ------------------------------------------------------------------------------
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """Disabled: the base only (merged adapters are unmerged first). Mixed batch: each row its own
+        adapter (:meth:`_mixed_forward`). Otherwise the active adapters (:meth:`_active_forward`)."""
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        mixed = current_mixed_batch()
+        if mixed is not None:
+            self._check_mixed()
+            return self._mixed_forward(x, args, kwargs, mixed)
+        return self._active_forward(x, args, kwargs)
+
+    def _active_forward(self, x: Any, args: tuple, kwargs: dict) -> Any:
+        raise NotImplementedError
+
+    def _mixed_forward(self, x: Any, args: tuple, kwargs: dict, mixed: "MixedBatch") -> Any:
+        raise NotImplementedError
+
+    def _check_mixed(self) -> None:
+        if self.merged:
+            raise MergeError("adapter_names (mixed batches) cannot be used while adapters are merged; unmerge first.")
+
     def _merge_one(self, name: str, safe_merge: bool) -> None:
         raise MergeError(f"{type(self).__name__} does not support merging.")
 

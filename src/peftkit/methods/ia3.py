@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, register_config
 from ..errors import ConfigError, MergeError, PeftkitWarning, TargetError
-from ..inject import AdapterLayer, MixedBatch, current_mixed_batch
+from ..inject import AdapterLayer, MixedBatch
 from . import Method, register_method
 
 # Default target / feed-forward modules per model type (when not given), as Hugging Face PEFT 0.21.
@@ -233,16 +233,7 @@ class IA3Layer(AdapterLayer):
         """A (batch, dim) matrix shaped to multiply a (batch, ...) tensor row by row."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        mixed = current_mixed_batch()
-        if mixed is not None:
-            if self.merged:
-                raise MergeError("adapter_names (mixed batches) cannot be used while adapters are merged; unmerge first.")
-            return self._mixed_forward(x, args, kwargs, mixed)
+    def _active_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         vectors = self._active_vectors()
         if not vectors:
             return self.base_layer(x, *args, **kwargs)

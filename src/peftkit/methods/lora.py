@@ -330,8 +330,8 @@ class LoraLayer(AdapterLayer):
         mixed = current_mixed_batch()
         result = self.base_layer(x, *args, **kwargs)
         if mixed is not None:
-            self._check_mixed(mixed)
-            return self._mixed_forward(x, result, mixed)
+            self._check_mixed()
+            return self._mixed_lora(x, result, mixed)
         for name in self.active_adapters:
             if name in self.r and name not in self.merged_adapters:
                 result = self._add_adapter(name, x, result)
@@ -341,12 +341,9 @@ class LoraLayer(AdapterLayer):
         """``result`` plus adapter ``name``'s contribution for input ``x``."""
         raise NotImplementedError
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+    def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+        """``result`` (the base output) plus each row's adapter."""
         raise NotImplementedError
-
-    def _check_mixed(self, mixed: MixedBatch) -> None:
-        if self.merged:
-            raise MergeError("adapter_names (mixed batches) cannot be used while adapters are merged; unmerge first.")
 
 
 class Linear(LoraLayer):
@@ -487,7 +484,7 @@ class Linear(LoraLayer):
             self._stack_cache = (key, value)
         return value
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+    def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
         names = tuple(self.lora_A.keys())
         if not names:
             return result
@@ -625,7 +622,7 @@ class Embedding(LoraLayer):
         f = self.lora_magnitude_vector[name].weight / self._dora_weight_norm(name, weight.float()).detach()
         return (f * result.to(f.dtype) + f * out).to(result.dtype)
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+    def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
         """Rows gather their adapter's A columns for their tokens, then one batched matmul with B."""
         names = tuple(self.lora_embedding_A.keys())
         if not names:
@@ -716,7 +713,7 @@ class ConvNd(LoraLayer):
                 base_out = base_out - base.bias.to(lora.dtype).view(1, -1, *([1] * self._conv_dim))
         return result + ((f - 1) * base_out + f * self.scaling[name] * lora).to(result.dtype)
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+    def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
         """Each row its own adapter, as one grouped convolution over the batch (groups = batch)."""
         names = tuple(self.lora_A.keys())
         if not names:

@@ -50,7 +50,6 @@ from ..inject import (
     ModulesToSaveWrapper,
     _matches_list,
     _outer_modules,
-    current_mixed_batch,
 )
 from . import Method, register_method
 
@@ -153,16 +152,7 @@ class CopyLayer(AdapterLayer):
             )
         return self.copies[active[0]]
 
-    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.disabled:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        mixed = current_mixed_batch()
-        if mixed is not None:
-            if self.merged:
-                raise MergeError("adapter_names (mixed batches) cannot be used while adapters are merged; unmerge first.")
-            return self._mixed_forward(x, args, kwargs, mixed)
+    def _active_forward(self, x: Any, args: tuple, kwargs: dict) -> Any:
         module = None if self.merged else self._active_copy()
         return (module or self.base_layer)(x, *args, **kwargs)
 
@@ -334,16 +324,7 @@ class BitFitLayer(AdapterLayer):
             out = out + (self.bitfit_bias[n].float() - ref)
         return out.to(base_bias.dtype)
 
-    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.disabled:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        mixed = current_mixed_batch()
-        if mixed is not None:
-            if self.merged:
-                raise MergeError("adapter_names (mixed batches) cannot be used while adapters are merged; unmerge first.")
-            return self._mixed_forward(x, args, kwargs, mixed)
+    def _active_forward(self, x: Any, args: tuple, kwargs: dict) -> Any:
         names = [n for n in self.active_adapters if n in self.bitfit_bias and n not in self.merged_adapters]
         if not names:
             return self.base_layer(x, *args, **kwargs)
