@@ -103,6 +103,11 @@ class RowPlan:
 _MIXED: contextvars.ContextVar[Optional[MixedBatch]] = contextvars.ContextVar("peftkit_mixed_batch", default=None)
 
 
+def model_type_of(model: nn.Module) -> Optional[str]:
+    """The transformers ``config.model_type`` of ``model`` (None for a plain nn.Module)."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
 def current_mixed_batch() -> Optional[MixedBatch]:
     return _MIXED.get()
 
@@ -170,6 +175,13 @@ class AdapterLayer(nn.Module):
     @property
     def bias(self) -> Optional[torch.Tensor]:
         return getattr(self.get_base_layer(), "bias", None)
+
+    def _adapter_device(self) -> torch.device:
+        """Where new adapter tensors go: the device of the base layer's first parameter or buffer."""
+        base = self.get_base_layer()
+        for t in list(base.parameters()) + list(base.buffers()):
+            return t.device
+        return torch.device("cpu")
 
     def get_base_layer(self) -> nn.Module:
         base = self.base_layer

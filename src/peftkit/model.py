@@ -57,11 +57,6 @@ class AdapterModel(nn.Module):
             return getattr(self.model, name)
 
 
-def _model_type(model: nn.Module) -> Optional[str]:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "model_type", None)
-
-
 def _name_or_path(model: nn.Module) -> Optional[str]:
     value = getattr(model, "name_or_path", None)
     if value is None:
@@ -90,7 +85,7 @@ def prepare_config(config: PeftConfig, model: nn.Module) -> PeftConfig:
     own_targets = method is not None and method.find_targets is not None  # the method finds its targets
     if hasattr(config, "target_modules") and config.target_modules is None and not own_targets:
         method = method or method_for(config)  # raises a clear error for an unregistered method
-        model_type = _model_type(model)
+        model_type = engine.model_type_of(model)
         if model_type not in method.default_targets:
             raise ConfigError(
                 f"target_modules is not set and peftkit has no default for model type {model_type!r}; pass "

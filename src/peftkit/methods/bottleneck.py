@@ -39,7 +39,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, positive_int, probability, register_config
 from ..errors import ConfigError, PeftkitError, TargetError
-from ..inject import AdapterLayer, MixedBatch, _outer_modules, current_mixed_batch, is_target
+from ..inject import AdapterLayer, MixedBatch, _outer_modules, current_mixed_batch, is_target, model_type_of
 from . import Method, register_method
 from .lora import _dropout_p, _rowwise_dropout
 from .selective import _as_list, _no_match, _outermost
@@ -149,13 +149,9 @@ class BottleneckConfig(PeftConfig):
         return float(self.scaling) if self.scaling is not None else (4.0 if self.style == "parallel" else 1.0)
 
 
-def _model_type(model: nn.Module) -> Optional[str]:
-    return getattr(getattr(model, "config", None), "model_type", None)
-
-
 def prepare(config: BottleneckConfig, model: nn.Module) -> None:
     """Fill the placement fields of the style from the model type's defaults."""
-    model_type = _model_type(model)
+    model_type = model_type_of(model)
     defaults = DEFAULT_PLACEMENT.get(model_type)
     fields = STYLE_FIELDS[config.style]
     missing = [f for f in fields if getattr(config, f) is None]
@@ -241,11 +237,6 @@ class BottleneckLayer(AdapterLayer):
         self.adapter_scaling: dict[str, float] = {}
         self.adapter_act: dict[str, str] = {}
 
-    def _device(self) -> torch.device:
-        for t in list(self.get_base_layer().parameters()) + list(self.get_base_layer().buffers()):
-            return t.device
-        return torch.device("cpu")
-
     def update_layer(self, adapter_name: str, config: BottleneckConfig, key: str) -> None:
         if config.placement != self.placement:
             raise TargetError(f"{key} holds bottleneck adapters placed {self.placement!r}; adapter {adapter_name!r} "
@@ -257,7 +248,7 @@ class BottleneckLayer(AdapterLayer):
                 f"BottleneckConfig.reduction_factor={config.reduction_factor} is larger than the hidden size {d} of "
                 f"{key}, leaving no bottleneck; use reduction_factor <= {d} or set bottleneck_size."
             )
-        device = self._device()
+        device = self._adapter_device()
         down = nn.Linear(d, m, device=device)
         up = nn.Linear(m, d, device=device)
         nn.init.zeros_(down.bias)

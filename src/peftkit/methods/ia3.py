@@ -35,8 +35,9 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, register_config
 from ..errors import ConfigError, MergeError, PeftkitWarning, TargetError
-from ..inject import AdapterLayer, MixedBatch
+from ..inject import AdapterLayer, MixedBatch, model_type_of
 from . import Method, register_method
+from .selective import _as_list
 
 # Default target / feed-forward modules per model type (when not given), as Hugging Face PEFT 0.21.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -100,14 +101,6 @@ DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
 }
 
 
-def _as_list(value: Any) -> Any:
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
 @register_config
 @dataclass
 class IA3Config(PeftConfig):
@@ -159,15 +152,11 @@ def is_feedforward(config: IA3Config, key: str) -> bool:
     return any(key.endswith(name) for name in ff)
 
 
-def _model_type(model: nn.Module) -> Optional[str]:
-    return getattr(getattr(model, "config", None), "model_type", None)
-
-
 def prepare(config: IA3Config, model: nn.Module) -> None:
     """Fill ``feedforward_modules`` from the model type when it is not given (as Hugging Face PEFT)."""
     if config.feedforward_modules is not None:
         return
-    model_type = _model_type(model)
+    model_type = model_type_of(model)
     if model_type in DEFAULT_FEEDFORWARD:
         config.feedforward_modules = list(DEFAULT_FEEDFORWARD[model_type])
     elif config.target_modules is not None:
@@ -195,11 +184,6 @@ class IA3Layer(AdapterLayer):
     def _vector_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def _device(self) -> torch.device:
-        for t in list(self.get_base_layer().parameters()) + list(self.get_base_layer().buffers()):
-            return t.device
-        return torch.device("cpu")
-
     def update_layer(self, adapter_name: str, config: IA3Config, key: str) -> None:
         if is_feedforward(config, key) != self.is_feedforward:
             kind = "a feed-forward" if self.is_feedforward else "not a feed-forward"
@@ -208,7 +192,7 @@ class IA3Layer(AdapterLayer):
                 f"{adapter_name!r}; (IA)³ adapters on one module must agree on feedforward_modules."
             )
         shape = self._vector_shape()
-        device = self._device()
+        device = self._adapter_device()
         if config.init_ia3_weights:
             value = torch.ones(shape, device=device)
         else:

@@ -266,12 +266,6 @@ class LoraLayer(AdapterLayer):
             norm = self._dora_weight_norm(name, dequantize_weight(self.get_base_layer()).float())
         self.lora_magnitude_vector[name] = DoraMagnitude(norm.to(torch.float32))
 
-    def _adapter_device(self) -> torch.device:
-        base = self.get_base_layer()
-        for p in list(base.parameters()) + list(base.buffers()):
-            return p.device
-        return torch.device("cpu")
-
     def _clear_cache(self) -> None:
         self._stack_cache = None
 
