@@ -114,7 +114,6 @@ def prepare(config: LNTuningConfig, model: nn.Module) -> None:
 class LNTuningLayer(CopyLayer):
     """LayerNorm tuning of one norm module: ``y = N_a(x)`` with ``N_a`` the active adapter's copy."""
 
-    copies_attr = "ln_tuning_layers"
     adapter_layer_names = ("ln_tuning_layers",)
     method_name = "LayerNorm-tuning"
 

@@ -99,25 +99,25 @@ def _no_match(model: nn.Module, what: str, targets: Any) -> str:
 
 
 class CopyLayer(AdapterLayer):
-    """A module tuned in full: adapter ``a`` is a trainable deep copy ``<copies_attr>[a]`` of the base.
+    """A module tuned in full: adapter ``a`` is a trainable deep copy ``<adapter_layer_names[0]>[a]`` of
+    the base (subclasses name that ModuleDict, which is also its key prefix in files).
 
     Forward: disabled or no active adapter -> ``base(x)``; one active adapter -> ``copy_a(x)``;
     several active adapters -> error (copies replace the module, they do not add up). Merge copies the
     adapter's tensors into the base module (the originals are kept until unmerge).
     """
 
-    copies_attr = "copies"
-    strip_copy_prefix = False  # file keys: the module's own names (True) or "<copies_attr>.<param>" (False)
+    strip_copy_prefix = False  # file keys: the module's own names (True) or "<copies name>.<param>" (False)
     method_name = "copy"
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        setattr(self, self.copies_attr, nn.ModuleDict())
+        setattr(self, self.adapter_layer_names[0], nn.ModuleDict())
         self._stash: Optional[dict[str, torch.Tensor]] = None
 
     @property
     def copies(self) -> nn.ModuleDict:
-        return getattr(self, self.copies_attr)
+        return getattr(self, self.adapter_layer_names[0])
 
     def __getattr__(self, name: str) -> Any:
         # models read attributes of their blocks (e.g. ``layer.attention_type``): fall through to the base
@@ -136,7 +136,7 @@ class CopyLayer(AdapterLayer):
 
     def file_key(self, local_key: str, name: str) -> str:
         if self.strip_copy_prefix:
-            prefix = f"{self.copies_attr}.{name}."
+            prefix = f"{self.adapter_layer_names[0]}.{name}."
             return local_key[len(prefix):] if local_key.startswith(prefix) else local_key
         return super().file_key(local_key, name)
 
@@ -486,7 +486,6 @@ def find_partial_targets(model: nn.Module, config: PartialConfig) -> list[str]:
 class PartialLayer(CopyLayer):
     """Partial fine-tuning of one block or module: ``y = copy_a(x, ...)`` for the active adapter ``a``."""
 
-    copies_attr = "partial_layers"
     strip_copy_prefix = True
     method_name = "partial fine-tuning"
     adapter_layer_names = ("partial_layers",)
