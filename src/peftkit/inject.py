@@ -384,13 +384,31 @@ def _matches_list(key: str, names: Any) -> bool:
     return any(key == n or key.endswith("." + n) for n in names)
 
 
+def excluded(config: "PeftConfig", key: str) -> bool:
+    """Whether ``exclude_modules`` names module ``key``."""
+    exclude = getattr(config, "exclude_modules", None)
+    return bool(exclude) and _matches_list(key, exclude)
+
+
+def in_modules_to_save(config: "PeftConfig", key: str) -> bool:
+    """Whether module ``key`` is (inside) one of ``modules_to_save``: never an adapter target."""
+    names = getattr(config, "modules_to_save", None) or []
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in names)
+
+
+def closest_module_names(model: nn.Module, targets: Any) -> list[str]:
+    """Module names of ``model`` nearest to the wanted ``targets`` (a name or a list), for error hints."""
+    names = [k for k, _ in _outer_modules(model) if k]
+    want = [targets] if isinstance(targets, str) else list(targets or [])
+    hints: list[str] = []
+    for t in want:
+        hints += closest(t, names, n=5)
+    return list(dict.fromkeys(hints))
+
+
 def is_target(config: "PeftConfig", key: str, module: nn.Module, all_linear: Optional[set[str]] = None) -> bool:
     """Whether module ``key`` is targeted by ``config`` (target_modules, exclude_modules, layer filters)."""
-    exclude = getattr(config, "exclude_modules", None)
-    if exclude and _matches_list(key, exclude):
-        return False
-    modules_to_save = getattr(config, "modules_to_save", None)
-    if modules_to_save and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in modules_to_save):
+    if excluded(config, key) or in_modules_to_save(config, key):
         return False
     targets = config.target_modules
     if targets is None:
@@ -461,19 +479,15 @@ def find_targets(model: nn.Module, config: "PeftConfig") -> list[str]:
 
 
 def _no_match_message(model: nn.Module, config: "PeftConfig") -> str:
-    names = [k for k, _ in _outer_modules(model) if k]
     targets = config.target_modules
-    want = [targets] if isinstance(targets, str) else list(targets or [])
-    hints: list[str] = []
-    for t in want:
-        hints += closest(t, names, n=5)
+    hints = closest_module_names(model, targets)
     leafs = sorted({k.rsplit(".", 1)[-1] for k, m in model.named_modules() if k and not list(m.children())})
     msg = f"No module of the model matched target_modules={targets!r}"
     if getattr(config, "layers_to_transform", None) is not None:
         msg += f" with layers_to_transform={config.layers_to_transform!r}"
     msg += "."
     if hints:
-        msg += f" Closest module names: {', '.join(dict.fromkeys(hints))}."
+        msg += f" Closest module names: {', '.join(hints)}."
     msg += f" Leaf module names in this model: {', '.join(leafs[:30])}{' ...' if len(leafs) > 30 else ''}."
     return msg
 

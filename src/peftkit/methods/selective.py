@@ -34,7 +34,6 @@ extra arguments (whole transformer blocks with masks and caches) cannot be split
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -42,7 +41,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, positive_int, register_config
-from ..errors import ConfigError, MergeError, PeftkitError, TargetError, closest
+from ..errors import ConfigError, MergeError, PeftkitError, TargetError
 from ..inject import (
     DEFAULT_LAYERS_PATTERN,
     AdapterLayer,
@@ -50,6 +49,9 @@ from ..inject import (
     ModulesToSaveWrapper,
     _matches_list,
     _outer_modules,
+    closest_module_names,
+    excluded,
+    in_modules_to_save,
 )
 from . import Method, register_method
 
@@ -60,16 +62,6 @@ def _as_list(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     return value
-
-
-def _in_modules_to_save(config: PeftConfig, key: str) -> bool:
-    names = getattr(config, "modules_to_save", None) or []
-    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in names)
-
-
-def _excluded(config: PeftConfig, key: str) -> bool:
-    exclude = getattr(config, "exclude_modules", None)
-    return bool(exclude) and _matches_list(key, exclude)
 
 
 def _outermost(keys: list[str]) -> list[str]:
@@ -83,14 +75,10 @@ def _outermost(keys: list[str]) -> list[str]:
 
 
 def _no_match(model: nn.Module, what: str, targets: Any) -> str:
-    names = [k for k, _ in _outer_modules(model) if k]
-    want = [targets] if isinstance(targets, str) else list(targets or [])
-    hints: list[str] = []
-    for t in want:
-        hints += closest(t, names, n=5)
+    hints = closest_module_names(model, targets)
     msg = f"No module of the model matched {what}={targets!r}."
     if hints:
-        msg += f" Closest module names: {', '.join(dict.fromkeys(hints))}."
+        msg += f" Closest module names: {', '.join(hints)}."
     return msg
 
 
@@ -254,7 +242,7 @@ def find_bias_targets(model: nn.Module, config: BitFitConfig) -> list[str]:
     """Every module with a bias parameter (or those matching target_modules); TargetError if none."""
     keys, biasless = [], []
     for key, module in _outer_modules(model):
-        if not key or isinstance(module, ModulesToSaveWrapper) or _excluded(config, key) or _in_modules_to_save(config, key):
+        if not key or isinstance(module, ModulesToSaveWrapper) or excluded(config, key) or in_modules_to_save(config, key):
             continue
         if config.target_modules is None:
             if isinstance(module, AdapterLayer) and not isinstance(module, BitFitLayer):
@@ -468,7 +456,7 @@ def find_partial_targets(model: nn.Module, config: PartialConfig) -> list[str]:
         if not matched:
             raise TargetError(_no_match(model, "target_modules", config.target_modules))
         keys += matched
-    keys = [k for k in keys if not _excluded(config, k) and not _in_modules_to_save(config, k)]
+    keys = [k for k in keys if not excluded(config, k) and not in_modules_to_save(config, k)]
     keys = _outermost(keys)
     if not keys:
         raise TargetError("PartialConfig selects no module (everything it matched is excluded or in modules_to_save).")
