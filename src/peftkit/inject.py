@@ -300,6 +300,20 @@ def strip_adapter_name(key: str, name: str) -> str:
     return key
 
 
+def run_rows_by_slot(x: torch.Tensor, idx: torch.Tensor, module_for_slot: Any, args: tuple = (),
+                     kwargs: Optional[dict] = None) -> torch.Tensor:
+    """Each row ``i`` of ``x`` through ``module_for_slot(idx[i])``: arbitrary modules cannot be batched
+    by weight gathering, so each distinct slot in the batch runs once on its rows."""
+    out = None
+    for slot in torch.unique(idx).tolist():
+        rows = (idx == slot).nonzero().squeeze(1)
+        part = module_for_slot(slot)(x.index_select(0, rows), *args, **(kwargs or {}))
+        if out is None:
+            out = part.new_zeros((x.shape[0],) + tuple(part.shape[1:]))
+        out.index_copy_(0, rows, part)
+    return out
+
+
 class ModulesToSaveWrapper(AdapterLayer):
     """A module trained in full: each adapter gets its own copy; the original stays for disabling.
 
@@ -345,18 +359,10 @@ class ModulesToSaveWrapper(AdapterLayer):
         mixed = current_mixed_batch()
         if mixed is None or self.disabled:
             return self._active_module()(x, *args, **kwargs)
-        # Arbitrary modules cannot be batched by weight gathering: run each distinct adapter on its rows.
         slots = tuple(self.modules_to_save.keys())
         idx = mixed.index(slots, x.device, x.shape[0])
-        out = None
-        for slot in torch.unique(idx).tolist():
-            rows = (idx == slot).nonzero().squeeze(1)
-            module = self.original_module if slot == 0 else self.modules_to_save[slots[slot - 1]]
-            part = module(x.index_select(0, rows), *args, **kwargs)
-            if out is None:
-                out = part.new_zeros((x.shape[0],) + part.shape[1:])
-            out.index_copy_(0, rows, part)
-        return out
+        return run_rows_by_slot(x, idx, lambda s: self.original_module if s == 0 else self.modules_to_save[slots[s - 1]],
+                                args, kwargs)
 
     def unwrap(self, merge: bool) -> nn.Module:
         return self._active_module() if merge else self.original_module

@@ -50,6 +50,7 @@ from ..inject import (
     _matches_list,
     _outer_modules,
     closest_module_names,
+    run_rows_by_slot,
     excluded,
     in_modules_to_save,
 )
@@ -153,15 +154,7 @@ class CopyLayer(AdapterLayer):
                 "rows cannot be run separately. Run one adapter per batch."
             )
         idx = mixed.index(names, x.device, x.shape[0])
-        out = None
-        for slot in torch.unique(idx).tolist():  # one call per distinct adapter in the batch
-            rows = (idx == slot).nonzero().squeeze(1)
-            module = self.base_layer if slot == 0 else self.copies[names[slot - 1]]
-            part = module(x.index_select(0, rows))
-            if out is None:
-                out = part.new_zeros((x.shape[0],) + tuple(part.shape[1:]))
-            out.index_copy_(0, rows, part)
-        return out
+        return run_rows_by_slot(x, idx, lambda s: self.base_layer if s == 0 else self.copies[names[s - 1]])
 
     # -- merging ------------------------------------------------------------------------------
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
