@@ -478,6 +478,16 @@ def _compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in COMPUTE_DTYPES else torch.float32
 
 
+def _quant_args(bits: Any, block_size: Any, double_quant: Any, skip_modules: Any,
+                compute_dtype: Optional[torch.dtype]) -> tuple[type["QuantizedLinear"], dict, Sequence[str]]:
+    """Checked arguments shared by quantize_model and load_quantized: the layer class, its options
+    and ``skip_modules`` as a list."""
+    cls = _format_class(bits)
+    options = _format_options(bits, block_size, double_quant)
+    _check_compute_dtype(compute_dtype)
+    return cls, options, [skip_modules] if isinstance(skip_modules, str) else skip_modules
+
+
 def _format_class(bits: Any) -> type[QuantizedLinear]:
     if isinstance(bits, bool) or bits not in (4, 8):
         raise PeftkitError(f"bits must be 4 (NF4) or 8 (int8), got {bits!r}.")
@@ -543,11 +553,7 @@ def quantize_model(model: nn.Module, bits: int = 4, block_size: int = 64, double
     is touched. Layers are converted one at a time, so peak memory grows by one layer's worth.
     Returns ``model``.
     """
-    cls = _format_class(bits)
-    options = _format_options(bits, block_size, double_quant)
-    _check_compute_dtype(compute_dtype)
-    if isinstance(skip_modules, str):
-        skip_modules = [skip_modules]
+    cls, options, skip_modules = _quant_args(bits, block_size, double_quant, skip_modules, compute_dtype)
     already = [k for k, m in model.named_modules() if is_quantized_module(m)]
     if already:
         raise PeftkitError(f"The model is already quantized ({already[0]} is {type(model.get_submodule(already[0])).__name__}); "
@@ -742,11 +748,7 @@ def load_quantized(model_dir: Union[str, os.PathLike], bits: int = 4, model_clas
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cls = _format_class(bits)
-    options = _format_options(bits, block_size, double_quant)
-    _check_compute_dtype(compute_dtype)
-    if isinstance(skip_modules, str):
-        skip_modules = [skip_modules]
+    cls, options, skip_modules = _quant_args(bits, block_size, double_quant, skip_modules, compute_dtype)
     if dtype is not None and dtype not in COMPUTE_DTYPES:
         raise PeftkitError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}.")
     model_dir = os.fspath(model_dir)
