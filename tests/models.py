@@ -81,6 +81,17 @@ def tiny_t5() -> nn.Module:
     return T5ForConditionalGeneration(cfg).eval()
 
 
+def tiny_bart() -> nn.Module:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    _seed()
+    cfg = BartConfig(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=64,
+                     max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    return BartForConditionalGeneration(cfg).eval()
+
+
 def bundled() -> nn.Module:
     from peftkit import load_model
 

@@ -30,7 +30,7 @@ from peftkit import (
 )
 from peftkit.prompt_model import ENCODER_WEIGHTS_NAME, PromptLearningModel, PromptModelForCausalLM
 
-from .models import _tokens, tiny_bert_cls, tiny_llama, tiny_t5
+from .models import _tokens, tiny_bart, tiny_bert_cls, tiny_llama, tiny_t5
 
 STORIES = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside.",
@@ -336,17 +336,6 @@ def test_mixed_batch_per_token_outputs_of_an_encoder():
     for i, name in enumerate(ROWS):
         alone = single(pm, name, input_ids=ids[i:i + 1]).logits
         torch.testing.assert_close(mixed[i:i + 1, -alone.shape[1]:], alone, atol=2e-6, rtol=1e-5)
-
-
-def tiny_bart():
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(0)
-    cfg = BartConfig(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                     decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=64,
-                     max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
-    return BartForConditionalGeneration(cfg).eval()
 
 
 def test_bart_mixed_prompt_lengths_and_the_prefix_limit():

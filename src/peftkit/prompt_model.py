@@ -18,6 +18,13 @@ How virtual tokens reach the model (the batch has ``B`` rows of ``L`` tokens):
   whose attention takes no cache are refused. For encoder-decoder models decoder layer ``i`` uses
   stored layer ``2·i mod layers`` — what Hugging Face PEFT computes from the same tensor, kept so
   that a folder gives the same outputs in both libraries.
+* **encoder prefixes** (``PrefixTuningConfig(encoder_prefix=True)``, encoder-decoder models): the
+  encoder stack passes no cache to its layers, so for the duration of the call a forward pre-hook on
+  each encoder self-attention module hands it a one-layer ``DynamicCache`` holding its prefix
+  (stored layer ``2·j+1 mod layers`` for encoder layer ``j``) as its own ``past_key_values``
+  argument, and puts the prefix columns in front of its attention mask. The module's code runs
+  unchanged (T5 then counts the text's relative positions from the prefix length); the hooks are
+  removed when the call returns.
 * **generate** prefills a cache: the prefix, or the base model's keys/values for the soft prompt,
   then calls the model's own ``generate`` with ``past_key_values`` and the full attention mask,
   which restarts from that cache. Position ids in ``generate`` come from the attention mask, so
@@ -103,6 +110,9 @@ class _Virtual:
     n_input: torch.Tensor  # (B,)
     n_prefix: torch.Tensor  # (B,)
     uniform: bool  # every row has the same virtual tokens count of each kind (no padding added)
+    enc_kv: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # per encoder layer (encoder_prefix)
+    enc_kv_mask: Optional[torch.Tensor] = None  # (B, Nk): kv_mask, zero for rows without encoder prefixes
+    enc_full: bool = False  # every row reads all Nk encoder-prefix columns (no mask needed)
 
     @property
     def uniform_input(self) -> bool:
@@ -165,6 +175,37 @@ def _is_causal(model: nn.Module) -> bool:
     """Whether ``model``'s self-attention is causal (a decoder); BERT-style encoders are not."""
     return any(getattr(m, "is_causal", None) is True for m in model.modules()
                if "attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower())
+
+
+def _prefix_mask(mask: Any, keep: torch.Tensor, full: bool, hidden: torch.Tensor, module: nn.Module) -> Any:
+    """An encoder attention mask over ``[prefix; text]`` keys from one over the text keys.
+
+    ``keep`` (B, n) marks the prefix columns a row reads. Handles the mask forms transformers
+    builds: ``None`` (attend to all), boolean or additive float ``(B|1, 1, q, k)``, and a 2-D
+    ``(B, k)`` padding mask."""
+    B, n = keep.shape
+    if mask is None:
+        if full:
+            return None
+        q = k = hidden.shape[1]
+        implementation = getattr(getattr(module, "config", None), "_attn_implementation", None) or "eager"
+        if implementation == "eager":
+            mask = torch.zeros(B, 1, q, k, dtype=hidden.dtype, device=hidden.device)
+        else:
+            mask = torch.ones(B, 1, q, k, dtype=torch.bool, device=hidden.device)
+    if not isinstance(mask, torch.Tensor):
+        raise PeftkitError(f"encoder_prefix cannot extend an attention mask of type {type(mask).__name__} (flex "
+                           "attention); load the model with attn_implementation='eager' or 'sdpa'.")
+    if mask.dim() == 2:
+        return torch.cat([keep.to(mask.dtype), mask], dim=1)
+    if mask.dim() != 4:
+        raise PeftkitError(f"encoder_prefix cannot extend a {mask.dim()}-D attention mask.")
+    mask = mask.expand(B, -1, -1, -1)
+    cols = keep.bool()[:, None, None, :].expand(B, 1, mask.shape[2], n)
+    if mask.dtype != torch.bool:
+        cols = torch.zeros(cols.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+            ~cols, torch.finfo(mask.dtype).min)
+    return torch.cat([cols, mask], dim=-1)
 
 
 def _roll(t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -355,6 +396,21 @@ class PromptLearningModel(PeftModel):
         layers = _first_attr(cfg, names + ("num_hidden_layers", "num_layers", "n_layer"))
         if layers is not None and config.num_layers != layers:
             raise ConfigError(f"num_layers={config.num_layers} but the model has {layers} (decoder) layers.")
+        if config.encoder_prefix:
+            if self.task != "SEQ_2_SEQ_LM":
+                raise ConfigError(
+                    f"encoder_prefix=True is for encoder-decoder models (SEQ_2_SEQ_LM); this is a {self.task} model, "
+                    "whose prefixes are already on every attention layer. Leave encoder_prefix unset."
+                )
+            for module in self._encoder_attentions():
+                heads = _first_attr(module, ("num_heads", "n_heads"))
+                dim = _first_attr(module, ("head_dim", "key_value_proj_dim"))
+                if heads and dim and (heads, dim) != (config.num_attention_heads, got_dim):
+                    raise ConfigError(
+                        f"The prefix has {config.num_attention_heads} heads of size {got_dim} but encoder layer "
+                        f"{module.layer_idx} has {heads} heads of size {dim}; encoder_prefix needs encoder and decoder "
+                        "attention of the same shape."
+                    )
 
     # -- adapters -------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
@@ -558,23 +614,107 @@ class PromptLearningModel(PeftModel):
         if embeds is not None:
             embeds = embeds.to(device=device, dtype=dtype)
         z, kv_mask = block(True)
-        kv = None
+        out = _Virtual(embeds, embeds_mask, None, kv_mask, n_input, n_prefix, uniform)
         if z is not None:
-            kv = self._split_prefix(z.to(device=device, dtype=dtype), next(n for n in slots if is_kv[n]))
-        return _Virtual(embeds, embeds_mask, kv, kv_mask, n_input, n_prefix, uniform)
+            z = z.to(device=device, dtype=dtype)
+            first = next(n for n in slots if is_kv[n])
+            out.kv = self._split_prefix(z, first)
+            on_encoder = {n for n in slots if is_kv[n] and getattr(self.peft_config[n], "encoder_prefix", False)}
+            if on_encoder:
+                out.enc_kv = self._split_prefix(z, first, encoder=True)
+                rows = torch.tensor([n in on_encoder for n in names], device=device)
+                out.enc_kv_mask = kv_mask * rows.unsqueeze(1).to(kv_mask.dtype)
+                out.enc_full = uniform and all(n in on_encoder for n in names)
+        return out
 
-    def _split_prefix(self, z: torch.Tensor, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``z`` (B, n, 2·layers·token_dim) -> per-layer (key, value), each (B, heads, n, head_dim)."""
+    def _split_prefix(self, z: torch.Tensor, name: str, encoder: bool = False
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``z`` (B, n, 2·layers·token_dim) -> per-layer (key, value), each (B, heads, n, head_dim).
+
+        Encoder-decoder models: Hugging Face PEFT's duplicate-and-split gives decoder layer ``i``
+        stored pair ``2i mod L`` for its self-attention (and ``2i+1 mod L`` for a cross-attention
+        cache it then drops); ``encoder=True`` returns those odd pairs, one per encoder layer."""
         config = self.peft_config[name]
         B, n, _ = z.shape
         L, H = config.num_layers, config.num_attention_heads
         pkv = z.view(B, n, 2 * L, H, config.token_dim // H).permute(2, 0, 3, 1, 4)
-        out = []
-        for layer in range(L):
-            # encoder-decoder: Hugging Face PEFT's duplicate-and-split gives decoder layer i stored layer 2i mod L
-            src = (2 * layer) % L if self.task == "SEQ_2_SEQ_LM" else layer
-            out.append((pkv[2 * src].contiguous(), pkv[2 * src + 1].contiguous()))
-        return out
+        if encoder:
+            sources = [(2 * j + 1) % L for j in range(len(self._encoder_attentions()))]
+        elif self.task == "SEQ_2_SEQ_LM":
+            sources = [(2 * i) % L for i in range(L)]
+        else:
+            sources = list(range(L))
+        return [(pkv[2 * src].contiguous(), pkv[2 * src + 1].contiguous()) for src in sources]
+
+    def _encoder_attentions(self) -> list[nn.Module]:
+        """The encoder's self-attention modules in layer order (encoder-decoder models), found once:
+        the innermost attention module per ``layer_idx`` whose forward takes ``past_key_values``."""
+        found = getattr(self, "_encoder_attention_cache", None)
+        if found is not None:
+            return found
+        base = self.base_model
+        encoder = base.get_encoder() if hasattr(base, "get_encoder") else None
+        by_layer: dict[int, nn.Module] = {}
+        if isinstance(encoder, nn.Module):
+            for module in encoder.modules():
+                name = type(module).__name__.lower()
+                idx = getattr(module, "layer_idx", None)
+                if ("attention" in name or "attn" in name) and isinstance(idx, int) \
+                        and _accepts(module.forward, "past_key_values"):
+                    by_layer[idx] = module  # modules() is pre-order: a later match is nested deeper
+        if not by_layer or sorted(by_layer) != list(range(len(by_layer))):
+            raise PeftkitError(
+                f"encoder_prefix=True needs encoder self-attention layers that take past_key_values and know their "
+                f"layer index; {type(base).__name__}'s encoder has none. Leave encoder_prefix unset to put the "
+                "prefixes on the decoder only."
+            )
+        found = [by_layer[i] for i in range(len(by_layer))]
+        object.__setattr__(self, "_encoder_attention_cache", found)  # plain attribute, not a submodule
+        return found
+
+    @contextlib.contextmanager
+    def _encoder_prefixes(self, v: _Virtual) -> Iterator[None]:
+        """While active, encoder self-attention layer ``j`` reads ``v.enc_kv[j]`` before its keys and
+        values: a forward pre-hook passes a one-layer ``DynamicCache`` holding the prefix as the
+        module's own ``past_key_values`` argument (built anew per call, so the encoder may run any
+        number of times) and puts the prefix columns in front of its attention mask."""
+        if v.enc_kv is None:
+            yield
+            return
+        from transformers import DynamicCache
+
+        handles = []
+
+        def hook_for(module: nn.Module, key: torch.Tensor, value: torch.Tensor) -> Any:
+            signature = inspect.signature(module.forward)
+            mask_arg = next((a for a in ("attention_mask", "mask") if a in signature.parameters), None)
+
+            def hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                bound = signature.bind(*args, **kwargs)
+                given = bound.arguments
+                hidden = given.get("hidden_states", args[0] if args else None)
+                if given.get("past_key_values") is not None or given.get("key_value_states") is not None:
+                    raise PeftkitError("An encoder attention layer was called with a cache or as cross-attention; "
+                                       "encoder_prefix cannot be applied to it.")
+                if hidden is None or hidden.shape[0] != key.shape[0]:
+                    raise PeftkitError("The encoder ran on a batch of another size than the prefixes were built for; "
+                                       "pass the inputs to the PeftModel (forward or generate), not encoder_outputs.")
+                cache = DynamicCache()
+                cache.update(key.to(hidden.dtype), value.to(hidden.dtype), mod.layer_idx)
+                given["past_key_values"] = cache
+                if mask_arg is not None:
+                    given[mask_arg] = _prefix_mask(given.get(mask_arg), v.enc_kv_mask, v.enc_full, hidden, mod)
+                return bound.args, bound.kwargs
+
+            return hook
+
+        try:
+            for module, (key, value) in zip(self._encoder_attentions(), v.enc_kv):
+                handles.append(module.register_forward_pre_hook(hook_for(module, key, value), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         from transformers import DynamicCache, EncoderDecoderCache
@@ -679,6 +819,9 @@ class PromptLearningModel(PeftModel):
             kwargs["decoder_attention_mask"] = torch.cat([v.kv_mask.to(dec.dtype), dec], dim=1)
         if self.task == "SEQ_2_SEQ_LM":
             self._check_decoder_prefix(v)
+            if v.enc_kv is not None and kwargs.get("encoder_outputs") is not None:
+                raise PeftkitError("encoder_outputs cannot be passed with an encoder_prefix adapter: the encoder must "
+                                   "run with its prefixes. Pass input_ids (or inputs_embeds) instead.")
         else:
             position_ids = self._positions(v, L, kwargs.pop("position_ids", None), device)
             if position_ids is not None:
@@ -711,7 +854,9 @@ class PromptLearningModel(PeftModel):
             kwargs["past_key_values"] = cache
         if labels is not None:
             kwargs["labels"] = labels
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        with self._encoder_prefixes(v):
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                  **kwargs)
         self._check_cache_used(cache, Nk)
         if shift is not None:
             out = self._unroll(out, -shift, Np + L)
@@ -830,7 +975,8 @@ class PromptLearningModel(PeftModel):
                 if dec is None:
                     dec = torch.ones(B, 1, dtype=torch.long, device=input_ids.device)
                 kwargs["decoder_attention_mask"] = torch.cat([v.kv_mask.to(dec.dtype), dec], dim=1)
-        return base.generate(**kwargs)
+        with self._encoder_prefixes(v):
+            return base.generate(**kwargs)
 
     # -- saving and loading ---------------------------------------------------------------------
     def prompt_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -1004,7 +1150,7 @@ class PromptModelForCausalLM(PromptLearningModel, PeftModelForCausalLM):
 
 class PromptModelForSeq2SeqLM(PromptLearningModel, PeftModelForSeq2SeqLM):
     """Soft prompts for encoder-decoder models: input prompts on the encoder, prefixes on the decoder's
-    self-attention (as Hugging Face PEFT)."""
+    self-attention (as Hugging Face PEFT) and, with ``encoder_prefix=True``, on the encoder's too."""
 
     task = "SEQ_2_SEQ_LM"
 
