@@ -125,7 +125,7 @@ def bench_overhead(quick: bool) -> list[dict]:
         pm.eval()
         for B, T in ((8, 128), (32, 1)):
             ids = torch.randint(0, 8000, (B, T), generator=torch.Generator().manual_seed(2))
-            repeat = 5 if quick else (40 if T == 1 else 16)
+            repeat = 5 if quick else (80 if T == 1 else 24)
             with torch.inference_mode():
                 base, unmerged, ratio = paired(lambda: plain(input_ids=ids), lambda: pm(input_ids=ids), repeat)
                 pm.merge_adapter()

@@ -412,3 +412,37 @@ def test_batched_lora_paths_agree_with_per_row_reference(tokens, assign):
     assert torch.allclose(out, base.detach() + want, atol=1e-4)
     out.sum().backward()
     assert torch.equal(base.grad, torch.ones_like(base))
+
+
+def test_base_linear_hooks_and_patched_forwards_still_run():
+    """LoRA computes a plain hook-free nn.Linear base with F.linear directly; hooks on the base
+    (forward pre/post, global) and an instance-level forward (as accelerate installs) are honoured."""
+    torch.manual_seed(0)
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin1"]))
+    randomize_adapters(pm)
+    layer = pm.base_model.model.lin1
+    base = layer.base_layer
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        plain = torch.nn.functional.linear(x, base.weight, base.bias)
+        want = layer(x)
+        assert not torch.allclose(want, plain)
+        seen = []
+        pre = base.register_forward_pre_hook(lambda m, args: seen.append("pre"))
+        post = base.register_forward_hook(lambda m, args, out: out * 2)
+        got = layer(x)
+        pre.remove(), post.remove()
+        assert seen == ["pre"]
+        torch.testing.assert_close(got, want + plain)  # the hook doubled the base output
+        hook = nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(m))
+        try:
+            layer(x)
+        finally:
+            hook.remove()
+        assert any(m is base for m in seen)
+        base.forward = lambda inp: torch.nn.functional.linear(inp, base.weight, base.bias) + 1.0
+        try:
+            torch.testing.assert_close(layer(x), want + 1.0)
+        finally:
+            del base.forward
+        torch.testing.assert_close(layer(x), want)

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from .errors import AdapterNameError, MergeError, PeftkitError, TargetError, closest
 
@@ -110,6 +112,25 @@ def model_type_of(model: nn.Module) -> Optional[str]:
 
 def current_mixed_batch() -> Optional[MixedBatch]:
     return _MIXED.get()
+
+
+def call_base(base: nn.Module, x: Any, args: tuple, kwargs: dict) -> Any:
+    """``base(x, *args, **kwargs)``.
+
+    For an exact ``nn.Linear`` with no hooks (its own or global), no instance-level ``forward``, no
+    ``torch.compile`` wrapper and no JIT tracing this computes ``F.linear(x, weight, bias)``
+    directly: what ``__call__`` would run, without ``nn.Module``'s call bookkeeping, which on a
+    CPU decode step costs about as much as a rank-16 GEMM. Anything else goes through
+    ``__call__``."""
+    if (type(base) is nn.Linear and not args and not kwargs and not base._forward_pre_hooks
+            and not base._forward_hooks and not base._backward_pre_hooks and not base._backward_hooks
+            and base._compiled_call_impl is None and "forward" not in base.__dict__
+            and not _torch_module._global_forward_pre_hooks and not _torch_module._global_forward_hooks
+            and not _torch_module._global_backward_pre_hooks and not _torch_module._global_backward_hooks
+            and not torch._C._get_tracing_state()):
+        params = base._parameters
+        return F.linear(x, params["weight"], params["bias"])
+    return base(x, *args, **kwargs)
 
 
 class mixed_batch:

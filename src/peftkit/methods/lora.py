@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, positive_int, probability, register_config, unsupported
 from ..errors import ConfigError, MergeError, PeftkitError, PeftkitWarning, TargetError
-from ..inject import AdapterLayer, MixedBatch, current_mixed_batch
+from ..inject import AdapterLayer, MixedBatch, call_base, current_mixed_batch
 from ..quant import dequantize_weight, is_quantized_module, requantize_weight_
 from . import Method, register_method
 
@@ -317,17 +317,19 @@ class LoraLayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Disabled: base only (merged adapters are unmerged first). Merged: the base already holds
         them. Mixed batch: each row its own adapter. Otherwise base + each active adapter."""
+        base = self._modules["base_layer"]
         if self.disabled:
-            if self.merged:
+            if self.merged_adapters:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return call_base(base, x, args, kwargs)
         mixed = current_mixed_batch()
-        result = self.base_layer(x, *args, **kwargs)
+        result = call_base(base, x, args, kwargs)
         if mixed is not None:
             self._check_mixed()
             return self._mixed_lora(x, result, mixed)
+        merged = self.merged_adapters
         for name in self.active_adapters:
-            if name in self.r and name not in self.merged_adapters:
+            if name in self.r and name not in merged:
                 result = self._add_adapter(name, x, result)
         return result
 
@@ -395,22 +397,27 @@ class Linear(LoraLayer):
         return factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
 
     def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        A, B, dropout = self.lora_A[name].weight, self.lora_B[name], self.lora_dropout[name]
+        # plain dict lookups (not nn.Module attribute access): this runs once per layer per forward
+        modules = self._modules
+        A = modules["lora_A"]._modules[name]._parameters["weight"]
+        B = modules["lora_B"]._modules[name]._parameters
+        dropout = modules["lora_dropout"]._modules[name]
         xa = x if x.dtype == A.dtype else x.to(A.dtype)
-        if not isinstance(dropout, nn.Identity):
+        if type(dropout) is not nn.Identity:
             xa = dropout(xa)
         if self.use_dora[name]:
             return result + self._dora_extra(name, x, xa, result).to(result.dtype)
         h = F.linear(xa, A)
-        if B.bias is None and result.dtype == h.dtype and result.is_contiguous():
+        weight, bias, s = B["weight"], B["bias"], self.scaling[name]
+        if bias is None and result.dtype == h.dtype and result.is_contiguous():
             # ``result + s · h Bᵀ`` as one GEMM with beta=1: no (…, out) temporary and no separate
             # add pass. In place when no gradient is recorded (the base output is a fresh tensor).
-            out2d, h2d = result.view(-1, result.shape[-1]), h.reshape(-1, h.shape[-1])
+            out2d, h2d = result.view(-1, result.shape[-1]), h.view(-1, h.shape[-1])
             if torch.is_grad_enabled():
-                return torch.addmm(out2d, h2d, B.weight.t(), alpha=self.scaling[name]).view(result.shape)
-            out2d.addmm_(h2d, B.weight.t(), alpha=self.scaling[name])
+                return torch.addmm(out2d, h2d, weight.t(), alpha=s).view(result.shape)
+            out2d.addmm_(h2d, weight.t(), alpha=s)
             return result
-        return torch.add(result, F.linear(h, B.weight, B.bias).to(result.dtype), alpha=self.scaling[name])
+        return torch.add(result, F.linear(h, weight, bias).to(result.dtype), alpha=s)
 
     def _dora_extra(self, name: str, x: torch.Tensor, xd: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """DoRA's addition to the base output: ``(f - 1) · (W x) + f · s · B A x`` with f = m / ||W + sBA||."""
