@@ -1,9 +1,11 @@
 """LoRA speed and memory, peftkit side by side with Hugging Face PEFT in one run.
 
-    python bench/bench_lora.py [--quick] [--only mixed,overhead,train,inject]
+    python bench/bench_lora.py [--quick] [--only mixed,overhead,train,inject,floor]
 
 Model: Llama config hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 8000, random weights;
-2 CPU threads. Prints a Markdown table of times and ratios. Figures: docs/benchmarks.md.
+2 CPU threads. Prints a Markdown table of times and ratios. Figures: docs/benchmarks.md. ``floor``
+(peftkit only, not in the default list) times the decode-shaped unmerged adapter with each LoRA
+layer's forward replaced by bare tensor ops, to show what the wrapper code costs.
 """
 
 from __future__ import annotations
@@ -138,6 +140,53 @@ def bench_overhead(quick: bool) -> list[dict]:
     return rows
 
 
+def bench_floor(quick: bool) -> list[dict]:
+    """What one unmerged adapter costs at decode shape (32 x 1) without peftkit's wrapper code: each
+    LoRA layer's forward replaced (on the instance, in this benchmark only) by the bare tensor ops,
+    or by one GEMM over ``[W; A]`` stacked plus one ``addmm``. Compared with peftkit's own layer."""
+    import torch.nn.functional as F
+
+    import peftkit
+    from peftkit.methods.lora import Linear as LoraLinear
+
+    def bare(layer):
+        W, A = layer.base_layer.weight, layer.lora_A["default"].weight
+        Bt, s = layer.lora_B["default"].weight.t(), layer.scaling["default"]
+
+        def forward(x):
+            out = F.linear(x, W)
+            out.view(-1, out.shape[-1]).addmm_(F.linear(x, A).view(-1, A.shape[0]), Bt, alpha=s)
+            return out
+        return forward
+
+    def fused(layer):
+        W, A = layer.base_layer.weight, layer.lora_A["default"].weight
+        WA, Bt, s, n = torch.cat([W, A]), layer.lora_B["default"].weight.t(), layer.scaling["default"], W.shape[0]
+
+        def forward(x):
+            full = F.linear(x.reshape(-1, x.shape[-1]), WA)
+            return torch.addmm(full[:, :n], full[:, n:], Bt, alpha=s).view(*x.shape[:-1], n)
+        return forward
+
+    rows = []
+    ids = torch.randint(0, 8000, (32, 1), generator=torch.Generator().manual_seed(2))
+    repeat = 5 if quick else 80
+    for variant in ("peftkit layer", "bare ops", "fused [W; A]"):
+        plain = llama()
+        pm = peftkit.get_peft_model(sharing(plain), peftkit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        randomize(pm)
+        pm.eval()
+        if variant != "peftkit layer":
+            for m in pm.modules():
+                if isinstance(m, LoraLinear):
+                    m.forward = (bare if variant == "bare ops" else fused)(m)
+        with torch.inference_mode():
+            base, s, ratio = paired(lambda: plain(input_ids=ids), lambda: pm(input_ids=ids), repeat)
+        rows.append({"bench": f"one adapter unmerged, 32x1, {variant}", "lib": "peftkit", "base_s": base, "s": s,
+                     "ratio": ratio})
+    return rows
+
+
 def _train_child(lib_name: str, steps: int) -> None:
     """Run in a subprocess: training steps, print time per step and peak RSS growth."""
     torch.set_num_threads(THREADS)
@@ -217,7 +266,8 @@ def main() -> None:
           f"{THREADS} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
     rows = []
     for name in args.only.split(","):
-        rows += {"mixed": bench_mixed, "overhead": bench_overhead, "train": bench_train, "inject": bench_inject}[name](
+        rows += {"mixed": bench_mixed, "overhead": bench_overhead, "train": bench_train, "inject": bench_inject,
+                 "floor": bench_floor}[name](
             args.quick)
         print(f"# done {name}", file=sys.stderr)
     print("| benchmark | library | time (ms) | ratio | note |")
