@@ -101,7 +101,9 @@ class NearestToken:
 
 @dataclass
 class _Virtual:
-    """What the adapters of a batch add. ``n_input``/``n_prefix``: real virtual tokens per row."""
+    """What the adapters of a batch add. ``n_input``/``n_prefix``: real virtual tokens per row (on
+    the batch's device, for index arithmetic); ``input_counts``/``prefix_counts``: the same on the
+    host, for decisions that must not wait for the device."""
 
     embeds: Optional[torch.Tensor]  # (B, Np, d)
     embeds_mask: Optional[torch.Tensor]  # (B, Np)
@@ -113,14 +115,16 @@ class _Virtual:
     enc_kv: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # per encoder layer (encoder_prefix)
     enc_kv_mask: Optional[torch.Tensor] = None  # (B, Nk): kv_mask, zero for rows without encoder prefixes
     enc_full: bool = False  # every row reads all Nk encoder-prefix columns (no mask needed)
+    input_counts: tuple[int, ...] = ()
+    prefix_counts: tuple[int, ...] = ()
 
     @property
     def uniform_input(self) -> bool:
-        return bool((self.n_input == self.n_input[0]).all())
+        return len(set(self.input_counts)) <= 1
 
     @property
     def uniform_prefix(self) -> bool:
-        return bool((self.n_prefix == self.n_prefix[0]).all())
+        return len(set(self.prefix_counts)) <= 1
 
     @property
     def n_embeds(self) -> int:
@@ -581,11 +585,12 @@ class PromptLearningModel(PeftModel):
         encoded = {n: self._encoded(n) for n in slots}
         is_kv = {n: self.peft_config[n].uses_kv_prefix for n in slots}
         lengths = {n: encoded[n].shape[0] for n in slots}
-        n_input = torch.tensor([0 if n == BASE_ADAPTER or is_kv[n] else lengths[n] for n in names], device=device)
-        n_prefix = torch.tensor([lengths[n] if n != BASE_ADAPTER and is_kv[n] else 0 for n in names], device=device)
-        uniform = len(set(names)) == 1
-        if not uniform:  # rows differ; still uniform if every row's counts are equal
-            uniform = bool((n_input == n_input[0]).all() and (n_prefix == n_prefix[0]).all())
+        input_counts = tuple(0 if n == BASE_ADAPTER or is_kv[n] else lengths[n] for n in names)
+        prefix_counts = tuple(lengths[n] if n != BASE_ADAPTER and is_kv[n] else 0 for n in names)
+        n_input = torch.tensor(input_counts, device=device)
+        n_prefix = torch.tensor(prefix_counts, device=device)
+        # uniform: every row has the same counts (also when the rows' adapters differ)
+        uniform = len(set(input_counts)) == 1 and len(set(prefix_counts)) == 1
         single = len(set(names)) == 1 and slots
 
         def block(kind_is_kv: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -614,7 +619,8 @@ class PromptLearningModel(PeftModel):
         if embeds is not None:
             embeds = embeds.to(device=device, dtype=dtype)
         z, kv_mask = block(True)
-        out = _Virtual(embeds, embeds_mask, None, kv_mask, n_input, n_prefix, uniform)
+        out = _Virtual(embeds, embeds_mask, None, kv_mask, n_input, n_prefix, uniform,
+                       input_counts=input_counts, prefix_counts=prefix_counts)
         if z is not None:
             z = z.to(device=device, dtype=dtype)
             first = next(n for n in slots if is_kv[n])
