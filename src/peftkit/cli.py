@@ -632,10 +632,9 @@ def cmd_merge(argv: list[str]) -> int:
     tok.save_pretrained(args.output_dir)
     print(f"wrote {args.output_dir} ({human_bytes(folder_bytes(args.output_dir))}): {what}")
     if args.verify:
-        import transformers
+        from .model import auto_class_for
 
-        auto = {"CAUSAL_LM": transformers.AutoModelForCausalLM, "SEQ_2_SEQ_LM": transformers.AutoModelForSeq2SeqLM,
-                "SEQ_CLS": transformers.AutoModelForSequenceClassification}[loaded.task_type]
+        auto = auto_class_for(loaded.task_type)
         if args.export == "quantized":
             from .quant import load_quantized
 
@@ -803,9 +802,10 @@ def _count_base_params(path: str, task_type: Optional[str]) -> Optional[int]:
         import torch
         import transformers
 
+        from .model import auto_class_for
+
         cfg = transformers.AutoConfig.from_pretrained(path)
-        auto = {"SEQ_CLS": transformers.AutoModelForSequenceClassification,
-                "SEQ_2_SEQ_LM": transformers.AutoModelForSeq2SeqLM}.get(str(task_type), transformers.AutoModelForCausalLM)
+        auto = auto_class_for(task_type)
         with torch.device("meta"):
             try:
                 m = auto.from_config(cfg)

@@ -637,6 +637,15 @@ _TASK_TO_AUTO = {
 }
 
 
+def auto_class_for(task_type: Any, default: str = "CAUSAL_LM") -> Any:
+    """The transformers Auto class that builds a model for ``task_type`` (``default``'s when the
+    task is None or has no Auto class)."""
+    import transformers
+
+    name = _TASK_TO_AUTO.get(str(task_type)) if task_type is not None else None
+    return getattr(transformers, name or _TASK_TO_AUTO[default])
+
+
 class AutoPeftModelForCausalLM(AutoPeftModel):
     _target_class = "AutoModelForCausalLM"
     _peft_class = PeftModelForCausalLM

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from ..config import PeftConfig, TaskType
 from ..errors import ConfigError, PeftkitError, closest
+from ..model import auto_class_for
 
 # fields of the PeftConfig base class the toolkit sets itself
 BASE_FIELDS = {f.name for f in dataclasses.fields(PeftConfig)}
@@ -154,13 +155,8 @@ def load_model(model_path: str, task_type: str, *, num_labels: Optional[int] = N
     skip_modules) loads the base quantized layer by layer and freezes it for k-bit training.
     """
     import torch
-    import transformers
 
-    auto = {
-        "CAUSAL_LM": transformers.AutoModelForCausalLM,
-        "SEQ_2_SEQ_LM": transformers.AutoModelForSeq2SeqLM,
-        "SEQ_CLS": transformers.AutoModelForSequenceClassification,
-    }[task_type]
+    auto = auto_class_for(task_type)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, _DTYPES[dtype]), "trust_remote_code": trust_remote_code}
     if task_type == "SEQ_CLS":
         cfg = load_hf_config(model_path, trust_remote_code)
