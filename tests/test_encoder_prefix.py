@@ -262,3 +262,18 @@ def test_bad_input():
     enc = pm.base_model.get_encoder()(input_ids=kw["input_ids"])
     with pytest.raises(PeftkitError, match="encoder_outputs"):
         pm(decoder_input_ids=kw["decoder_input_ids"], input_ids=kw["input_ids"], encoder_outputs=enc)
+
+
+def test_beam_search_with_mixed_encoder_prefixes():
+    """The encoder runs once per input row before generate() expands rows for beams."""
+    pm = get_peft_model(build("t5"), enc_config(), adapter_name="enc")
+    pm.add_adapter("dec", PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N))
+    pm.eval()
+    ids = inputs(2)["input_ids"]
+    gen = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 5}
+    with torch.no_grad():
+        mixed = pm.generate(input_ids=ids, adapter_names=["enc", "dec"], **gen)
+        for i, name in enumerate(["enc", "dec"]):
+            pm.set_adapter(name)
+            alone = pm.generate(input_ids=ids[i:i + 1], **gen)
+            assert torch.equal(mixed[2 * i:2 * i + 2, :alone.shape[1]], alone), name
