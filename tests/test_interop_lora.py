@@ -280,29 +280,89 @@ def test_safetensors_keys_and_shapes_match_hf(setting, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# LoRA on a transformers model's embed_tokens (HF also saves the base embedding then)
+# LoRA on a transformers model's embed_tokens; save_embedding_layers; resized vocabularies
 
 
 def test_llama_embed_tokens_cross_load(tmp_path):
-    """Outputs match both ways. HF's default ``save_embedding_layers="auto"`` adds the full base
-    embedding (``...embed_tokens.base_layer.weight``) to its file when ``embed_tokens`` is targeted;
-    peftkit does not write it and ignores it (with a warning) when loading."""
+    """Outputs match both ways, and both libraries write the same keys: with the default
+    ``save_embedding_layers="auto"`` a targeted ``embed_tokens`` adds the full base embedding
+    (``...embed_tokens.base_layer.weight``) to the file."""
     kw = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], task_type="CAUSAL_LM")
     inputs = _ids_inputs()
     pm = peftkit.get_peft_model(tiny_llama(), _kit_config(kw)).eval()
     _randomize(pm)
     ref = _run(pm, inputs)
-    pm.save_pretrained(tmp_path / "kit")
+    with pytest.warns(peftkit.PeftkitWarning, match="save_embedding_layers"):
+        pm.save_pretrained(tmp_path / "kit")
     _assert_close(_run(_hf_load(tiny_llama, tmp_path / "kit"), inputs), ref)
 
     hf = peft.get_peft_model(tiny_llama(), _hf_config(kw)).eval()
     _randomize(hf, seed=1)
     ref = _run(hf, inputs)
     _hf_save(hf, tmp_path / "hf")
+    theirs = _file_tensors(tmp_path / "hf")
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in theirs
+    assert sorted(_file_tensors(tmp_path / "kit")) == sorted(theirs)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", peftkit.PeftkitWarning)
+        warnings.simplefilter("error", peftkit.PeftkitWarning)  # every key is understood
         loaded = peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "hf").eval()
     _assert_close(_run(loaded, inputs), ref)
+    pm.save_pretrained(tmp_path / "lean", save_embedding_layers=False)
+    assert not any("base_layer" in k for k in _file_tensors(tmp_path / "lean"))
+
+
+def _resized(folder, vocab, seed):
+    """The base model from ``folder`` with its vocabulary grown to ``vocab`` (new rows random per seed)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(seed)
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("writer", ["peftkit", "peft"])
+def test_resized_vocabulary_saves_the_embeddings(tmp_path, writer):
+    """A LoRA adapter (not on the embeddings) trained after ``resize_token_embeddings``: "auto"
+    sees the vocabulary differ from the base model's config.json and saves the input and output
+    embeddings, so a base resized with other random rows gives the same outputs after loading,
+    in either library."""
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    lib, cfg = (peftkit, _kit_config) if writer == "peftkit" else (peft, _hf_config)
+    model = lib.get_peft_model(_resized(base_dir, 70, seed=1), cfg(kw)).eval()
+    _randomize(model)
+    inputs = {"input_ids": torch.tensor([[65, 3, 69, 7, 66]])}  # new token ids among them
+    ref = _run(model, inputs)
+    if writer == "peftkit":
+        with pytest.warns(peftkit.PeftkitWarning, match="vocabulary differs"):
+            model.save_pretrained(tmp_path / "adapter")
+    else:
+        _hf_save(model, tmp_path / "adapter")
+    keys = set(_file_tensors(tmp_path / "adapter"))
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= keys
+    fresh = lambda: _resized(base_dir, 70, seed=2)  # noqa: E731 - other random rows
+    with torch.no_grad():
+        assert not torch.allclose(fresh().get_input_embeddings().weight, _resized(base_dir, 70, 1).get_input_embeddings().weight)
+    _assert_close(_run(peftkit.PeftModel.from_pretrained(fresh(), tmp_path / "adapter").eval(), inputs), ref)
+    _assert_close(_run(_hf_load(fresh, tmp_path / "adapter"), inputs), ref)
+
+
+def test_embedding_weights_of_the_wrong_size_fail_before_loading(tmp_path):
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    kw = dict(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    pm = peftkit.get_peft_model(_resized(base_dir, 70, seed=1), _kit_config(kw))
+    with pytest.warns(peftkit.PeftkitWarning):
+        pm.save_pretrained(tmp_path / "adapter")
+    model = _resized(base_dir, 64, seed=1)  # the vocabulary was not resized
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(peftkit.CheckpointError, match=r"resize_token_embeddings\(70\)"):
+        peftkit.PeftModel.from_pretrained(model, tmp_path / "adapter")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+    with pytest.raises(peftkit.CheckpointError, match="save_embedding_layers"):
+        pm.save_pretrained(tmp_path / "other", save_embedding_layers="yes")
 
 
 # ---------------------------------------------------------------------------------------------

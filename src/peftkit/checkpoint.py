@@ -14,11 +14,13 @@ touching it, and reads only safetensors (legacy ``.bin`` with ``torch.load(weigh
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -28,6 +30,9 @@ from .errors import CheckpointError, PeftkitWarning
 from .inject import AdapterLayer, ModulesToSaveWrapper
 
 PREFIX = "base_model.model."
+# Module names whose weights ``save_embedding_layers="auto"`` saves when a LoRA config targets them
+# (Hugging Face PEFT's list).
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,21 +147,119 @@ def adapter_entries(root: nn.Module, adapter_name: str, bias: str = "none",
 
 
 def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = None, adapter_name: str = "default",
-                              **_: Any) -> dict[str, torch.Tensor]:
-    """The file-keyed tensors of ``adapter_name`` (Hugging Face name and signature)."""
+                              unwrap_compiled: bool = False, save_embedding_layers: Union[bool, str] = "auto",
+                              ) -> dict[str, torch.Tensor]:
+    """The file-keyed tensors of ``adapter_name`` (Hugging Face name and signature).
+
+    ``save_embedding_layers`` (PeftModels with LoRA-family adapters): ``True`` also saves the base
+    model's input and output embedding weights; ``"auto"`` does so when the config targets
+    ``embed_tokens`` / ``lm_head`` (the base weight under the adapter, ``….embed_tokens.base_layer.weight``)
+    or when the model's ``vocab_size`` differs from the config of ``base_model_name_or_path`` (read
+    from a local folder or the Hub cache, never downloaded): the vocabulary was resized, and the
+    adapter is useless without the new rows. Hugging Face PEFT's rule and keys; a warning says when
+    ``"auto"`` adds them."""
     from .model import PeftModel
 
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    if save_embedding_layers not in (True, False, "auto"):
+        raise CheckpointError(f"save_embedding_layers must be True, False or 'auto', got {save_embedding_layers!r}.")
+    extra: list[tuple[str, torch.Tensor]] = []
     if isinstance(model, PeftModel):
         config = model.peft_config[adapter_name]
         if config.is_prompt_learning:
             return model.prompt_state_dict(adapter_name)
-        entries = adapter_entries(model, adapter_name, getattr(config, "bias", "none"))
+        entries = list(adapter_entries(model, adapter_name, getattr(config, "bias", "none")))
+        targeted = _embeddings_targeted(model, config)
+        if _saves_embeddings(model, config, save_embedding_layers, targeted):
+            extra = list(embedding_entries(model, wrapped_only=targeted))
     else:
-        entries = adapter_entries(model, adapter_name, "none")
+        entries = list(adapter_entries(model, adapter_name, "none"))
     out = {}
-    for mem_key, file_key, tensor in entries:
+    for mem_key, file_key, tensor in entries + [(k, k, t) for k, t in extra]:
         out[file_key] = state_dict[mem_key] if state_dict is not None and mem_key in state_dict else tensor
     return out
+
+
+def _embeddings_targeted(model: nn.Module, config: PeftConfig) -> bool:
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return False
+        names = [n for n, _ in model.get_base_model().named_modules() if n.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES]
+        return any(re.fullmatch(targets, n) for n in names)
+    return bool(targets) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
+
+
+def _vocab_resized(model: nn.Module, config: PeftConfig) -> bool:
+    """Whether the model's vocab_size differs from its base model's config.json (local or Hub cache)."""
+    cfg = getattr(model.get_base_model(), "config", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    source = config.base_model_name_or_path
+    if not vocab or not source:
+        return False
+    path = os.path.join(source, "config.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+        except Exception:  # not a repo id, or no cache
+            cached = None
+        if not isinstance(cached, str):
+            return False
+        path = cached
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    base_vocab = data.get("vocab_size", (data.get("text_config") or {}).get("vocab_size"))
+    return isinstance(base_vocab, int) and base_vocab != vocab
+
+
+def _saves_embeddings(model: nn.Module, config: PeftConfig, mode: Union[bool, str], targeted: bool) -> bool:
+    if mode != "auto":
+        return bool(mode)
+    if str(config.peft_type) != "LORA":
+        return False
+    if targeted:
+        why = "the adapter targets embed_tokens / lm_head"
+    elif _vocab_resized(model, config):
+        why = f"the vocabulary differs from {config.base_model_name_or_path}'s"
+    else:
+        return False
+    size = sum(t.numel() * t.element_size() for _, t in embedding_entries(model, wrapped_only=targeted))
+    warnings.warn(f"save_embedding_layers='auto': saving the base embedding weights ({size / 2**20:.1f} MiB) with the "
+                  f"adapter because {why} (as Hugging Face PEFT). Pass save_embedding_layers=False to leave them out.",
+                  PeftkitWarning, stacklevel=4)
+    return True
+
+
+def embedding_entries(model: nn.Module, wrapped_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of the base model's input and output embedding weights in a PeftModel: under
+    the wrapped base layer (``….embed_tokens.base_layer.weight``) when an adapter wraps them.
+    ``wrapped_only`` (the embeddings are targeted): only those an adapter wraps, as Hugging Face PEFT."""
+    base = model.get_base_model()
+    wanted = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(base, getter)() if hasattr(base, getter) else None
+        except (AttributeError, NotImplementedError):
+            layer = None
+        if isinstance(layer, AdapterLayer):
+            layer = layer.get_base_layer()
+        elif wrapped_only:
+            continue
+        if isinstance(layer, nn.Module) and all(layer is not w for w in wanted):
+            wanted.append(layer)
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if any(module is w for w in wanted):
+            for key, p in module.named_parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield f"{name}.{key}", p
 
 
 def _normalise(key: str) -> str:
@@ -174,16 +277,21 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     """
     from .model import PeftModel
 
+    optional: dict[str, tuple[str, torch.Tensor]] = {}
     if isinstance(model, PeftModel):
         config = model.peft_config[adapter_name]
         if config.is_prompt_learning:
             model.load_prompt_state_dict(adapter_name, peft_model_state_dict, source=source)
             return []
         entries = list(adapter_entries(model, adapter_name, getattr(config, "bias", "none")))
+        # base embedding weights saved with save_embedding_layers: loaded into the base model
+        optional = {_normalise(k): (k, t) for k, t in embedding_entries(model)}
     else:
         entries = list(adapter_entries(model, adapter_name, "none"))
     expected = {_normalise(file_key): (file_key, tensor) for _, file_key, tensor in entries}
     given = {_normalise(k): v for k, v in peft_model_state_dict.items()}
+    for key in set(optional) & (set(given) - set(expected)):
+        expected[key] = optional[key]
     unexpected = sorted(set(given) - set(expected))
     if expected and len(unexpected) == len(given):
         raise CheckpointError(
@@ -192,9 +300,15 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
         )
     for key, (file_key, tensor) in expected.items():
         if key not in given:
-            if strict:
+            if strict and key not in optional:
                 raise CheckpointError(f"{source} has no tensor {file_key!r}; the file is incomplete or for another model.")
             continue
+        if tuple(given[key].shape) != tuple(tensor.shape) and key in optional:
+            raise CheckpointError(
+                f"{source}: the base embedding weight {file_key!r} saved with the adapter has shape "
+                f"{tuple(given[key].shape)} but the model's has {tuple(tensor.shape)}; the adapter was trained with a "
+                f"resized vocabulary. Call model.resize_token_embeddings({given[key].shape[0]}) before loading it."
+            )
         if tuple(given[key].shape) != tuple(tensor.shape):
             raise CheckpointError(
                 f"{source}: tensor {file_key!r} has shape {tuple(given[key].shape)} but the model expects "

@@ -406,10 +406,13 @@ class PeftModel(nn.Module):
 
     # -- saving and loading -------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        selected_adapters: Optional[Sequence[str]] = None, is_main_process: bool = True,
+                        selected_adapters: Optional[Sequence[str]] = None,
+                        save_embedding_layers: Union[str, bool] = "auto", is_main_process: bool = True,
                         **kwargs: Any) -> None:
         """Write each selected adapter as a Hugging Face PEFT folder ("default" at the top level,
-        others in sub-folders named after them). Every file is written atomically."""
+        others in sub-folders named after them). Every file is written atomically.
+        ``save_embedding_layers``: see :func:`peftkit.get_peft_model_state_dict` (base embedding
+        weights, saved by ``"auto"`` when targeted or when the vocabulary was resized)."""
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise PeftkitError(f"{save_directory} is a file; save_pretrained needs a directory.")
@@ -421,7 +424,7 @@ class PeftModel(nn.Module):
         for name in names:
             config = self.peft_config[name]
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            tensors = get_peft_model_state_dict(self, adapter_name=name)
+            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
             overrides = {}
             if config.task_type is None:
                 base = self.get_base_model()
