@@ -335,8 +335,10 @@ def test_hf_trainer_checkpoints_hold_only_the_adapter(tmp_path, tok, small_data)
     assert sum(p.numel() for n, p in hf.named_parameters() if "lora_" in n) == sum(v.numel() for v in final.values())
 
 
-def test_encoder_decoder_seq2seq_trains_and_generates(tok):
-    """seq2seq data on an encoder-decoder (a tiny T5 built in-process): source -> encoder, target -> labels."""
+@pytest.mark.parametrize("method", ["lora", "encoder_prefix"])
+def test_encoder_decoder_seq2seq_trains_and_generates(tok, method):
+    """seq2seq data on an encoder-decoder (a tiny T5 built in-process): source -> encoder, target -> labels.
+    Also prefix tuning with prefixes on the encoder and the decoder."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
@@ -347,7 +349,11 @@ def test_encoder_decoder_seq2seq_trains_and_generates(tok):
     data = prepare_data(DataConfig(eval_fraction=0.25), tok, lambda f: "SEQ_2_SEQ_LM", train_source=recs)
     ex = data.train.examples[0]
     assert -100 not in ex.labels and ex.prompt_ids == ex.input_ids  # the encoder gets the whole source
-    pm = peftkit.get_peft_model(model, peftkit.LoraConfig(task_type="SEQ_2_SEQ_LM", r=2))
+    if method == "lora":
+        peft_config = peftkit.LoraConfig(task_type="SEQ_2_SEQ_LM", r=2)
+    else:
+        peft_config = peftkit.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, encoder_prefix=True)
+    pm = peftkit.get_peft_model(model, peft_config)
     cfg_t = TrainConfig(batch_size=2, max_steps=2, lr=1e-2, progress=False, eval_steps=0, save_steps=0,
                         num_generations=0, eval_generate_samples=2, max_new_tokens=4)
     t = Trainer(pm, tok, data.train, data.eval, cfg_t, task_type="SEQ_2_SEQ_LM", quiet=True)
