@@ -653,9 +653,13 @@ class PromptLearningModel(PeftModel):
         return [(pkv[2 * src].contiguous(), pkv[2 * src + 1].contiguous()) for src in sources]
 
     def _encoder_attentions(self) -> list[nn.Module]:
-        """The encoder's self-attention modules in layer order (encoder-decoder models), found once:
-        the innermost attention module per ``layer_idx`` whose forward takes ``past_key_values``."""
-        found = getattr(self, "_encoder_attention_cache", None)
+        """The encoder's self-attention modules in layer order (encoder-decoder models)."""
+        return [module for module, _, _ in self._encoder_layers()]
+
+    def _encoder_layers(self) -> list[tuple[nn.Module, inspect.Signature, Optional[str]]]:
+        """Per encoder layer, found once: the innermost attention module for that ``layer_idx`` whose
+        forward takes ``past_key_values``, its forward's signature and the name of its mask argument."""
+        found = getattr(self, "_encoder_layer_cache", None)
         if found is not None:
             return found
         base = self.base_model
@@ -674,8 +678,12 @@ class PromptLearningModel(PeftModel):
                 f"layer index; {type(base).__name__}'s encoder has none. Leave encoder_prefix unset to put the "
                 "prefixes on the decoder only."
             )
-        found = [by_layer[i] for i in range(len(by_layer))]
-        object.__setattr__(self, "_encoder_attention_cache", found)  # plain attribute, not a submodule
+        found = []
+        for i in range(len(by_layer)):
+            signature = inspect.signature(by_layer[i].forward)
+            mask_arg = next((a for a in ("attention_mask", "mask") if a in signature.parameters), None)
+            found.append((by_layer[i], signature, mask_arg))
+        object.__setattr__(self, "_encoder_layer_cache", found)  # plain attribute, not submodules
         return found
 
     @contextlib.contextmanager
@@ -691,10 +699,8 @@ class PromptLearningModel(PeftModel):
 
         handles = []
 
-        def hook_for(module: nn.Module, key: torch.Tensor, value: torch.Tensor) -> Any:
-            signature = inspect.signature(module.forward)
-            mask_arg = next((a for a in ("attention_mask", "mask") if a in signature.parameters), None)
-
+        def hook_for(signature: inspect.Signature, mask_arg: Optional[str], key: torch.Tensor, value: torch.Tensor
+                     ) -> Any:
             def hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
                 bound = signature.bind(*args, **kwargs)
                 given = bound.arguments
@@ -715,8 +721,9 @@ class PromptLearningModel(PeftModel):
             return hook
 
         try:
-            for module, (key, value) in zip(self._encoder_attentions(), v.enc_kv):
-                handles.append(module.register_forward_pre_hook(hook_for(module, key, value), with_kwargs=True))
+            for (module, signature, mask_arg), (key, value) in zip(self._encoder_layers(), v.enc_kv):
+                handles.append(module.register_forward_pre_hook(hook_for(signature, mask_arg, key, value),
+                                                                with_kwargs=True))
             yield
         finally:
             for handle in handles:
