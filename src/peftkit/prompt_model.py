@@ -111,12 +111,17 @@ class _Virtual:
     kv_mask: Optional[torch.Tensor]  # (B, Nk)
     n_input: torch.Tensor  # (B,)
     n_prefix: torch.Tensor  # (B,)
-    uniform: bool  # every row has the same virtual tokens count of each kind (no padding added)
+    input_counts: tuple[int, ...]
+    prefix_counts: tuple[int, ...]
     enc_kv: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # per encoder layer (encoder_prefix)
     enc_kv_mask: Optional[torch.Tensor] = None  # (B, Nk): kv_mask, zero for rows without encoder prefixes
     enc_full: bool = False  # every row reads all Nk encoder-prefix columns (no mask needed)
-    input_counts: tuple[int, ...] = ()
-    prefix_counts: tuple[int, ...] = ()
+
+    @property
+    def uniform(self) -> bool:
+        """Every row has the same virtual-token count of each kind (no padding added), also when
+        the rows' adapters differ."""
+        return self.uniform_input and self.uniform_prefix
 
     @property
     def uniform_input(self) -> bool:
@@ -589,8 +594,6 @@ class PromptLearningModel(PeftModel):
         prefix_counts = tuple(lengths[n] if n != BASE_ADAPTER and is_kv[n] else 0 for n in names)
         n_input = torch.tensor(input_counts, device=device)
         n_prefix = torch.tensor(prefix_counts, device=device)
-        # uniform: every row has the same counts (also when the rows' adapters differ)
-        uniform = len(set(input_counts)) == 1 and len(set(prefix_counts)) == 1
         single = len(set(names)) == 1 and slots
 
         def block(kind_is_kv: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -619,8 +622,7 @@ class PromptLearningModel(PeftModel):
         if embeds is not None:
             embeds = embeds.to(device=device, dtype=dtype)
         z, kv_mask = block(True)
-        out = _Virtual(embeds, embeds_mask, None, kv_mask, n_input, n_prefix, uniform,
-                       input_counts=input_counts, prefix_counts=prefix_counts)
+        out = _Virtual(embeds, embeds_mask, None, kv_mask, n_input, n_prefix, input_counts, prefix_counts)
         if z is not None:
             z = z.to(device=device, dtype=dtype)
             first = next(n for n in slots if is_kv[n])
@@ -630,7 +632,7 @@ class PromptLearningModel(PeftModel):
                 out.enc_kv = self._split_prefix(z, first, encoder=True)
                 rows = torch.tensor([n in on_encoder for n in names], device=device)
                 out.enc_kv_mask = kv_mask * rows.unsqueeze(1).to(kv_mask.dtype)
-                out.enc_full = uniform and all(n in on_encoder for n in names)
+                out.enc_full = out.uniform and all(n in on_encoder for n in names)
         return out
 
     def _split_prefix(self, z: torch.Tensor, name: str, encoder: bool = False
