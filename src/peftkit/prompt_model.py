@@ -328,6 +328,7 @@ class PromptLearningModel(PeftModel):
             config.task_type = TaskType(self.task)
         elif str(config.task_type) != self.task:
             raise ConfigError(f"The adapter's task_type is {config.task_type} but this is a {self.task} model.")
+        config.validate()  # again, with the task known (and fields set after the config was built)
         cfg = _text_config(self.base_model)
         if cfg is None:
             raise PeftkitError(f"{type(self.base_model).__name__} has no config; prompt-learning methods need a "
@@ -405,12 +406,7 @@ class PromptLearningModel(PeftModel):
         layers = _first_attr(cfg, names + ("num_hidden_layers", "num_layers", "n_layer"))
         if layers is not None and config.num_layers != layers:
             raise ConfigError(f"num_layers={config.num_layers} but the model has {layers} (decoder) layers.")
-        if config.encoder_prefix:
-            if self.task != "SEQ_2_SEQ_LM":
-                raise ConfigError(
-                    f"encoder_prefix=True is for encoder-decoder models (SEQ_2_SEQ_LM); this is a {self.task} model, "
-                    "whose prefixes are already on every attention layer. Leave encoder_prefix unset."
-                )
+        if config.encoder_prefix:  # (the config's validate() refused it for other tasks)
             for module in self._encoder_attentions():
                 heads = _first_attr(module, ("num_heads", "n_heads"))
                 dim = _first_attr(module, ("head_dim", "key_value_proj_dim"))
