@@ -170,9 +170,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
         if config.is_prompt_learning:
             return model.prompt_state_dict(adapter_name)
         entries = list(adapter_entries(model, adapter_name, getattr(config, "bias", "none")))
-        targeted = _embeddings_targeted(model, config)
-        if _saves_embeddings(model, config, save_embedding_layers, targeted):
-            extra = list(embedding_entries(model, wrapped_only=targeted))
+        extra = _embeddings_to_save(model, config, save_embedding_layers)
     else:
         entries = list(adapter_entries(model, adapter_name, "none"))
     out = {}
@@ -218,22 +216,25 @@ def _vocab_resized(model: nn.Module, config: PeftConfig) -> bool:
     return isinstance(base_vocab, int) and base_vocab != vocab
 
 
-def _saves_embeddings(model: nn.Module, config: PeftConfig, mode: Union[bool, str], targeted: bool) -> bool:
-    if mode != "auto":
-        return bool(mode)
-    if str(config.peft_type) != "LORA":
-        return False
+def _embeddings_to_save(model: nn.Module, config: PeftConfig, mode: Union[bool, str]) -> list[tuple[str, torch.Tensor]]:
+    """The base embedding (key, tensor) pairs ``save_embedding_layers=mode`` adds to the file."""
+    if mode is False or mode == "auto" and str(config.peft_type) != "LORA":
+        return []
+    targeted = _embeddings_targeted(model, config)
+    if mode is True:
+        return list(embedding_entries(model, wrapped_only=targeted))
     if targeted:
         why = "the adapter targets embed_tokens / lm_head"
     elif _vocab_resized(model, config):
         why = f"the vocabulary differs from {config.base_model_name_or_path}'s"
     else:
-        return False
-    size = sum(t.numel() * t.element_size() for _, t in embedding_entries(model, wrapped_only=targeted))
+        return []
+    entries = list(embedding_entries(model, wrapped_only=targeted))
+    size = sum(t.numel() * t.element_size() for _, t in entries)
     warnings.warn(f"save_embedding_layers='auto': saving the base embedding weights ({size / 2**20:.1f} MiB) with the "
                   f"adapter because {why} (as Hugging Face PEFT). Pass save_embedding_layers=False to leave them out.",
                   PeftkitWarning, stacklevel=4)
-    return True
+    return entries
 
 
 def embedding_entries(model: nn.Module, wrapped_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
@@ -303,17 +304,12 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
             if strict and key not in optional:
                 raise CheckpointError(f"{source} has no tensor {file_key!r}; the file is incomplete or for another model.")
             continue
-        if tuple(given[key].shape) != tuple(tensor.shape) and key in optional:
-            raise CheckpointError(
-                f"{source}: the base embedding weight {file_key!r} saved with the adapter has shape "
-                f"{tuple(given[key].shape)} but the model's has {tuple(tensor.shape)}; the adapter was trained with a "
-                f"resized vocabulary. Call model.resize_token_embeddings({given[key].shape[0]}) before loading it."
-            )
         if tuple(given[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"{source}: tensor {file_key!r} has shape {tuple(given[key].shape)} but the model expects "
-                f"{tuple(tensor.shape)}; the adapter does not fit this model (different base model, r or targets)."
-            )
+            why = (f"the adapter was trained with a resized vocabulary. Call model.resize_token_embeddings("
+                   f"{given[key].shape[0]}) before loading it" if key in optional
+                   else "the adapter does not fit this model (different base model, r or targets)")
+            raise CheckpointError(f"{source}: tensor {file_key!r} has shape {tuple(given[key].shape)} but the model "
+                                  f"expects {tuple(tensor.shape)}; {why}.")
         if not (given[key].is_floating_point() or given[key].is_complex()):
             raise CheckpointError(f"{source}: tensor {file_key!r} has dtype {given[key].dtype}, expected floating point.")
     if unexpected:
