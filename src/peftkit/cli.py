@@ -416,7 +416,10 @@ def _add_quantize_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _quantize_arg(value: str) -> Any:
-    return {"run": "run", "none": None}.get(value, int(value) if value in ("4", "8") else "run")
+    """``--quantize`` (one of its choices) as load_for_inference's ``quantize``: "run", None, 4 or 8."""
+    if value == "none":
+        return None
+    return value if value == "run" else int(value)
 
 
 def _device(name: Optional[str]) -> Any:

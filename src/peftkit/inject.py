@@ -8,6 +8,7 @@ targeted submodules, wraps each in the method's :class:`AdapterLayer` (which kee
 from __future__ import annotations
 
 import contextvars
+import itertools
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -200,9 +201,8 @@ class AdapterLayer(nn.Module):
     def _adapter_device(self) -> torch.device:
         """Where new adapter tensors go: the device of the base layer's first parameter or buffer."""
         base = self.get_base_layer()
-        for t in list(base.parameters()) + list(base.buffers()):
-            return t.device
-        return torch.device("cpu")
+        first = next(itertools.chain(base.parameters(), base.buffers()), None)
+        return torch.device("cpu") if first is None else first.device
 
     def get_base_layer(self) -> nn.Module:
         base = self.base_layer

@@ -86,10 +86,11 @@ def _train(run: RunConfig, info: DistInfo, train_data: Any, eval_data: Any, quie
                                                                                      run.model.trust_remote_code),
                         train_source=train_data, eval_source=eval_data, seed=cfg.seed)
     labels = data.label_names
+    quant = quant_options(run.model)
     model = load_model(model_path, data.task_type, num_labels=len(labels) if labels else None,
                        id2label=dict(enumerate(labels)) if labels else None, dtype=run.model.dtype,
                        trust_remote_code=run.model.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
-                       quantize=quant_options(run.model))
+                       quantize=quant)
     peft_config = build_peft_config(method_name, run.method_args, data.task_type, model_path)
     from ..model import get_peft_model
 
@@ -108,7 +109,6 @@ def _train(run: RunConfig, info: DistInfo, train_data: Any, eval_data: Any, quie
         if data.train is not None and data.train.dropped:
             print(f"note: {data.train.dropped} training examples were dropped: max_length "
                   f"{run.data.max_length} cut off their whole completion.")
-        quant = quant_options(run.model)
         base = "" if quant is None else (" (base quantized: " + ("int8" if quant["bits"] == 8 else
                                          f"NF4, blocks of {quant['block_size']}"
                                          + (", double quant" if quant["double_quant"] else "")) + ")")
