@@ -21,7 +21,7 @@ from peftkit import (
     load_model,
     set_peft_model_state_dict,
 )
-from peftkit.inject import AdapterLayer
+from peftkit.inject import AdapterLayer, mixed_batch
 from peftkit.methods.lora import Linear as LoraLinear
 
 from .models import MLP, randomize_adapters, tiny_llama
@@ -400,7 +400,10 @@ def test_batched_lora_paths_agree_with_per_row_reference(tokens, assign):
         assert torch.allclose(got, want, atol=1e-4)
         base = torch.randn(len(idx), tokens, d_out, generator=g)
         expected = base + want
-        out = _batched_lora(x, A, B, plan, add_to=base)  # added in place without autograd
+        kept = base.clone()
+        out = _batched_lora(x, A, B, plan, add_to=base)  # not in place unless asked
+        assert out.data_ptr() != base.data_ptr() and torch.equal(base, kept) and torch.allclose(out, expected, atol=1e-4)
+        out = _batched_lora(x, A, B, plan, add_to=base, in_place=True)  # added in place without autograd
         assert out.data_ptr() == base.data_ptr() and torch.allclose(out, expected, atol=1e-4)
     A.requires_grad_(True)
     got = _batched_lora(x, A, B, RowPlan(torch.tensor(idx)))  # training path (gathered or sliced)
@@ -408,7 +411,7 @@ def test_batched_lora_paths_agree_with_per_row_reference(tokens, assign):
     got.sum().backward()
     assert A.grad is not None
     base = torch.randn(len(idx), tokens, d_out, generator=g, requires_grad=True)
-    out = _batched_lora(x, A, B, RowPlan(torch.tensor(idx)), add_to=base)  # out of place under autograd
+    out = _batched_lora(x, A, B, RowPlan(torch.tensor(idx)), add_to=base, in_place=True)  # out of place under autograd
     assert torch.allclose(out, base.detach() + want, atol=1e-4)
     out.sum().backward()
     assert torch.equal(base.grad, torch.ones_like(base))
@@ -446,3 +449,70 @@ def test_base_linear_hooks_and_patched_forwards_still_run():
         finally:
             del base.forward
         torch.testing.assert_close(layer(x), want)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_hook_on_base_keeps_the_base_output(grad):
+    """A forward hook that keeps the base layer's output (activation capture) sees the base output:
+    the adapter is never added into a tensor a hook has seen, in single-adapter and mixed batches."""
+    torch.manual_seed(0)
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin1"]))
+    pm.add_adapter("other", LoraConfig(target_modules=["lin1"]))
+    randomize_adapters(pm)
+    pm.eval()
+    layer = pm.base_model.model.lin1
+    base = layer.base_layer
+    x = torch.randn(4, 20)
+    plain = torch.nn.functional.linear(x, base.weight, base.bias).detach()
+    with torch.set_grad_enabled(grad):
+        want = layer(x).detach()
+        kept = []
+        handle = base.register_forward_hook(lambda m, args, out: kept.append(out))
+        try:
+            got = layer(x)
+            with mixed_batch(["default", "other", "__base__", "default"]):
+                got_mixed = layer(x)
+        finally:
+            handle.remove()
+    torch.testing.assert_close(got.detach(), want)
+    for out in kept:
+        torch.testing.assert_close(out.detach(), plain)
+    assert len(kept) == 2
+    torch.testing.assert_close(got_mixed[[0, 3]].detach(), want[[0, 3]])
+    torch.testing.assert_close(got_mixed[2].detach(), plain[2])
+
+
+def test_cached_transpose_follows_new_weight_storage():
+    """The no-grad path keeps a view of lora_B's transpose between calls: a weight given new storage
+    (``.data =``, a load with ``assign=True``, ``.to()``), or updated in place, is what the next
+    forward uses."""
+    torch.manual_seed(0)
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin1"]))
+    randomize_adapters(pm)
+    layer = pm.base_model.model.lin1
+    x = torch.randn(3, 20)
+
+    def reference():
+        base, A, B = layer.base_layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        return (torch.nn.functional.linear(x, base.weight, base.bias) + layer.scaling["default"] * (x @ A.T @ B.T)).detach()
+
+    with torch.inference_mode():
+        layer(x)
+    B = layer.lora_B["default"].weight
+    B.data = torch.randn_like(B)  # new storage, same Parameter
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), reference())
+    with torch.no_grad():
+        B.mul_(3)  # in place, outside inference mode
+        torch.testing.assert_close(layer(x), reference())
+    state = {k: v.clone() + 1 for k, v in pm.state_dict().items()}
+    pm.load_state_dict(state, assign=True)  # new Parameter objects
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference())
+    pm.double()
+    x = x.double()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference())
+    out = layer(x)  # and autograd works after cached no-grad calls
+    out.sum().backward()
+    assert layer.lora_B["default"].weight.grad is not None

@@ -111,27 +111,34 @@ def model_type_of(model: nn.Module) -> Optional[str]:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def current_mixed_batch() -> Optional[MixedBatch]:
-    return _MIXED.get()
+# ``current_mixed_batch()``: the batch being routed, or None. The ContextVar's own ``get`` (no Python
+# frame): layers call it on every forward.
+current_mixed_batch = _MIXED.get
 
 
-def call_base(base: nn.Module, x: Any, args: tuple, kwargs: dict) -> Any:
-    """``base(x, *args, **kwargs)``.
+_tracing_state = torch._C._get_tracing_state
+
+
+def call_base(base: nn.Module, x: Any, args: tuple, kwargs: dict) -> tuple[Any, bool]:
+    """``base(x, *args, **kwargs)``, and whether that output is fresh: made here, seen by no hook,
+    so the caller may add into it in place.
 
     For an exact ``nn.Linear`` with no hooks (its own or global), no instance-level ``forward``, no
     ``torch.compile`` wrapper and no JIT tracing this computes ``F.linear(x, weight, bias)``
     directly: what ``__call__`` would run, without ``nn.Module``'s call bookkeeping, which on a
     CPU decode step costs about as much as a rank-16 GEMM. Anything else goes through
-    ``__call__``."""
-    if (type(base) is nn.Linear and not args and not kwargs and not base._forward_pre_hooks
-            and not base._forward_hooks and not base._backward_pre_hooks and not base._backward_hooks
-            and base._compiled_call_impl is None and "forward" not in base.__dict__
-            and not _torch_module._global_forward_pre_hooks and not _torch_module._global_forward_hooks
-            and not _torch_module._global_backward_pre_hooks and not _torch_module._global_backward_hooks
-            and not torch._C._get_tracing_state()):
-        params = base._parameters
-        return F.linear(x, params["weight"], params["bias"])
-    return base(x, *args, **kwargs)
+    ``__call__``. The module's state is read from its ``__dict__`` (``nn.Module`` attribute reads
+    are several times slower than dict reads)."""
+    if type(base) is nn.Linear and not args and not kwargs:
+        d = base.__dict__
+        if (not (d["_forward_pre_hooks"] or d["_forward_hooks"] or d["_backward_pre_hooks"] or d["_backward_hooks"])
+                and d.get("_compiled_call_impl") is None and "forward" not in d
+                and not (_torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks
+                         or _torch_module._global_backward_pre_hooks or _torch_module._global_backward_hooks)
+                and not _tracing_state()):
+            params = d["_parameters"]
+            return F.linear(x, params["weight"], params["bias"]), True
+    return base(x, *args, **kwargs), False
 
 
 class mixed_batch:

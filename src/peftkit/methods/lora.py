@@ -215,6 +215,8 @@ class LoraLayer(AdapterLayer):
         self.fan_in_fan_out = fan_in_fan_out
         self._dora_norm: dict[str, torch.Tensor] = {}  # norms used at merge time, for exact unmerge
         self._stack_cache: Optional[tuple] = None
+        # adapter name -> (lora_B weight's data pointer, its transpose), for no-grad forwards
+        self._b_t: dict[str, tuple[int, torch.Tensor]] = {}
 
     # -- creation -----------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: LoraConfig, key: str) -> None:
@@ -268,6 +270,12 @@ class LoraLayer(AdapterLayer):
 
     def _clear_cache(self) -> None:
         self._stack_cache = None
+        self._b_t = {}
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "LoraLayer":
+        # ``.to()`` / ``.half()`` may give the parameters new storage: drop views of the old one
+        self._clear_cache()
+        return super()._apply(fn, *args, **kwargs)
 
     # -- deltas and merging -------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -320,29 +328,34 @@ class LoraLayer(AdapterLayer):
 
         The states of :meth:`AdapterLayer.forward`, written out here rather than through its
         ``_active_forward`` / ``_mixed_forward`` hooks: LoRA computes the base output the same way in
-        both, and this is the hottest Python in an unmerged model (one call level less per layer)."""
-        base = self._modules["base_layer"]
-        if self.disabled:
-            if self.merged_adapters:
+        both, and this is the hottest Python of an unmerged model (one call level less per layer;
+        state read from ``__dict__``, as ``nn.Module`` attribute reads are several times slower)."""
+        d = self.__dict__
+        base = d["_modules"]["base_layer"]
+        if d["disabled"]:
+            if d["merged_adapters"]:
                 self.unmerge()
-            return call_base(base, x, args, kwargs)
+            return call_base(base, x, args, kwargs)[0]
+        result, fresh = call_base(base, x, args, kwargs)
         mixed = current_mixed_batch()
-        result = call_base(base, x, args, kwargs)
         if mixed is not None:
             self._check_mixed()
-            return self._mixed_lora(x, result, mixed)
-        merged = self.merged_adapters
-        for name in self.active_adapters:
-            if name in self.r and name not in merged:
-                result = self._add_adapter(name, x, result)
+            return self._mixed_lora(x, result, mixed, fresh)
+        merged, ranks = d["merged_adapters"], d["r"]
+        for name in d["active_adapters"]:
+            if name in ranks and name not in merged:
+                result = self._add_adapter(name, x, result, fresh)
+                fresh = True  # the sum (or the base output it was added into) is this layer's own
         return result
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``result`` plus adapter ``name``'s contribution for input ``x``."""
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor, fresh: bool) -> torch.Tensor:
+        """``result`` plus adapter ``name``'s contribution for input ``x``. ``fresh``: ``result`` was
+        made by this layer and nobody else holds it (not returned through a hook), so it may be
+        added into in place when no gradient is recorded."""
         raise NotImplementedError
 
-    def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
-        """``result`` (the base output) plus each row's adapter."""
+    def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch, fresh: bool) -> torch.Tensor:
+        """``result`` (the base output) plus each row's adapter (``fresh``: as for :meth:`_add_adapter`)."""
         raise NotImplementedError
 
 
@@ -400,27 +413,37 @@ class Linear(LoraLayer):
     def _dora_factor_shape(self, factor: torch.Tensor) -> torch.Tensor:
         return factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor, fresh: bool) -> torch.Tensor:
         # plain dict lookups (not nn.Module attribute access): this runs once per layer per forward
-        modules = self._modules
+        d = self.__dict__
+        modules = d["_modules"]
         A = modules["lora_A"]._modules[name]._parameters["weight"]
         B = modules["lora_B"]._modules[name]._parameters
         dropout = modules["lora_dropout"]._modules[name]
-        xa = x if x.dtype == A.dtype else x.to(A.dtype)
+        xa = x if x.dtype is A.dtype else x.to(A.dtype)
         if type(dropout) is not nn.Identity:
             xa = dropout(xa)
-        if self.use_dora[name]:
+        if d["use_dora"][name]:
             return result + self._dora_extra(name, x, xa, result).to(result.dtype)
-        h = F.linear(xa, A)
-        weight, bias, s = B["weight"], B["bias"], self.scaling[name]
-        if bias is None and result.dtype == h.dtype and result.is_contiguous():
-            # ``result + s · h Bᵀ`` as one GEMM with beta=1: no (…, out) temporary and no separate
-            # add pass. In place when no gradient is recorded (the base output is a fresh tensor).
-            out2d, h2d = result.view(-1, result.shape[-1]), h.view(-1, h.shape[-1])
-            if torch.is_grad_enabled():
-                return torch.addmm(out2d, h2d, weight.t(), alpha=s).view(result.shape)
-            out2d.addmm_(h2d, weight.t(), alpha=s)
+        weight, bias, s = B["weight"], B["bias"], d["scaling"][name]
+        if bias is None and result.dtype is xa.dtype and result.is_contiguous():
+            # ``result + s · (x Aᵀ) Bᵀ`` on 2-D views, the second product a GEMM with beta=1: no (…, out)
+            # temporary and no separate add pass. In place when the base output is fresh and no
+            # gradient is recorded.
+            h = F.linear(xa.reshape(-1, d["in_features"]), A)
+            out2d = result.view(-1, d["out_features"])
+            if not fresh or torch.is_grad_enabled():
+                return torch.addmm(out2d, h, weight.t(), alpha=s).view(result.shape)
+            # Bᵀ is a view kept between calls (making it costs as much as the rest of this code);
+            # a weight given new storage (``param.data = ...``, a reload with assign) has a new
+            # data pointer. Never reused with autograd: views made in inference mode must not be.
+            cached = d["_b_t"].get(name)
+            ptr = weight.data_ptr()
+            if cached is None or cached[0] != ptr:
+                cached = d["_b_t"][name] = (ptr, weight.t())
+            out2d.addmm_(h, cached[1], alpha=s)
             return result
+        h = F.linear(xa, A)
         return torch.add(result, F.linear(h, weight, bias).to(result.dtype), alpha=s)
 
     def _dora_extra(self, name: str, x: torch.Tensor, xd: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -489,7 +512,7 @@ class Linear(LoraLayer):
             self._stack_cache = (key, value)
         return value
 
-    def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+    def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch, fresh: bool) -> torch.Tensor:
         names = tuple(self.lora_A.keys())
         if not names:
             return result
@@ -506,7 +529,7 @@ class Linear(LoraLayer):
                                    "set lora_dropout=0 or train one adapter per batch.")
         if factors is None and bias is None and result.dtype == A.dtype and result.is_contiguous():
             # the usual case: add into the base output inside the second batched matmul
-            out = _batched_lora(x3, A, B, plan, add_to=result.view(rows, -1, self.out_features))
+            out = _batched_lora(x3, A, B, plan, add_to=result.view(rows, -1, self.out_features), in_place=fresh)
             return out.view(result.shape)
         lora = _batched_lora(x3, A, B, plan)
         if bias is not None:
@@ -523,10 +546,10 @@ class Linear(LoraLayer):
 
 
 def _batched_lora(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, plan: Any,
-                  add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  add_to: Optional[torch.Tensor] = None, in_place: bool = False) -> torch.Tensor:
     """Row i of ``x3`` (rows, tokens, in) times ``A[idx[i]]`` (in, r) times ``B[idx[i]]`` (r, out),
-    plus ``add_to`` (rows, tokens, out) when given (added in the same batched matmul; in place when
-    no gradient is recorded).
+    plus ``add_to`` (rows, tokens, out) when given (added in the same batched matmul; into
+    ``add_to`` itself when ``in_place`` and no gradient is recorded).
 
     Three equivalent ways, none copying the stacked weights per row unless it must: a batched
     matmul on a slice of the stacks (rows use consecutive slots in order: no copy); a grouped matmul
@@ -537,8 +560,9 @@ def _batched_lora(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, plan: Any,
     rows, tokens, d_in = x3.shape
     grad = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or x3.requires_grad
                                         or (add_to is not None and add_to.requires_grad))
+    copy = grad or not in_place  # add out of place
     if plan.start is not None:
-        return _bmm_pair(x3, A.narrow(0, plan.start, rows), B.narrow(0, plan.start, rows), add_to, grad)
+        return _bmm_pair(x3, A.narrow(0, plan.start, rows), B.narrow(0, plan.start, rows), add_to, copy)
     if (not grad and plan.n_slots_used * 4 <= rows and hasattr(F, "grouped_mm")
             and x3.dtype in (torch.float32, torch.bfloat16) and d_in % 8 == 0 and B.shape[-1] % 8 == 0):
         offs, order = plan.groups(tokens, A.shape[0])
@@ -549,17 +573,18 @@ def _batched_lora(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, plan: Any,
         if order is not None:
             out = torch.empty_like(out).index_copy_(0, order, out)
         out = out.view(rows, tokens, -1)
-        return out if add_to is None else (add_to + out if grad else add_to.add_(out))
-    return _bmm_pair(x3, A.index_select(0, plan.idx), B.index_select(0, plan.idx), add_to, grad)
+        return out if add_to is None else (add_to + out if copy else add_to.add_(out))
+    return _bmm_pair(x3, A.index_select(0, plan.idx), B.index_select(0, plan.idx), add_to, copy)
 
 
 def _bmm_pair(x3: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add_to: Optional[torch.Tensor],
-              grad: bool) -> torch.Tensor:
-    """``(x3 @ a) @ b`` (+ ``add_to``, fused into the second batched matmul)."""
+              copy: bool) -> torch.Tensor:
+    """``(x3 @ a) @ b`` (+ ``add_to``, fused into the second batched matmul; into ``add_to`` itself
+    unless ``copy``)."""
     h = torch.bmm(x3, a)
     if add_to is None:
         return torch.bmm(h, b)
-    return torch.baddbmm(add_to, h, b) if grad else add_to.baddbmm_(h, b)
+    return torch.baddbmm(add_to, h, b) if copy else add_to.baddbmm_(h, b)
 
 
 def _dropout_p(module: nn.Module) -> float:
@@ -615,7 +640,7 @@ class Embedding(LoraLayer):
         return F.embedding(x, table, padding_idx=base.padding_idx, max_norm=base.max_norm,
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor, fresh: bool) -> torch.Tensor:
         after_a = self._lookup(x, self.lora_embedding_A[name].T)
         out = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
         scale = getattr(self.get_base_layer(), "embed_scale", None)
@@ -627,7 +652,7 @@ class Embedding(LoraLayer):
         f = self.lora_magnitude_vector[name].weight / self._dora_weight_norm(name, weight.float()).detach()
         return (f * result.to(f.dtype) + f * out).to(result.dtype)
 
-    def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+    def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch, fresh: bool) -> torch.Tensor:
         """Rows gather their adapter's A columns for their tokens, then one batched matmul with B."""
         names = tuple(self.lora_embedding_A.keys())
         if not names:
@@ -701,7 +726,7 @@ class ConvNd(LoraLayer):
     def _dora_factor_shape(self, factor: torch.Tensor) -> torch.Tensor:
         return factor.transpose(0, 1)  # (out, 1, 1, ...) to scale the weight's rows
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor, fresh: bool) -> torch.Tensor:
         xa = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))
         lora = self.lora_B[name](self.lora_A[name](xa))
         if not self.use_dora[name]:
@@ -718,7 +743,7 @@ class ConvNd(LoraLayer):
                 base_out = base_out - base.bias.to(lora.dtype).view(1, -1, *([1] * self._conv_dim))
         return result + ((f - 1) * base_out + f * self.scaling[name] * lora).to(result.dtype)
 
-    def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+    def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch, fresh: bool) -> torch.Tensor:
         """Each row its own adapter, as one grouped convolution over the batch (groups = batch)."""
         names = tuple(self.lora_A.keys())
         if not names:
