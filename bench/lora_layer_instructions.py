@@ -1,0 +1,127 @@
+"""CPU instructions per call of one LoRA linear layer, peftkit beside Hugging Face PEFT (Linux ``perf``).
+
+    python bench/lora_layer_instructions.py [--dim 8] [--calls 20000]
+
+On a CPU decode step (a few tokens) the time an unmerged adapter adds is mostly the Python and the
+PyTorch call overhead around its two thin matmuls, and timing it is at the mercy of a noisy machine.
+Counting instructions is not: the counts repeat to about 0.5%. Each variant runs in its own process
+under ``perf stat -e instructions``, counting only the timed calls (``--control``), one thread, no
+gradient (``torch.inference_mode``), input (32, 1, dim), rank 16, non-zero B. With the default
+``--dim 8`` the arithmetic is negligible and what is left is the per-call cost. Variants:
+
+- ``nn.Linear``: the base layer alone (what the adapter layer replaces);
+- ``peftkit``: peftkit's LoRA ``Linear`` wrapping it;
+- ``bare ops``: the LoRA math as bare tensor calls in a minimal module (``F.linear``, ``F.linear``,
+  ``addmm_`` on 2-D views, Bᵀ made once): the floor for this math written in Python;
+- ``peft``: Hugging Face PEFT's LoRA ``Linear``.
+
+Figures and what they mean for the model-level ratio: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+VARIANTS = ("nn.Linear", "peftkit", "bare ops", "peft")
+
+
+def _layer(variant: str, dim: int):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(dim, dim, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    if variant == "nn.Linear":
+        return Wrap().proj
+    cfg = dict(r=16, lora_alpha=32, target_modules=["proj"])
+    if variant == "peft":
+        import peft
+
+        layer = peft.get_peft_model(Wrap(), peft.LoraConfig(**cfg)).base_model.model.proj
+    else:
+        import peftkit
+
+        layer = peftkit.get_peft_model(Wrap(), peftkit.LoraConfig(**cfg)).base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    if variant != "bare ops":
+        return layer
+    W, A = layer.base_layer.weight, layer.lora_A["default"].weight
+    Bt, s = layer.lora_B["default"].weight.t(), layer.scaling["default"]
+
+    class Bare(nn.Module):
+        def forward(self, x):
+            out = F.linear(x, W)
+            out.view(-1, dim).addmm_(F.linear(x, A).view(-1, A.shape[0]), Bt, alpha=s)
+            return out
+
+    return Bare()
+
+
+def _child(variant: str, dim: int, calls: int, ctl_fd: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    layer = _layer(variant, dim)
+    x = torch.randn(32, 1, dim)
+    with torch.inference_mode():
+        for _ in range(200):
+            layer(x)
+        os.write(ctl_fd, b"enable\n")
+        for _ in range(calls):
+            layer(x)
+        os.write(ctl_fd, b"disable\n")
+
+
+def _count(variant: str, dim: int, calls: int) -> float:
+    read_fd, write_fd = os.pipe()
+    cmd = ["perf", "stat", "-x,", "-e", "instructions", "--control", f"fd:{read_fd}", "-D", "-1",
+           sys.executable, __file__, "--child", variant, "--dim", str(dim), "--calls", str(calls),
+           "--ctl-fd", str(write_fd)]
+    proc = subprocess.run(cmd, pass_fds=(read_fd, write_fd), capture_output=True, text=True)
+    os.close(read_fd), os.close(write_fd)
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant}: {proc.stderr.strip()[-800:]}")
+    for line in proc.stderr.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].startswith("instructions"):
+            return int(fields[0]) / calls
+    raise SystemExit(f"{variant}: no instruction count in perf's output:\n{proc.stderr[-800:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dim", type=int, default=8, help="in = out features (default 8: arithmetic negligible)")
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--ctl-fd", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.dim, args.calls, args.ctl_fd)
+        return
+    if shutil.which("perf") is None:
+        raise SystemExit("This benchmark needs Linux `perf` (perf stat) on PATH.")
+    counts = {v: _count(v, args.dim, args.calls) for v in VARIANTS}
+    base = counts["nn.Linear"]
+    print(f"# instructions per call, input (32, 1, {args.dim}), r=16, {args.calls} calls, 1 thread, inference mode")
+    print("| variant | instructions / call | added over nn.Linear |")
+    print("|---|---|---|")
+    for v, n in counts.items():
+        print(f"| {v} | {n / 1e3:.1f}K | {(n - base) / 1e3:+.1f}K |")
+
+
+if __name__ == "__main__":
+    main()
