@@ -516,3 +516,62 @@ def test_cached_transpose_follows_new_weight_storage():
     out = layer(x)  # and autograd works after cached no-grad calls
     out.sum().backward()
     assert layer.lora_B["default"].weight.grad is not None
+
+
+def test_torch_compile_traces_lora_layers_without_graph_breaks():
+    """torch.compile (dynamo, eager backend: no C++ compiler needed) traces LoRA layers in one graph
+    with no mixed batch open, with and without autograd, and gives the eager outputs; a compiled
+    mixed batch still routes rows (dynamo guards on the open-batch count and recompiles)."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin1", "lin2"]))
+    pm.add_adapter("other", LoraConfig(target_modules=["lin1", "lin2"]))
+    randomize_adapters(pm)
+    pm.eval()
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        want = pm(x)
+        assert dynamo.explain(pm)(x).graph_break_count == 0
+        dynamo.reset()
+        compiled = torch.compile(pm, backend="eager")
+        torch.testing.assert_close(compiled(x), want)
+        names = ["default", "other", "__base__", "default"]
+        want_mixed = pm(x, adapter_names=names)
+        torch.testing.assert_close(compiled(x, adapter_names=names), want_mixed)
+        torch.testing.assert_close(compiled(x), want)  # the count is back to 0: the plain graph again
+    assert dynamo.explain(pm)(x).graph_break_count == 0  # with autograd
+    out = compiled(x)
+    out.sum().backward()
+    assert pm.base_model.model.lin1.lora_B["default"].weight.grad is not None
+    dynamo.reset()
+
+
+def test_mixed_batch_open_in_another_thread_does_not_route_this_one():
+    """The open-batch count is process-wide, the batch itself per thread: a mixed batch open in one
+    thread leaves another thread's forwards on the active adapter."""
+    import threading
+
+    torch.manual_seed(0)
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin1"]))
+    pm.add_adapter("other", LoraConfig(target_modules=["lin1"]))
+    randomize_adapters(pm)
+    x = torch.randn(2, 10)
+    with torch.no_grad():
+        want = pm(x)
+        opened, done = threading.Event(), threading.Event()
+
+        def hold_open():
+            with mixed_batch(["other", "other"]):
+                opened.set()
+                done.wait(10)
+
+        thread = threading.Thread(target=hold_open)
+        thread.start()
+        try:
+            assert opened.wait(10)
+            torch.testing.assert_close(pm(x), want)
+            torch.testing.assert_close(pm(x, adapter_names=["other", "default"])[1], want[1])
+        finally:
+            done.set()
+            thread.join()

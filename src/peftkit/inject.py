@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import re
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -111,9 +112,16 @@ def model_type_of(model: nn.Module) -> Optional[str]:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-# ``current_mixed_batch()``: the batch being routed, or None. The ContextVar's own ``get`` (no Python
-# frame): layers call it on every forward.
-current_mixed_batch = _MIXED.get
+# How many mixed batches are open, in any thread. Layers read it before the ContextVar: with none
+# open (the usual case) no ContextVar is read, which is cheaper on every layer's forward and lets
+# torch.compile trace the layers (it cannot trace ``ContextVar.get``; it guards on this global).
+_MIXED_OPEN = 0
+_MIXED_OPEN_LOCK = threading.Lock()
+
+
+def current_mixed_batch() -> Optional[MixedBatch]:
+    """The batch being routed in this thread / task (set by :class:`mixed_batch`), or None."""
+    return _MIXED.get() if _MIXED_OPEN else None
 
 
 _tracing_state = torch._C._get_tracing_state
@@ -149,11 +157,19 @@ class mixed_batch:
         self._token = None
 
     def __enter__(self) -> Optional[MixedBatch]:
+        global _MIXED_OPEN
         self._token = _MIXED.set(self.batch)
+        if self.batch is not None:
+            with _MIXED_OPEN_LOCK:
+                _MIXED_OPEN += 1
         return self.batch
 
     def __exit__(self, *exc: Any) -> None:
+        global _MIXED_OPEN
         _MIXED.reset(self._token)
+        if self.batch is not None:
+            with _MIXED_OPEN_LOCK:
+                _MIXED_OPEN -= 1
 
 
 # ---------------------------------------------------------------------------------------------

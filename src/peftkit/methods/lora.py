@@ -34,6 +34,8 @@ from ..inject import AdapterLayer, MixedBatch, call_base, current_mixed_batch
 from ..quant import dequantize_weight, is_quantized_module, requantize_weight_
 from . import Method, register_method
 
+_compiling = torch.compiler.is_compiling
+
 # Default target modules per model type (when target_modules is None), as Hugging Face PEFT.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
@@ -437,11 +439,15 @@ class Linear(LoraLayer):
             # Bᵀ is a view kept between calls (making it costs as much as the rest of this code);
             # a weight given new storage (``param.data = ...``, a reload with assign) has a new
             # data pointer. Never reused with autograd: views made in inference mode must not be.
-            cached = d["_b_t"].get(name)
-            ptr = weight.data_ptr()
-            if cached is None or cached[0] != ptr:
-                cached = d["_b_t"][name] = (ptr, weight.t())
-            out2d.addmm_(h, cached[1], alpha=s)
+            if _compiling():  # torch.compile traces ``weight.t()`` itself, and cannot trace data pointers
+                bt = weight.t()
+            else:
+                cached = d["_b_t"].get(name)
+                ptr = weight.data_ptr()
+                if cached is None or cached[0] != ptr:
+                    cached = d["_b_t"][name] = (ptr, weight.t())
+                bt = cached[1]
+            out2d.addmm_(h, bt, alpha=s)
             return result
         h = F.linear(xa, A)
         return torch.add(result, F.linear(h, weight, bias).to(result.dtype), alpha=s)
