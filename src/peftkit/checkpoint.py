@@ -278,21 +278,24 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     """
     from .model import PeftModel
 
-    optional: dict[str, tuple[str, torch.Tensor]] = {}
-    if isinstance(model, PeftModel):
+    is_peft = isinstance(model, PeftModel)
+    if is_peft:
         config = model.peft_config[adapter_name]
         if config.is_prompt_learning:
             model.load_prompt_state_dict(adapter_name, peft_model_state_dict, source=source)
             return []
         entries = list(adapter_entries(model, adapter_name, getattr(config, "bias", "none")))
-        # base embedding weights saved with save_embedding_layers: loaded into the base model
-        optional = {_normalise(k): (k, t) for k, t in embedding_entries(model)}
     else:
         entries = list(adapter_entries(model, adapter_name, "none"))
     expected = {_normalise(file_key): (file_key, tensor) for _, file_key, tensor in entries}
     given = {_normalise(k): v for k, v in peft_model_state_dict.items()}
-    for key in set(optional) & (set(given) - set(expected)):
-        expected[key] = optional[key]
+    # base embedding weights saved with save_embedding_layers, among the keys no adapter tensor takes:
+    # loaded into the base model
+    optional: dict[str, tuple[str, torch.Tensor]] = {}
+    extra = set(given) - set(expected)
+    if is_peft and extra:
+        optional = {key: (k, t) for k, t in embedding_entries(model) if (key := _normalise(k)) in extra}
+        expected.update(optional)
     unexpected = sorted(set(given) - set(expected))
     if expected and len(unexpected) == len(given):
         raise CheckpointError(
@@ -301,7 +304,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
         )
     for key, (file_key, tensor) in expected.items():
         if key not in given:
-            if strict and key not in optional:
+            if strict:
                 raise CheckpointError(f"{source} has no tensor {file_key!r}; the file is incomplete or for another model.")
             continue
         if tuple(given[key].shape) != tuple(tensor.shape):
