@@ -451,14 +451,20 @@ def test_base_linear_hooks_and_patched_forwards_still_run():
         torch.testing.assert_close(layer(x), want)
 
 
+def _two_adapter_mlp(targets: list[str]):
+    """The MLP with adapters "default" and "other" on ``targets``, non-zero B (seed 0)."""
+    torch.manual_seed(0)
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=targets))
+    pm.add_adapter("other", LoraConfig(target_modules=targets))
+    randomize_adapters(pm)
+    return pm
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_hook_on_base_keeps_the_base_output(grad):
     """A forward hook that keeps the base layer's output (activation capture) sees the base output:
     the adapter is never added into a tensor a hook has seen, in single-adapter and mixed batches."""
-    torch.manual_seed(0)
-    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin1"]))
-    pm.add_adapter("other", LoraConfig(target_modules=["lin1"]))
-    randomize_adapters(pm)
+    pm = _two_adapter_mlp(["lin1"])
     pm.eval()
     layer = pm.base_model.model.lin1
     base = layer.base_layer
@@ -524,10 +530,7 @@ def test_torch_compile_traces_lora_layers_without_graph_breaks():
     mixed batch still routes rows (dynamo guards on the open-batch count and recompiles)."""
     import torch._dynamo as dynamo
 
-    torch.manual_seed(0)
-    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin1", "lin2"]))
-    pm.add_adapter("other", LoraConfig(target_modules=["lin1", "lin2"]))
-    randomize_adapters(pm)
+    pm = _two_adapter_mlp(["lin1", "lin2"])
     pm.eval()
     x = torch.randn(4, 10)
     with torch.no_grad():
@@ -552,10 +555,7 @@ def test_mixed_batch_open_in_another_thread_does_not_route_this_one():
     thread leaves another thread's forwards on the active adapter."""
     import threading
 
-    torch.manual_seed(0)
-    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin1"]))
-    pm.add_adapter("other", LoraConfig(target_modules=["lin1"]))
-    randomize_adapters(pm)
+    pm = _two_adapter_mlp(["lin1"])
     x = torch.randn(2, 10)
     with torch.no_grad():
         want = pm(x)
