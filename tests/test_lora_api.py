@@ -23,6 +23,7 @@ from peftkit import (
 )
 from peftkit.inject import AdapterLayer, mixed_batch
 from peftkit.methods.lora import Linear as LoraLinear
+from peftkit.methods.lora import LoraLayer
 
 from .models import MLP, randomize_adapters, tiny_llama
 
@@ -488,40 +489,165 @@ def test_hook_on_base_keeps_the_base_output(grad):
     torch.testing.assert_close(got_mixed[2].detach(), plain[2])
 
 
-def test_cached_transpose_follows_new_weight_storage():
-    """The no-grad path keeps a view of lora_B's transpose between calls: a weight given new storage
-    (``.data =``, a load with ``assign=True``, ``.to()``), or updated in place, is what the next
-    forward uses."""
+def _road_forbidden(monkeypatch):
+    """Make the general forward raise: a call that returns went by Linear's no-grad road."""
+    def general(*args, **kwargs):
+        raise AssertionError("the general road ran")
+    monkeypatch.setattr(LoraLayer, "forward", general)
+
+
+def _reference(layer, x, names=("default",)):
+    """Base output plus each named adapter, written out with autograd's ops (no road)."""
+    base = layer.base_layer
+    out = torch.nn.functional.linear(x, base.weight, base.bias)
+    for n in names:
+        out = out + layer.scaling[n] * (x @ layer.lora_A[n].weight.T @ layer.lora_B[n].weight.T)
+    return out.detach()
+
+
+@pytest.mark.parametrize("shape", [(20,), (3, 20), (4, 1, 20), (2, 3, 2, 20), (0, 1, 20), "transposed"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_no_grad_road_equals_the_autograd_forward(shape, bias, monkeypatch):
+    """Without autograd a plain LoRA Linear computes ``x Wᵀ + b + s (x Aᵀ) Bᵀ`` by its own road
+    (2-D GEMMs on kept transposed views): the same output as with autograd, for any input rank,
+    an empty batch and a non-contiguous input, with one and with two active adapters."""
     torch.manual_seed(0)
-    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin1"]))
+    pm = get_peft_model(MLP(bias=bias), LoraConfig(target_modules=["lin1"]))
+    pm.add_adapter("other", LoraConfig(target_modules=["lin1"], r=4, lora_alpha=3))
     randomize_adapters(pm)
+    layer = pm.base_model.model.lin1
+    x = torch.randn(5, 20).T.contiguous().T if shape == "transposed" else torch.randn(shape)
+    for names in (["default"], ["default", "other"]):
+        pm.set_adapter(names)
+        want = layer(x).detach()  # with autograd: the general road
+        torch.testing.assert_close(want, _reference(layer, x, names))
+        with monkeypatch.context() as patch:
+            _road_forbidden(patch)
+            for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):  # a plan made in one, used in the other
+                with mode():
+                    got = layer(x)
+                assert got.shape == want.shape
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert layer._road[1] is torch.float32 and [a[0] for a in layer._road[5]] == names
+
+
+def test_no_grad_road_is_left_when_the_layer_is_not_plain(monkeypatch):
+    """The no-grad road is taken only in the plain state; otherwise the general forward runs, with
+    its own results: dropout in training mode, DoRA, lora_bias, a merged adapter, a disabled
+    adapter, a mixed batch, autocast, a hook on the base layer."""
+    calls = []
+    general = LoraLayer.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return general(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLayer, "forward", counting)
+    x = torch.randn(3, 20)
+
+    def build(**cfg):
+        torch.manual_seed(0)
+        pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin1"], **cfg))
+        randomize_adapters(pm)
+        return pm, pm.base_model.model.lin1
+
+    def general_ran(fn):
+        calls.clear()
+        with torch.no_grad():
+            out = fn()
+        return bool(calls), out
+
+    pm, layer = build()
+    assert general_ran(lambda: layer(x)) == (False, pytest.approx(layer(x).detach()))  # plain: the road
+    pm, layer = build(lora_dropout=0.5)
+    pm.train()
+    ran, a = general_ran(lambda: layer(x))
+    assert ran and not torch.allclose(a, general_ran(lambda: layer(x))[1])  # dropout drew new masks
+    pm.eval()
+    assert not general_ran(lambda: layer(x))[0]  # dropout is a no-op in eval: the road
+    for cfg in ({"use_dora": True}, {"lora_bias": True}):
+        pm, layer = build(**cfg)
+        ran, out = general_ran(lambda: layer(x))
+        assert ran
+        torch.testing.assert_close(out, layer(x).detach())
+    pm, layer = build()
+    want = _reference(layer, x)
+    pm.merge_adapter()
+    ran, out = general_ran(lambda: layer(x))
+    assert ran
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    pm.unmerge_adapter()
+    with pm.disable_adapter():
+        ran, out = general_ran(lambda: layer(x))
+    assert ran
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias))
+    with mixed_batch(["default", "__base__", "default"]):
+        assert general_ran(lambda: layer(x))[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ran, out = general_ran(lambda: layer(x))
+    assert ran and out.dtype == torch.bfloat16
+    handle = layer.base_layer.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    ran, out = general_ran(lambda: layer(x))
+    handle.remove()
+    assert ran
+    base = layer.base_layer
+    torch.testing.assert_close(out, (torch.nn.functional.linear(2 * x, base.weight, base.bias)
+                                     + _reference(layer, x) - torch.nn.functional.linear(x, base.weight, base.bias)))
+    assert not general_ran(lambda: layer(x))[0]  # hook gone: the road again
+
+
+def test_no_grad_road_follows_weights_and_adapter_changes():
+    """The road keeps transposed views of the weights between calls. A weight given new storage
+    (``.data =``, a load with ``assign=True``, ``.to()``), updated in place, a replaced adapter
+    module, a changed scaling, another active adapter, a deleted one, a model built on the meta
+    device and loaded later: the next forward uses what the layer holds now."""
+    pm = _two_adapter_mlp(["lin1"])
     layer = pm.base_model.model.lin1
     x = torch.randn(3, 20)
 
-    def reference():
-        base, A, B = layer.base_layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        return (torch.nn.functional.linear(x, base.weight, base.bias) + layer.scaling["default"] * (x @ A.T @ B.T)).detach()
+    def check(names=("default",), xx=None):
+        xx = x if xx is None else xx
+        with torch.inference_mode():
+            got = layer(xx)
+        torch.testing.assert_close(got, _reference(layer, xx, names))
 
-    with torch.inference_mode():
-        layer(x)
+    check()
     B = layer.lora_B["default"].weight
     B.data = torch.randn_like(B)  # new storage, same Parameter
-    with torch.inference_mode():
-        torch.testing.assert_close(layer(x), reference())
+    check()
+    layer.base_layer.weight.data = torch.randn_like(layer.base_layer.weight)
+    check()
     with torch.no_grad():
         B.mul_(3)  # in place, outside inference mode
-        torch.testing.assert_close(layer(x), reference())
+        layer.lora_A["default"].weight.add_(1)
+    check()
+    layer.lora_A["default"] = nn.Linear(20, 8, bias=False)  # a new module
+    check()
+    layer.scaling["default"] = 0.5
+    check()
+    pm.set_adapter("other")
+    check(("other",))
+    pm.set_adapter("default")
+    check()
+    pm.delete_adapter("other")
+    check()
     state = {k: v.clone() + 1 for k, v in pm.state_dict().items()}
     pm.load_state_dict(state, assign=True)  # new Parameter objects
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), reference())
+    check()
     pm.double()
-    x = x.double()
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), reference())
-    out = layer(x)  # and autograd works after cached no-grad calls
+    check(xx=x.double())
+    out = layer(x.double())  # and autograd works after no-grad calls
     out.sum().backward()
     assert layer.lora_B["default"].weight.grad is not None
+
+    with torch.device("meta"):
+        meta = get_peft_model(MLP(), LoraConfig(target_modules=["lin1"]))
+    with torch.inference_mode():
+        assert meta(torch.randn(3, 10, device="meta")).shape == (3, 2)
+    meta.load_state_dict(state, assign=True)
+    layer = meta.base_model.model.lin1
+    check()
+    assert layer._road is not None and layer._road[1] is torch.float32
 
 
 def test_torch_compile_traces_lora_layers_without_graph_breaks():

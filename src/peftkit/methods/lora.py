@@ -27,14 +27,19 @@ from typing import Any, Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from ..config import PeftConfig, PeftType, positive_int, probability, register_config, unsupported
 from ..errors import ConfigError, MergeError, PeftkitError, PeftkitWarning, TargetError
-from ..inject import AdapterLayer, MixedBatch, call_base, current_mixed_batch
+from .. import inject
+from ..inject import AdapterLayer, MixedBatch, call_base, current_mixed_batch, plain_linear_params
 from ..quant import dequantize_weight, is_quantized_module, requantize_weight_
 from . import Method, register_method
 
 _compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_autocast = torch._C._is_any_autocast_enabled
+_tracing_state = torch._C._get_tracing_state
 
 # Default target modules per model type (when target_modules is None), as Hugging Face PEFT.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -217,8 +222,7 @@ class LoraLayer(AdapterLayer):
         self.fan_in_fan_out = fan_in_fan_out
         self._dora_norm: dict[str, torch.Tensor] = {}  # norms used at merge time, for exact unmerge
         self._stack_cache: Optional[tuple] = None
-        # adapter name -> (lora_B weight's data pointer, its transpose), for no-grad forwards
-        self._b_t: dict[str, tuple[int, torch.Tensor]] = {}
+        self._road: Optional[tuple] = None  # Linear's no-grad plan (Linear._road_plan)
 
     # -- creation -----------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: LoraConfig, key: str) -> None:
@@ -272,7 +276,7 @@ class LoraLayer(AdapterLayer):
 
     def _clear_cache(self) -> None:
         self._stack_cache = None
-        self._b_t = {}
+        self._road = None
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "LoraLayer":
         # ``.to()`` / ``.half()`` may give the parameters new storage: drop views of the old one
@@ -378,6 +382,94 @@ class Linear(LoraLayer):
         else:  # transformers Conv1D: weight (in, out)
             self.in_features, self.out_features = base.weight.shape
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """:meth:`LoraLayer.forward`. Without autograd, in the plain case, the same math in fewer
+        PyTorch calls (what a decode step on a CPU pays for): the input as one 2-D matrix, ``mm`` /
+        ``addmm`` on transposed views of the weights kept between calls, each adapter added into
+        the base output inside its second GEMM::
+
+            out = x Wᵀ (+ b);   out += s · (x Aᵀ) Bᵀ   (each active adapter)
+
+        ``F.linear`` runs these same kernels, so the output is the general road's. Plain: the
+        conditions below and those of :meth:`_road_plan`."""
+        d = self.__dict__
+        if not (args or kwargs or d["disabled"] or d["merged_adapters"] or inject._MIXED_OPEN or _grad_enabled()
+                or type(x) is not torch.Tensor or _autocast() or _compiling()):
+            plan = d["_road"]
+            if plan is None or plan[0] != d["active_adapters"]:
+                plan = self._road_plan()
+            modules = d["_modules"]
+            base = modules["base_layer"].__dict__
+            shape = x.shape
+            # the base's forward would be just F.linear: no forward hooks (backward hooks cannot
+            # fire without autograd), no instance forward, no compiled call, no JIT tracing
+            if (plan[1] is x.dtype and shape and shape[-1] == plan[2]
+                    and not (base["_forward_pre_hooks"] or base["_forward_hooks"]
+                             or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks)
+                    and "forward" not in base and base.get("_compiled_call_impl") is None and not _tracing_state()):
+                params = base["_parameters"]
+                if params["weight"].data_ptr() == plan[3]:
+                    mods_a, mods_b, scaling = modules["lora_A"]._modules, modules["lora_B"]._modules, d["scaling"]
+                    for name, a_ptr, _, b_ptr, _, dropout in plan[5]:
+                        if (mods_a[name]._parameters["weight"].data_ptr() != a_ptr
+                                or mods_b[name]._parameters["weight"].data_ptr() != b_ptr
+                                or (dropout is not None and dropout.training)):
+                            break
+                    else:
+                        n_dim, k = len(shape), plan[2]
+                        x2 = (x if n_dim == 2 else x.reshape(shape[0] * shape[1], k) if n_dim == 3
+                              else x.reshape(math.prod(shape[:-1]), k))
+                        bias = params["bias"]
+                        out = torch.mm(x2, plan[4]) if bias is None else torch.addmm(bias, x2, plan[4])
+                        for name, _, at, _, bt, _ in plan[5]:
+                            out.addmm_(torch.mm(x2, at), bt, alpha=scaling[name])
+                        if n_dim == 2:
+                            return out
+                        if n_dim == 3:
+                            return out.view(shape[0], shape[1], d["out_features"])
+                        return out.view(*shape[:-1], d["out_features"])
+                    d["_road"] = None  # an adapter weight has new storage: plan anew next time
+                else:
+                    d["_road"] = None
+        return LoraLayer.forward(self, x, *args, **kwargs)
+
+    def _road_plan(self) -> tuple:
+        """What :meth:`forward`'s no-grad road needs, kept between calls and checked on each
+        (``self._road``, dropped by :meth:`_clear_cache`): ``(active adapters, dtype, in_features,
+        base weight data pointer, Wᵀ, adapters)``, ``adapters`` a tuple of ``(name, A data pointer,
+        Aᵀ, B data pointer, Bᵀ, dropout module or None)``. The dtype is None (road closed) unless
+        the base is an exact ``nn.Linear`` and its weight and every active adapter's weights share
+        one dtype, with no DoRA and no lora_bias.
+
+        The views are why this pays: making one costs about as much as a thin GEMM's call. A
+        weight given new storage (``param.data = ...``, a reload with ``assign=True``) has a new
+        data pointer, so the plan is made anew; ``.to()`` and friends drop it (:meth:`_apply`).
+        Only used without autograd (views made in inference mode must not meet it)."""
+        names = list(self.active_adapters)
+        base = self.get_base_layer()
+        dtype, w_ptr, wt, adapters = None, 0, None, []
+        plain = (nn.Parameter, torch.Tensor)  # not quantized or distributed tensor types
+        if type(base) is nn.Linear and self.base_layer is base and type(base.weight) in plain:
+            W = base.weight
+            dtype, w_ptr, wt = W.dtype, W.data_ptr(), W.t()
+            for name in names:
+                if name not in self.r:
+                    continue
+                A, B = self.lora_A[name].weight, self.lora_B[name].weight
+                if (self.use_dora[name] or self.lora_bias[name] or A.dtype is not dtype or B.dtype is not dtype
+                        or type(A) not in plain or type(B) not in plain):
+                    dtype = None
+                    break
+                dropout = self.lora_dropout[name]
+                adapters.append((name, A.data_ptr(), A.t(), B.data_ptr(), B.t(),
+                                 None if isinstance(dropout, nn.Identity) else dropout))
+        plan = (names, dtype, self.in_features, w_ptr, wt, tuple(adapters))
+        if w_ptr:  # not kept for meta tensors (data pointer 0): a later load must plan anew
+            self._road = plan
+        else:
+            plan = (names, None) + plan[2:]
+        return plan
+
     def _create(self, name: str, r: int, config: LoraConfig) -> None:
         device = self._adapter_device()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
@@ -436,18 +528,7 @@ class Linear(LoraLayer):
             out2d = result.view(-1, d["out_features"])
             if not fresh or torch.is_grad_enabled():
                 return torch.addmm(out2d, h, weight.t(), alpha=s).view(result.shape)
-            # Bᵀ is a view kept between calls (making it costs as much as the rest of this code);
-            # a weight given new storage (``param.data = ...``, a reload with assign) has a new
-            # data pointer. Never reused with autograd: views made in inference mode must not be.
-            if _compiling():  # torch.compile traces ``weight.t()`` itself, and cannot trace data pointers
-                bt = weight.t()
-            else:
-                cached = d["_b_t"].get(name)
-                ptr = weight.data_ptr()
-                if cached is None or cached[0] != ptr:
-                    cached = d["_b_t"][name] = (ptr, weight.t())
-                bt = cached[1]
-            out2d.addmm_(h, bt, alpha=s)
+            out2d.addmm_(h, weight.t(), alpha=s)
             return result
         h = F.linear(xa, A)
         return torch.add(result, F.linear(h, weight, bias).to(result.dtype), alpha=s)
