@@ -142,8 +142,8 @@ def bench_overhead(quick: bool) -> list[dict]:
 
 def bare_ops(layer):
     """A forward computing peftkit LoRA ``layer``'s output (adapter "default") with bare tensor calls:
-    ``F.linear``, ``F.linear``, ``addmm_`` on 2-D views, Bᵀ made once. The floor for this math
-    written in Python (no state checks, no lookups)."""
+    ``F.linear``, ``F.linear``, ``addmm_`` on 2-D views, Bᵀ made once. This math written in Python
+    the obvious way, with no state checks and no lookups."""
     import torch.nn.functional as F
 
     W, A = layer.base_layer.weight, layer.lora_A["default"].weight
@@ -156,10 +156,28 @@ def bare_ops(layer):
     return forward
 
 
+def bare_mm(layer):
+    """The tensor calls of peftkit's no-grad road with none of its checks (the floor for it): the
+    (batch, tokens, in) input as one 2-D matrix, ``torch.mm`` on Wᵀ and Aᵀ made once, ``addmm_``
+    on Bᵀ, a view back."""
+    W, A = layer.base_layer.weight, layer.lora_A["default"].weight
+    Wt, At, Bt, s = W.t(), A.t(), layer.lora_B["default"].weight.t(), layer.scaling["default"]
+    k, n = W.shape[1], W.shape[0]
+
+    def forward(x):
+        b, t, _ = x.shape
+        x2 = x.reshape(b * t, k)
+        out = torch.mm(x2, Wt)
+        out.addmm_(torch.mm(x2, At), Bt, alpha=s)
+        return out.view(b, t, n)
+    return forward
+
+
 def bench_floor(quick: bool) -> list[dict]:
     """What one unmerged adapter costs at decode shape (32 x 1) without peftkit's wrapper code: each
-    LoRA layer's forward replaced (on the instance, in this benchmark only) by the bare tensor ops,
-    or by one GEMM over ``[W; A]`` stacked plus one ``addmm``. Compared with peftkit's own layer."""
+    LoRA layer's forward replaced (on the instance, in this benchmark only) by bare tensor ops
+    (:func:`bare_ops`; :func:`bare_mm`, the no-grad road's calls), or by one GEMM over ``[W; A]``
+    stacked plus one ``addmm``. Compared with peftkit's own layer."""
     import torch.nn.functional as F
 
     import peftkit
@@ -177,7 +195,7 @@ def bench_floor(quick: bool) -> list[dict]:
     rows = []
     ids = torch.randint(0, 8000, (32, 1), generator=torch.Generator().manual_seed(2))
     repeat = 5 if quick else 80
-    for variant in ("peftkit layer", "bare ops", "fused [W; A]"):
+    for variant in ("peftkit layer", "bare ops", "bare 2-D mm", "fused [W; A]"):
         plain = llama()
         pm = peftkit.get_peft_model(sharing(plain), peftkit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         randomize(pm)
@@ -185,7 +203,7 @@ def bench_floor(quick: bool) -> list[dict]:
         if variant != "peftkit layer":
             for m in pm.modules():
                 if isinstance(m, LoraLinear):
-                    m.forward = (bare_ops if variant == "bare ops" else fused)(m)
+                    m.forward = {"bare ops": bare_ops, "bare 2-D mm": bare_mm, "fused [W; A]": fused}[variant](m)
         with torch.inference_mode():
             base, s, ratio = paired(lambda: plain(input_ids=ids), lambda: pm(input_ids=ids), repeat)
         rows.append({"bench": f"one adapter unmerged, 32x1, {variant}", "lib": "peftkit", "base_s": base, "s": s,

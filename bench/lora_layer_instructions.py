@@ -12,7 +12,9 @@ gradient (``torch.inference_mode``), input (32, 1, dim), rank 16, non-zero B. Wi
 - ``nn.Linear``: the base layer alone (what the adapter layer replaces);
 - ``peftkit``: peftkit's LoRA ``Linear`` wrapping it;
 - ``bare ops``: the LoRA math as bare tensor calls in a minimal module (``F.linear``, ``F.linear``,
-  ``addmm_`` on 2-D views, Bᵀ made once): the floor for this math written in Python;
+  ``addmm_`` on 2-D views, Bᵀ made once): this math written in Python the obvious way;
+- ``bare 2-D mm``: the tensor calls of peftkit's no-grad road with none of its checks (``mm`` on
+  kept transposed views, ``addmm_``, one reshape and one view): the floor for peftkit's layer;
 - ``peft``: Hugging Face PEFT's LoRA ``Linear``.
 
 Figures and what they mean for the model-level ratio: docs/benchmarks.md.
@@ -26,7 +28,7 @@ import shutil
 import subprocess
 import sys
 
-VARIANTS = ("nn.Linear", "peftkit", "bare ops", "peft")
+VARIANTS = ("nn.Linear", "peftkit", "bare ops", "bare 2-D mm", "peft")
 
 
 def _layer(variant: str, dim: int):
@@ -56,12 +58,13 @@ def _layer(variant: str, dim: int):
         layer = peftkit.get_peft_model(Wrap(), peftkit.LoraConfig(**cfg)).base_model.model.proj
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_()
-    if variant != "bare ops":
+    if not variant.startswith("bare"):
         return layer
-    from bench_lora import bare_ops  # this script's folder is on sys.path
+    from bench_lora import bare_mm, bare_ops  # this script's folder is on sys.path
 
     bare = nn.Module()
-    bare.forward = bare_ops(layer)  # called by nn.Module.__call__ like any forward, no extra frame
+    # called by nn.Module.__call__ like any forward, no extra frame
+    bare.forward = (bare_ops if variant == "bare ops" else bare_mm)(layer)
     return bare
 
 

@@ -650,6 +650,23 @@ def test_no_grad_road_follows_weights_and_adapter_changes():
     assert layer._road is not None and layer._road[1] is torch.float32
 
 
+def test_set_adapter_drops_the_mixed_batch_stacks():
+    """Mixed batches cache the stacked adapter weights, checked by tensor versions, which a weight
+    replaced through ``.data`` does not change: ``set_adapter`` drops the stacks (as the README says)."""
+    pm = _two_adapter_mlp(["lin1"])
+    layer = pm.base_model.model.lin1
+    x = torch.randn(2, 10)
+    names = ["default", "other"]
+    with torch.inference_mode():
+        pm(x, adapter_names=names)
+        B = layer.lora_B["other"].weight
+        B.data = torch.randn_like(B)
+        pm.set_adapter("default")
+        got = pm(x, adapter_names=names)
+        pm.set_adapter("other")
+        torch.testing.assert_close(got[1], pm(x[1:])[0])
+
+
 def test_torch_compile_traces_lora_layers_without_graph_breaks():
     """torch.compile (dynamo, eager backend: no C++ compiler needed) traces LoRA layers in one graph
     with no mixed batch open, with and without autograd, and gives the eager outputs; a compiled

@@ -247,8 +247,10 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def set_adapter(self, names: Sequence[str], trainable: bool = True) -> None:
-        """Activate ``names`` (those this layer has); their tensors train if ``trainable``."""
+        """Activate ``names`` (those this layer has); their tensors train if ``trainable``. Drops the
+        layer's caches (so this is also how to make it see weights replaced through ``.data``)."""
         self.active_adapters = [n for n in names if n in self.adapter_names]
+        self._clear_cache()
         for attr in self.adapter_layer_names:
             container = getattr(self, attr)
             for name, value in container.items():

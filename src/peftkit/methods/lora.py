@@ -394,7 +394,7 @@ class Linear(LoraLayer):
         conditions below and those of :meth:`_road_plan`."""
         d = self.__dict__
         if not (args or kwargs or d["disabled"] or d["merged_adapters"] or inject._MIXED_OPEN or _grad_enabled()
-                or type(x) is not torch.Tensor or _autocast() or _compiling()):
+                or type(x) is not torch.Tensor or _autocast() or _compiling() or _tracing_state()):
             plan = d["_road"]
             if plan is None or plan[0] != d["active_adapters"]:
                 plan = self._road_plan()
@@ -402,11 +402,11 @@ class Linear(LoraLayer):
             base = modules["base_layer"].__dict__
             shape = x.shape
             # the base's forward would be just F.linear: no forward hooks (backward hooks cannot
-            # fire without autograd), no instance forward, no compiled call, no JIT tracing
+            # fire without autograd), no instance forward, no compiled call
             if (plan[1] is x.dtype and shape and shape[-1] == plan[2]
                     and not (base["_forward_pre_hooks"] or base["_forward_hooks"]
                              or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks)
-                    and "forward" not in base and base.get("_compiled_call_impl") is None and not _tracing_state()):
+                    and "forward" not in base and base.get("_compiled_call_impl") is None):
                 params = base["_parameters"]
                 if params["weight"].data_ptr() == plan[3]:
                     mods_a, mods_b, scaling = modules["lora_A"]._modules, modules["lora_B"]._modules, d["scaling"]
