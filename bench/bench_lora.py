@@ -211,41 +211,46 @@ def bench_floor(quick: bool) -> list[dict]:
     return rows
 
 
-def _train_child(lib_name: str, steps: int) -> None:
-    """Run in a subprocess: training steps, print time per step and peak RSS growth."""
-    torch.set_num_threads(THREADS)
+def _train_setup(lib_name: str):
+    """A LoRA model of ``lib_name`` in training mode and a function running one training step."""
     lib = libs()[lib_name]
-    model = llama()
-    pm = lib.get_peft_model(model, lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    pm = lib.get_peft_model(llama(), lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 8000, (8, 128), generator=torch.Generator().manual_seed(3))
     pm.train()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def step():
         loss = pm(input_ids=ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return step
 
+
+def _train_child(lib_name: str, steps: int) -> None:
+    """Run in a subprocess: training steps, print time per step and peak RSS growth."""
+    torch.set_num_threads(THREADS)
+    step = _train_setup(lib_name)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = timeit(step, steps, warmup=1)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"step_s": t, "peak_rss_growth_mb": (rss1 - rss0) / 1024, "peak_rss_mb": rss1 / 1024}))
 
 
 def bench_train(quick: bool) -> list[dict]:
-    rows = []
-    steps = 2 if quick else 5
-    res = {}
+    """Training step time: both libraries' models in this process, steps timed in alternating order
+    (:func:`paired`), so that the machine's drift hits both alike. Peak memory: each library alone
+    in its own process."""
+    peak = {}
     for lib_name in ("peftkit", "peft"):
-        out = subprocess.run([sys.executable, __file__, "--train-child", lib_name, str(steps)], capture_output=True,
+        out = subprocess.run([sys.executable, __file__, "--train-child", lib_name, "2"], capture_output=True,
                              text=True, check=True)
-        res[lib_name] = json.loads(out.stdout.strip().splitlines()[-1])
-    for lib_name, r in res.items():
-        rows.append({"bench": "training step 8x128 (fwd+bwd+AdamW)", "lib": lib_name, "s": r["step_s"],
-                     "ratio": r["step_s"] / res["peft"]["step_s"], "peak_rss_mb": r["peak_rss_mb"],
-                     "note": "ratio vs peft"})
-    return rows
+        peak[lib_name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    t_peer, t_ours, ratio = paired(_train_setup("peft"), _train_setup("peftkit"), 2 if quick else 12, warmup=1)
+    return [{"bench": "training step 8x128 (fwd+bwd+AdamW)", "lib": "peftkit", "s": t_ours, "ratio": ratio,
+             "peak_rss_mb": peak["peftkit"], "note": "ratio vs peft (median of paired steps)"},
+            {"bench": "training step 8x128 (fwd+bwd+AdamW)", "lib": "peft", "s": t_peer, "ratio": 1.0,
+             "peak_rss_mb": peak["peft"], "note": "ratio vs peft"}]
 
 
 def bench_inject(quick: bool) -> list[dict]:
