@@ -32,14 +32,13 @@ from torch.nn.modules import module as _torch_module
 from ..config import PeftConfig, PeftType, positive_int, probability, register_config, unsupported
 from ..errors import ConfigError, MergeError, PeftkitError, PeftkitWarning, TargetError
 from .. import inject
-from ..inject import AdapterLayer, MixedBatch, call_base, current_mixed_batch, plain_linear_params
+from ..inject import AdapterLayer, MixedBatch, _tracing_state, call_base, current_mixed_batch, plain_linear_params
 from ..quant import dequantize_weight, is_quantized_module, requantize_weight_
 from . import Method, register_method
 
 _compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _autocast = torch._C._is_any_autocast_enabled
-_tracing_state = torch._C._get_tracing_state
 
 # Default target modules per model type (when target_modules is None), as Hugging Face PEFT.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -350,18 +349,18 @@ class LoraLayer(AdapterLayer):
         merged, ranks = d["merged_adapters"], d["r"]
         for name in d["active_adapters"]:
             if name in ranks and name not in merged:
-                result = self._add_adapter(name, x, result, fresh)
-                fresh = True  # the sum (or the base output it was added into) is this layer's own
+                result = self._add_adapter(name, x, result)
         return result
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor, fresh: bool) -> torch.Tensor:
-        """``result`` plus adapter ``name``'s contribution for input ``x``. ``fresh``: ``result`` was
-        made by this layer and nobody else holds it (not returned through a hook), so it may be
-        added into in place when no gradient is recorded."""
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus adapter ``name``'s contribution for input ``x`` (out of place: ``result``
+        may be an output a hook has seen)."""
         raise NotImplementedError
 
     def _mixed_lora(self, x: torch.Tensor, result: torch.Tensor, mixed: MixedBatch, fresh: bool) -> torch.Tensor:
-        """``result`` (the base output) plus each row's adapter (``fresh``: as for :meth:`_add_adapter`)."""
+        """``result`` (the base output) plus each row's adapter. ``fresh``: ``result`` was made by this
+        layer and nobody else holds it (not returned through a hook), so it may be added into in
+        place when no gradient is recorded."""
         raise NotImplementedError
 
 
@@ -401,21 +400,23 @@ class Linear(LoraLayer):
             modules = d["_modules"]
             base = modules["base_layer"].__dict__
             shape = x.shape
-            # the base's forward would be just F.linear: no forward hooks (backward hooks cannot
-            # fire without autograd), no instance forward, no compiled call
+            # the base's forward would be just F.linear: inject.plain_linear_params's conditions,
+            # inlined (the call costs more than the checks), less the backward hooks, which cannot
+            # fire without autograd (JIT tracing is checked above)
             if (plan[1] is x.dtype and shape and shape[-1] == plan[2]
                     and not (base["_forward_pre_hooks"] or base["_forward_hooks"]
                              or _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks)
                     and "forward" not in base and base.get("_compiled_call_impl") is None):
                 params = base["_parameters"]
-                if params["weight"].data_ptr() == plan[3]:
-                    mods_a, mods_b, scaling = modules["lora_A"]._modules, modules["lora_B"]._modules, d["scaling"]
-                    for name, a_ptr, _, b_ptr, _, dropout in plan[5]:
-                        if (mods_a[name]._parameters["weight"].data_ptr() != a_ptr
-                                or mods_b[name]._parameters["weight"].data_ptr() != b_ptr
-                                or (dropout is not None and dropout.training)):
-                            break
-                    else:
+                mods_a, mods_b, scaling = modules["lora_A"]._modules, modules["lora_B"]._modules, d["scaling"]
+                current = params["weight"].data_ptr() == plan[3]  # False: a weight has new storage
+                for name, a_ptr, _, b_ptr, _, dropout in plan[5]:
+                    if not current or (dropout is not None and dropout.training):
+                        break
+                    current = (mods_a[name]._parameters["weight"].data_ptr() == a_ptr
+                               and mods_b[name]._parameters["weight"].data_ptr() == b_ptr)
+                else:
+                    if current:
                         n_dim, k = len(shape), plan[2]
                         x2 = (x if n_dim == 2 else x.reshape(shape[0] * shape[1], k) if n_dim == 3
                               else x.reshape(math.prod(shape[:-1]), k))
@@ -428,9 +429,8 @@ class Linear(LoraLayer):
                         if n_dim == 3:
                             return out.view(shape[0], shape[1], d["out_features"])
                         return out.view(*shape[:-1], d["out_features"])
-                    d["_road"] = None  # an adapter weight has new storage: plan anew next time
-                else:
-                    d["_road"] = None
+                if not current:
+                    d["_road"] = None  # plan anew on the next call
         return LoraLayer.forward(self, x, *args, **kwargs)
 
     def _road_plan(self) -> tuple:
@@ -507,7 +507,7 @@ class Linear(LoraLayer):
     def _dora_factor_shape(self, factor: torch.Tensor) -> torch.Tensor:
         return factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor, fresh: bool) -> torch.Tensor:
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # plain dict lookups (not nn.Module attribute access): this runs once per layer per forward
         d = self.__dict__
         modules = d["_modules"]
@@ -522,14 +522,10 @@ class Linear(LoraLayer):
         weight, bias, s = B["weight"], B["bias"], d["scaling"][name]
         if bias is None and result.dtype is xa.dtype and result.is_contiguous():
             # ``result + s · (x Aᵀ) Bᵀ`` on 2-D views, the second product a GEMM with beta=1: no (…, out)
-            # temporary and no separate add pass. In place when the base output is fresh and no
-            # gradient is recorded.
+            # temporary and no separate add pass. (Inference in the plain case takes the no-grad
+            # road of :meth:`forward`, which adds in place.)
             h = F.linear(xa.reshape(-1, d["in_features"]), A)
-            out2d = result.view(-1, d["out_features"])
-            if not fresh or torch.is_grad_enabled():
-                return torch.addmm(out2d, h, weight.t(), alpha=s).view(result.shape)
-            out2d.addmm_(h, weight.t(), alpha=s)
-            return result
+            return torch.addmm(result.view(-1, d["out_features"]), h, weight.t(), alpha=s).view(result.shape)
         h = F.linear(xa, A)
         return torch.add(result, F.linear(h, weight, bias).to(result.dtype), alpha=s)
 
@@ -727,7 +723,7 @@ class Embedding(LoraLayer):
         return F.embedding(x, table, padding_idx=base.padding_idx, max_norm=base.max_norm,
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor, fresh: bool) -> torch.Tensor:
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         after_a = self._lookup(x, self.lora_embedding_A[name].T)
         out = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
         scale = getattr(self.get_base_layer(), "embed_scale", None)
@@ -813,7 +809,7 @@ class ConvNd(LoraLayer):
     def _dora_factor_shape(self, factor: torch.Tensor) -> torch.Tensor:
         return factor.transpose(0, 1)  # (out, 1, 1, ...) to scale the weight's rows
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor, fresh: bool) -> torch.Tensor:
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         xa = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))
         lora = self.lora_B[name](self.lora_A[name](xa))
         if not self.use_dora[name]:
