@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from peftkit import ConfigError, PeftkitError, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peftkit.prompt.encoder_prefix import encoder_attentions
 
 from .models import _tokens, tiny_bart, tiny_bert_cls, tiny_llama, tiny_t5
 from .test_prompt_methods import single
@@ -86,7 +87,7 @@ def hand_attention(kind: str, attn, hidden, pk, pv, text_mask, n, first):
 @pytest.mark.parametrize("kind", ["t5", "bart"])
 def test_each_encoder_layer_attends_to_its_stored_prefix(kind, impl):
     pm = get_peft_model(build(kind, impl), enc_config()).eval()
-    attentions = pm._encoder_attentions()
+    attentions = encoder_attentions(pm.base_model)
     assert len(attentions) == 2 and [a.layer_idx for a in attentions] == [0, 1]
     seen = {}
 
@@ -129,7 +130,7 @@ def test_encoder_prefix_changes_the_encoder_and_is_removed_afterwards(kind):
     assert (both.encoder_last_hidden_state - base.encoder_last_hidden_state)[real].abs().max() > 1e-3
     torch.testing.assert_close(dec_only.encoder_last_hidden_state, base.encoder_last_hidden_state)
     assert not torch.allclose(both.logits, dec_only.logits)
-    for attn in pm._encoder_attentions():  # no hook is left behind
+    for attn in encoder_attentions(pm.base_model):  # no hook is left behind
         assert not attn._forward_pre_hooks
 
 

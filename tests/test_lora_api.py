@@ -382,8 +382,8 @@ def test_adapter_layers_are_few_and_typed():
 def test_batched_lora_paths_agree_with_per_row_reference(tokens, assign):
     """Sliced stacks (rows in slot order), grouped matmul (few adapters shared by many rows) and
     gathered stacks (anything else) all equal the per-row math, with and without ``add_to``."""
-    from peftkit.inject import RowPlan
-    from peftkit.methods.lora import _batched_lora
+    from peftkit.core.kernels import batched_lora
+    from peftkit.core.mixed import RowPlan
 
     g = torch.Generator().manual_seed(0)
     n, d_in, r, d_out = 5, 16, 8, 24
@@ -397,22 +397,22 @@ def test_batched_lora_paths_agree_with_per_row_reference(tokens, assign):
     x = torch.randn(len(idx), tokens, d_in, generator=g)
     want = torch.stack([x[i] @ A[j] @ B[j] for i, j in enumerate(idx)])
     with torch.no_grad():
-        got = _batched_lora(x, A, B, plan)
+        got = batched_lora(x, A, B, plan)
         assert torch.allclose(got, want, atol=1e-4)
         base = torch.randn(len(idx), tokens, d_out, generator=g)
         expected = base + want
         kept = base.clone()
-        out = _batched_lora(x, A, B, plan, add_to=base)  # not in place unless asked
+        out = batched_lora(x, A, B, plan, add_to=base)  # not in place unless asked
         assert out.data_ptr() != base.data_ptr() and torch.equal(base, kept) and torch.allclose(out, expected, atol=1e-4)
-        out = _batched_lora(x, A, B, plan, add_to=base, in_place=True)  # added in place without autograd
+        out = batched_lora(x, A, B, plan, add_to=base, in_place=True)  # added in place without autograd
         assert out.data_ptr() == base.data_ptr() and torch.allclose(out, expected, atol=1e-4)
     A.requires_grad_(True)
-    got = _batched_lora(x, A, B, RowPlan(torch.tensor(idx)))  # training path (gathered or sliced)
+    got = batched_lora(x, A, B, RowPlan(torch.tensor(idx)))  # training path (gathered or sliced)
     assert torch.allclose(got, want, atol=1e-4)
     got.sum().backward()
     assert A.grad is not None
     base = torch.randn(len(idx), tokens, d_out, generator=g, requires_grad=True)
-    out = _batched_lora(x, A, B, RowPlan(torch.tensor(idx)), add_to=base, in_place=True)  # out of place under autograd
+    out = batched_lora(x, A, B, RowPlan(torch.tensor(idx)), add_to=base, in_place=True)  # out of place under autograd
     assert torch.allclose(out, base.detach() + want, atol=1e-4)
     out.sum().backward()
     assert torch.equal(base.grad, torch.ones_like(base))
@@ -529,7 +529,7 @@ def test_no_grad_road_equals_the_autograd_forward(shape, bias, monkeypatch):
                     got = layer(x)
                 assert got.shape == want.shape
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        assert layer._road[1] is torch.float32 and [a[0] for a in layer._road[5]] == names
+        assert layer._road.dtype is torch.float32 and [a.name for a in layer._road.adapters] == names
 
 
 def test_no_grad_road_is_left_when_the_layer_is_not_plain(monkeypatch):
@@ -647,7 +647,7 @@ def test_no_grad_road_follows_weights_and_adapter_changes():
     meta.load_state_dict(state, assign=True)
     layer = meta.base_model.model.lin1
     check()
-    assert layer._road is not None and layer._road[1] is torch.float32
+    assert layer._road is not None and layer._road.dtype is torch.float32
 
 
 def test_set_adapter_drops_the_mixed_batch_stacks():

@@ -12,21 +12,8 @@ from .errors import (
     PeftkitWarning,
     TargetError,
 )
-from .methods.lora import LoraConfig
-from .methods.bottleneck import BottleneckConfig
-from .methods.ia3 import IA3Config
-from .methods.ln_tuning import LNTuningConfig
-from .methods.selective import BitFitConfig, PartialConfig
-from .methods.prompt import (
-    PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptEncoderReparameterizationType,
-    PromptLearningConfig,
-    PromptTuningConfig,
-    PromptTuningInit,
-    p_tuning_v2_config,
-)
-from .model import (
+from . import methods  # noqa: F401  (registers the built-in methods)
+from .auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
     AutoPeftModelForFeatureExtraction,
@@ -34,6 +21,18 @@ from .model import (
     AutoPeftModelForSeq2SeqLM,
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
+)
+from .config import PromptLearningConfig
+from .methods.bitfit import BitFitConfig
+from .methods.bottleneck import BottleneckConfig
+from .methods.ia3 import IA3Config
+from .methods.ln_tuning import LNTuningConfig
+from .methods.lora import LoraConfig
+from .methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from .methods.partial import PartialConfig
+from .methods.prefix_tuning import PrefixTuningConfig, p_tuning_v2_config
+from .methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from .model import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,

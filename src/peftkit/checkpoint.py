@@ -17,17 +17,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
+from ._io import atomic_write_bytes, load_tensors, save_tensors, save_tensors_pickle
 from .config import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig
+from .core.layer import AdapterLayer
+from .core.modules_to_save import ModulesToSaveWrapper
 from .errors import CheckpointError, PeftkitWarning
-from .inject import AdapterLayer, ModulesToSaveWrapper
+from .hub import resolve_file
+from .registry import Method, method_for
 
 PREFIX = "base_model.model."
 # Module names whose weights ``save_embedding_layers="auto"`` saves when a LoRA config targets them
@@ -35,72 +38,9 @@ PREFIX = "base_model.model."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
-# ---------------------------------------------------------------------------------------------
-# atomic files
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: Optional[dict] = None) -> None:
-    """Atomically write a safetensors file (tensors made contiguous, shared storage cloned)."""
-    from safetensors.torch import save
-
-    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(clean, metadata={"format": "pt", **(metadata or {})}))
-
-
-def load_tensors(path: str | os.PathLike, device: Optional[str | torch.device] = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, or a legacy ``.bin`` with ``weights_only=True``; CheckpointError if corrupt."""
-    path = os.fspath(path)
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path, device=str(device or "cpu"))
-        out = torch.load(path, map_location=device or "cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"Missing weights file {path}.") from None
-    except Exception as exc:  # safetensors and pickle errors have no common base class
-        raise CheckpointError(f"{path} is corrupt or truncated and cannot be read ({type(exc).__name__}: {exc}).") from None
-    if not isinstance(out, dict) or not all(isinstance(v, torch.Tensor) for v in out.values()):
-        raise CheckpointError(f"{path} does not hold a flat dict of tensors.")
-    return out
-
-
 def load_peft_weights(model_id: str | os.PathLike, device: Optional[str] = None, subfolder: Optional[str] = None,
                       revision: Optional[str] = None, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
     """The tensors of an adapter folder (or Hub repo): safetensors first, then legacy ``.bin``."""
-    from .hub import resolve_file
-
     path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, revision=revision,
                         missing_ok=True, **hub_kwargs)
     if path is None:
@@ -158,25 +98,36 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
     from a local folder or the Hub cache, never downloaded): the vocabulary was resized, and the
     adapter is useless without the new rows. Hugging Face PEFT's rule and keys; a warning says when
     ``"auto"`` adds them."""
-    from .model import PeftModel
-
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
     if save_embedding_layers not in (True, False, "auto"):
         raise CheckpointError(f"save_embedding_layers must be True, False or 'auto', got {save_embedding_layers!r}.")
-    extra: list[tuple[str, torch.Tensor]] = []
-    if isinstance(model, PeftModel):
-        config = model.peft_config[adapter_name]
-        if config.is_prompt_learning:
-            return model.prompt_state_dict(adapter_name)
-        entries = list(adapter_entries(model, adapter_name, getattr(config, "bias", "none")))
-        extra = _embeddings_to_save(model, config, save_embedding_layers)
-    else:
+    config = peft_config_of(model, adapter_name)
+    out: dict[str, torch.Tensor] = {}
+    if config is None:  # a plain module with injected adapters
         entries = list(adapter_entries(model, adapter_name, "none"))
-    out = {}
-    for mem_key, file_key, tensor in entries + [(k, k, t) for k, t in extra]:
+    else:
+        method = method_for(config)
+        entries = list(adapter_entries(model, adapter_name, getattr(config, "bias", "none")))
+        if method.extra_state is not None:
+            out.update(method.extra_state.save(model, adapter_name))
+        if method.is_layer_method:
+            entries += [(k, k, t) for k, t in _embeddings_to_save(model, config, method, save_embedding_layers)]
+    for mem_key, file_key, tensor in entries:
         out[file_key] = state_dict[mem_key] if state_dict is not None and mem_key in state_dict else tensor
     return out
+
+
+def peft_config_of(model: nn.Module, adapter_name: str) -> Optional[PeftConfig]:
+    """The config of adapter ``adapter_name`` when ``model`` is a PeftModel (it has a ``peft_config``
+    dict of peftkit configs), else None (a plain module with injected adapter layers). A PeftModel
+    without that adapter: CheckpointError."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not all(isinstance(c, PeftConfig) for c in configs.values()):
+        return None
+    if adapter_name not in configs:
+        raise CheckpointError(f"The model has no adapter {adapter_name!r}; its adapters: {list(configs)}.")
+    return configs[adapter_name]
 
 
 def _embeddings_targeted(model: nn.Module, config: PeftConfig) -> bool:
@@ -216,9 +167,10 @@ def _vocab_resized(model: nn.Module, config: PeftConfig) -> bool:
     return isinstance(base_vocab, int) and base_vocab != vocab
 
 
-def _embeddings_to_save(model: nn.Module, config: PeftConfig, mode: Union[bool, str]) -> list[tuple[str, torch.Tensor]]:
+def _embeddings_to_save(model: nn.Module, config: PeftConfig, method: Method, mode: Union[bool, str]
+                        ) -> list[tuple[str, torch.Tensor]]:
     """The base embedding (key, tensor) pairs ``save_embedding_layers=mode`` adds to the file."""
-    if mode is False or mode == "auto" and str(config.peft_type) != "LORA":
+    if mode is False or mode == "auto" and not method.saves_embedding_layers:
         return []
     targeted = _embeddings_targeted(model, config)
     if mode is True:
@@ -264,7 +216,12 @@ def embedding_entries(model: nn.Module, wrapped_only: bool = False) -> Iterator[
 
 
 def _normalise(key: str) -> str:
-    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+    """A file key without the PeftModel prefix (``base_model.model.`` for layer methods, ``base_model.``
+    for prompt models), so that keys written with or without it match."""
+    for prefix in (PREFIX, "base_model."):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
@@ -274,34 +231,50 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
 
     Raises :class:`CheckpointError` naming the offending key on a shape mismatch or a missing tensor
     (if ``strict``), before any tensor is copied. Returns the file keys that matched nothing (ignored,
-    with a warning).
+    with a warning). State a method keeps outside its layers (a prompt encoder) is checked and loaded
+    by the method's :class:`~peftkit.registry.ExtraState`, in the same all-or-nothing way.
     """
-    from .model import PeftModel
-
-    is_peft = isinstance(model, PeftModel)
-    if is_peft:
-        config = model.peft_config[adapter_name]
-        if config.is_prompt_learning:
-            model.load_prompt_state_dict(adapter_name, peft_model_state_dict, source=source)
-            return []
-        entries = list(adapter_entries(model, adapter_name, getattr(config, "bias", "none")))
-    else:
-        entries = list(adapter_entries(model, adapter_name, "none"))
-    expected = {_normalise(file_key): (file_key, tensor) for _, file_key, tensor in entries}
-    given = {_normalise(k): v for k, v in peft_model_state_dict.items()}
+    config = peft_config_of(model, adapter_name)
+    method = method_for(config) if config is not None else None
+    given = dict(peft_model_state_dict)
+    commit_extra: Optional[Callable[[], None]] = None
+    if method is not None and method.extra_state is not None:
+        commit_extra = method.extra_state.load(model, adapter_name, given, source)  # takes its own keys
+    bias = getattr(config, "bias", "none") if config is not None else "none"
+    expected = {_normalise(fk): (fk, t) for _, fk, t in adapter_entries(model, adapter_name, bias)}
+    given = {_normalise(k): v for k, v in given.items()}
     # base embedding weights saved with save_embedding_layers, among the keys no adapter tensor takes:
     # loaded into the base model
     optional: dict[str, tuple[str, torch.Tensor]] = {}
-    extra = set(given) - set(expected)
-    if is_peft and extra:
-        optional = {key: (k, t) for k, t in embedding_entries(model) if (key := _normalise(k)) in extra}
+    if method is not None and method.is_layer_method and set(given) - set(expected):
+        optional = {key: (k, t) for k, t in embedding_entries(model) if (key := _normalise(k)) in given
+                    and key not in expected}
         expected.update(optional)
     unexpected = sorted(set(given) - set(expected))
-    if expected and len(unexpected) == len(given):
+    if expected and unexpected and len(unexpected) == len(given):
         raise CheckpointError(
             f"None of the {len(given)} tensors in {source} matches the model (e.g. {unexpected[0]!r}); the adapter was "
             f"saved for a different model or method. The model expects keys like {next(iter(expected))!r}."
         )
+    _check_tensors(expected, given, set(optional), source, strict)
+    if unexpected:
+        warnings.warn(f"{source}: ignoring {len(unexpected)} tensors that match no adapter tensor: "
+                      f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}", PeftkitWarning, stacklevel=3)
+    with torch.no_grad():
+        for key, (_, tensor) in expected.items():
+            if key in given:
+                tensor.copy_(given[key].to(device=tensor.device, dtype=tensor.dtype))
+        if commit_extra is not None:
+            commit_extra()
+    for _, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            module.clear_cache()
+    return unexpected
+
+
+def _check_tensors(expected: dict[str, tuple[str, torch.Tensor]], given: dict[str, torch.Tensor], optional: set[str],
+                   source: str, strict: bool) -> None:
+    """CheckpointError for the first missing (if ``strict``), misshapen or non-float tensor."""
     for key, (file_key, tensor) in expected.items():
         if key not in given:
             if strict:
@@ -315,17 +288,6 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
                                   f"expects {tuple(tensor.shape)}; {why}.")
         if not (given[key].is_floating_point() or given[key].is_complex()):
             raise CheckpointError(f"{source}: tensor {file_key!r} has dtype {given[key].dtype}, expected floating point.")
-    if unexpected:
-        warnings.warn(f"{source}: ignoring {len(unexpected)} tensors that match no adapter tensor: "
-                      f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}", PeftkitWarning, stacklevel=3)
-    with torch.no_grad():
-        for key, (_, tensor) in expected.items():
-            if key in given:
-                tensor.copy_(given[key].to(device=tensor.device, dtype=tensor.dtype))
-    for _, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
-            module._clear_cache()
-    return unexpected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,11 +329,7 @@ def save_adapter_folder(folder: str, config: PeftConfig, tensors: dict[str, torc
     if safe_serialization:
         save_tensors(tensors, os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
     else:
-        import io
-
-        buf = io.BytesIO()
-        torch.save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, buf)
-        atomic_write_bytes(os.path.join(folder, WEIGHTS_NAME), buf.getvalue())
+        save_tensors_pickle(tensors, os.path.join(folder, WEIGHTS_NAME))
     for filename, extra in (extra_files or {}).items():
         save_tensors(extra, os.path.join(folder, filename))
     config.save_pretrained(folder, inference_mode=True, **(config_overrides or {}))

@@ -531,7 +531,7 @@ def cmd_generate(argv: list[str]) -> int:
     device = _device(args.device)
     loaded = load_for_inference(specs, args.model, device=device, quantize=_quantize_arg(args.quantize))
     names = [n for n, _ in specs]
-    from .inject import BASE_ADAPTER
+    from .core.mixed import BASE_ADAPTER
 
     if args.prompt_adapter:
         if len(args.prompt_adapter) != len(prompts):
@@ -635,7 +635,7 @@ def cmd_merge(argv: list[str]) -> int:
     tok.save_pretrained(args.output_dir)
     print(f"wrote {args.output_dir} ({human_bytes(folder_bytes(args.output_dir))}): {what}")
     if args.verify:
-        from .model import auto_class_for
+        from .auto import auto_class_for
 
         auto = auto_class_for(loaded.task_type)
         if args.export == "quantized":
@@ -805,7 +805,7 @@ def _count_base_params(path: str, task_type: Optional[str]) -> Optional[int]:
         import torch
         import transformers
 
-        from .model import auto_class_for
+        from .auto import auto_class_for
 
         cfg = transformers.AutoConfig.from_pretrained(path)
         auto = auto_class_for(task_type)

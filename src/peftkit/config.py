@@ -15,10 +15,13 @@ import os
 import types
 import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional, Union
 
+from ._io import atomic_write_bytes
 from .errors import CheckpointError, ConfigError, PeftkitWarning
+from .hub import resolve_file
+from .registry import config_class_for
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -46,6 +49,14 @@ class PeftType(str, enum.Enum):
         return self.value
 
 
+# modules added to modules_to_save automatically, per task type (when present in the model)
+TASK_HEADS: dict[str, list[str]] = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
+
+
 class TaskType(str, enum.Enum):
     """The task a model solves; picks the :class:`~peftkit.PeftModel` subclass."""
 
@@ -60,54 +71,34 @@ class TaskType(str, enum.Enum):
         return self.value
 
 
-# peft_type string -> config class; filled by ``register_config``.
-_CONFIG_REGISTRY: dict[str, type["PeftConfig"]] = {}
-
-
-def register_config(cls: type["PeftConfig"]) -> type["PeftConfig"]:
-    """Class decorator: make ``cls`` the config class for its ``PEFT_TYPE``."""
-    _CONFIG_REGISTRY[str(cls.PEFT_TYPE)] = cls
-    return cls
-
-
-def config_class_for(peft_type: str) -> type["PeftConfig"]:
-    from . import methods  # noqa: F401  (registers every method's config)
-
-    try:
-        return _CONFIG_REGISTRY[str(peft_type)]
-    except KeyError:
-        known = ", ".join(sorted(_CONFIG_REGISTRY))
-        raise ConfigError(f"Unknown peft_type {peft_type!r}; peftkit knows: {known}.") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # type checking of field values
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _matches(value: Any, tp: Any) -> bool:
+def matches_type(value: Any, tp: Any) -> bool:
     if tp is Any:
         return True
     if tp is type(None) or tp is None:
         return value is None
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(tp))
+        return any(matches_type(value, arg) for arg in typing.get_args(tp))
     if origin is Literal:
         return value in typing.get_args(tp)
     if origin in (list, tuple, set, frozenset):
         if not isinstance(value, (list, tuple, set, frozenset)):
             return False
         args = typing.get_args(tp)
-        return not args or all(_matches(v, args[0]) for v in value)
+        return not args or all(matches_type(v, args[0]) for v in value)
     if origin is dict:
         if not isinstance(value, dict):
             return False
         args = typing.get_args(tp)
-        return not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+        return not args or all(matches_type(k, args[0]) and matches_type(v, args[1]) for k, v in value.items())
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -167,9 +158,9 @@ class PeftConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             tp = hints.get(f.name, Any)
-            if not _matches(value, tp):
+            if not matches_type(value, tp):
                 raise ConfigError(
-                    f"{type(self).__name__}.{f.name} must be of type {_type_name(tp)}, got "
+                    f"{type(self).__name__}.{f.name} must be of type {type_name(tp)}, got "
                     f"{type(value).__name__} {value!r}."
                 )
 
@@ -199,8 +190,6 @@ class PeftConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike, **overrides: Any) -> None:
         """Write ``adapter_config.json`` (atomically) into ``save_directory``."""
-        from .checkpoint import atomic_write_bytes
-
         if os.path.isfile(save_directory):
             raise CheckpointError(f"{save_directory} is a file; pass a directory to save the config into.")
         os.makedirs(save_directory, exist_ok=True)
@@ -251,8 +240,6 @@ class PeftConfig:
         **hub_kwargs: Any,
     ) -> "PeftConfig":
         """Read ``adapter_config.json`` from a local folder or a Hub repository id."""
-        from .hub import resolve_file
-
         path = resolve_file(
             pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, **hub_kwargs
         )
@@ -291,14 +278,95 @@ def unsupported(config: PeftConfig, name: str, value: Any, default: Any, why: st
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# soft-prompt methods (their shared fields)
+
+# task types whose models know where virtual tokens go
+PROMPT_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Fields shared by the soft-prompt methods (Hugging Face ``PromptLearningConfig``).
+
+    Args:
+        num_virtual_tokens: the prompt length ``n`` (required, > 0).
+        token_dim: the width of a virtual token; filled from the model (its hidden size; for prefix
+            tuning ``num_kv_heads·head_dim``).
+        num_transformer_submodules: 2 for ``SEQ_2_SEQ_LM``, else 1 (filled from ``task_type``).
+        num_attention_heads: attention heads (key/value heads for prefix tuning on GQA models).
+        num_layers: transformer layers (decoder layers for encoder-decoder prefix tuning).
+        modules_to_save: modules trained in full beside the prompt; ``classifier``/``score`` are added
+            for ``SEQ_CLS`` and ``TOKEN_CLS``.
+    """
+
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+    modules_to_save: Optional[list[str]] = None
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if self.num_virtual_tokens is None:
+            raise ConfigError(f"{name}.num_virtual_tokens is required: the number of virtual tokens (an integer > 0).")
+        positive_int(self, "num_virtual_tokens", self.num_virtual_tokens)
+        for field_name in ("token_dim", "num_attention_heads", "num_layers"):
+            value = getattr(self, field_name)
+            if value is not None:
+                positive_int(self, field_name, value)
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ConfigError(f"{name}.num_transformer_submodules must be 1, 2 or None, got "
+                              f"{self.num_transformer_submodules!r}.")
+        if self.task_type is not None and str(self.task_type) not in PROMPT_TASKS:
+            raise ConfigError(f"{name}: task_type {self.task_type} is not supported by prompt-learning methods; use "
+                              f"one of {', '.join(PROMPT_TASKS)}.")
+
+    @property
+    def uses_kv_prefix(self) -> bool:
+        """True for methods that act on attention keys/values (prefix tuning), False for input prompts."""
+        return False
+
+
+def enum_field(config: PeftConfig, name: str, enum_cls: type[enum.Enum]) -> None:
+    """Turn field ``name`` of ``config`` into a member of ``enum_cls`` (ConfigError listing the choices)."""
+    value = getattr(config, name)
+    try:
+        setattr(config, name, enum_cls(str(value)))
+    except ValueError:
+        choices = ", ".join(m.value for m in enum_cls)
+        raise ConfigError(f"{type(config).__name__}.{name} must be one of {choices}, got {value!r}.") from None
+
+
+def as_list(value: Any) -> Any:
+    """Sets (sorted) and tuples as lists, for config fields that JSON stores as lists; else as is."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
 __all__ = [
     "CONFIG_NAME",
+    "PROMPT_TASKS",
     "SAFETENSORS_WEIGHTS_NAME",
+    "TASK_HEADS",
     "WEIGHTS_NAME",
     "PeftConfig",
     "PeftType",
+    "PromptLearningConfig",
     "TaskType",
-    "register_config",
+    "as_list",
     "config_class_for",
-    "field",
+    "enum_field",
+    "matches_type",
+    "positive_int",
+    "probability",
+    "unsupported",
 ]

@@ -1,7 +1,10 @@
-"""PeftModel and its task subclasses, AutoPeftModel*, get_peft_model: the adapter registry and switching.
+"""PeftModel and its task subclasses, get_peft_model: the adapters of a model, switching, merging, saving.
 
-``PeftModel.base_model`` is an :class:`AdapterModel` whose ``.model`` is the user's model, so that
-in-memory keys read ``base_model.model.<module path>...`` exactly as in Hugging Face PEFT.
+``PeftModel.base_model`` is an :class:`AdapterModel` (the tuner object) whose ``.model`` is the user's
+model, so that in-memory keys read ``base_model.model.<module path>...`` exactly as in Hugging Face
+PEFT. :class:`PeftModel` runs layer methods (LoRA, IA3, ...); methods whose adapters live outside
+the layers name their own class in the registry (``Method.model_class``: the soft-prompt models of
+:mod:`peftkit.prompt`), which subclasses this one and overrides the hooks marked below.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from . import inject as engine
 from .checkpoint import (
     adapter_entries,
     get_peft_model_state_dict,
@@ -26,16 +28,15 @@ from .checkpoint import (
     set_peft_model_state_dict,
     write_model_card,
 )
-from .config import PeftConfig, TaskType
-from .errors import AdapterNameError, ConfigError, PeftkitError, PeftkitWarning, TargetError
-from .inject import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper
-
-# modules added to modules_to_save automatically, per task type (when present in the model)
-TASK_HEADS: dict[str, list[str]] = {
-    "SEQ_CLS": ["classifier", "score"],
-    "TOKEN_CLS": ["classifier", "score"],
-    "QUESTION_ANS": ["qa_outputs"],
-}
+from .config import TASK_HEADS, PeftConfig
+from .core.inject import adapter_layers, check_mergeable, inject, prepare_config, unload
+from .core.layer import AdapterLayer
+from .core.mixed import BASE_ADAPTER, check_adapter_names, mixed_batch
+from .core.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
+from .core.targets import get_submodule_parent
+from .errors import AdapterNameError, ConfigError, MergeError, PeftkitError, PeftkitWarning
+from .quant import dequantize_model, requantization_report
+from .registry import all_methods, lookup, method_for
 
 
 class AdapterModel(nn.Module):
@@ -57,7 +58,8 @@ class AdapterModel(nn.Module):
             return getattr(self.model, name)
 
 
-def _name_or_path(model: nn.Module) -> Optional[str]:
+def name_or_path(model: nn.Module) -> Optional[str]:
+    """The model's ``name_or_path`` (its folder or Hub id), if it has one."""
     value = getattr(model, "name_or_path", None)
     if value is None:
         cfg = getattr(model, "config", None)
@@ -65,7 +67,8 @@ def _name_or_path(model: nn.Module) -> Optional[str]:
     return value or None
 
 
-def _check_new_name(name: Any, existing: Sequence[str]) -> None:
+def check_new_name(name: Any, existing: Sequence[str]) -> None:
+    """AdapterNameError unless ``name`` is a valid new adapter name."""
     if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
         raise AdapterNameError(
             f"Adapter name {name!r} is not valid: use a non-empty string without '.', other than {BASE_ADAPTER!r}."
@@ -74,30 +77,11 @@ def _check_new_name(name: Any, existing: Sequence[str]) -> None:
         raise AdapterNameError(f"An adapter named {name!r} already exists; choose another name or delete it first.")
 
 
-def prepare_config(config: PeftConfig, model: nn.Module) -> PeftConfig:
-    """Fill the fields a config takes from the model (default targets, task heads). Returns a copy."""
-    from .methods import all_methods, method_for
-
-    config = copy.deepcopy(config)
-    method = all_methods().get(str(config.peft_type))  # None for prompt-learning configs
-    if method is not None and method.prepare is not None:  # method-specific defaults (may set target_modules)
-        method.prepare(config, model)
-    own_targets = method is not None and method.find_targets is not None  # the method finds its targets
-    if hasattr(config, "target_modules") and config.target_modules is None and not own_targets:
-        method = method or method_for(config)  # raises a clear error for an unregistered method
-        model_type = engine.model_type_of(model)
-        if model_type not in method.default_targets:
-            raise ConfigError(
-                f"target_modules is not set and peftkit has no default for model type {model_type!r}; pass "
-                "target_modules (module names, a regex, or 'all-linear')."
-            )
-        config.target_modules = list(method.default_targets[model_type])
-    heads = TASK_HEADS.get(str(config.task_type)) if config.task_type else None
-    if heads and hasattr(config, "modules_to_save"):
-        present = [h for h in heads if any(k == h or k.endswith("." + h) for k, _ in model.named_modules())]
-        if present:
-            config.modules_to_save = sorted(set(config.modules_to_save or []) | set(present))
-    return config
+def _local_subfolder(model_id: str | os.PathLike, subfolder: Optional[str]) -> tuple[str | os.PathLike, Optional[str]]:
+    """A local ``model_id/subfolder`` as one path (so files saved beside the adapter are found there)."""
+    if subfolder and os.path.isdir(os.path.join(os.fspath(model_id), subfolder)):
+        return os.path.join(os.fspath(model_id), subfolder), None
+    return model_id, subfolder
 
 
 class PeftModel(nn.Module):
@@ -107,20 +91,78 @@ class PeftModel(nn.Module):
         model: the base model (changed in place: targeted modules are wrapped).
         peft_config: the config of the first adapter.
         adapter_name: its name.
+        autocast_adapter_dtype: keep adapter tensors in float32 over a float16/bfloat16 base.
     """
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
-        if peft_config.is_prompt_learning:
-            raise ConfigError(f"{peft_config.peft_type} is a prompt-learning method, which this PeftModel does not run.")
-        _check_new_name(adapter_name, [])
+        self._check_kind(peft_config)
+        check_new_name(adapter_name, [])
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
+        self._disabled = False
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self.base_model = AdapterModel(model)
+        self.base_model = self._wrap_base(model)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
+
+    # -- hooks for PeftModels of methods outside the layers --------------------------------------
+    def _wrap_base(self, model: nn.Module) -> nn.Module:
+        """What ``base_model`` holds: the tuner object around ``model``."""
+        return AdapterModel(model)
+
+    def _check_kind(self, config: PeftConfig) -> None:
+        """ConfigError if this class cannot run ``config``'s method."""
+        method = lookup(config.peft_type) if isinstance(config, PeftConfig) else None
+        if method is not None and not method.is_layer_method:
+            raise ConfigError(f"{config.peft_type} adapters do not live in the layers; build the model with "
+                              "get_peft_model (or PeftModel.from_pretrained), which picks the class that runs them.")
+
+    def _create_adapter(self, adapter_name: str, peft_config: PeftConfig) -> PeftConfig:
+        """Build ``adapter_name``'s tensors; returns the config filled from the model. All-or-nothing."""
+        model = self.get_base_model()
+        config = prepare_config(peft_config, model)
+        inject(model, config, adapter_name)
+        try:
+            heads = TASK_HEADS.get(str(config.task_type), []) if config.task_type else []
+            wrap_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name, optional=heads)
+        except Exception:
+            self._remove_adapter_tensors(adapter_name)
+            raise
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = name_or_path(model)
+        return config
+
+    def _remove_adapter_tensors(self, name: str) -> None:
+        """Drop every tensor of adapter ``name``; wrappers left with no adapter are unwrapped."""
+        model = self.get_base_model()
+        for key, layer in reversed(list(self._layers())):  # innermost first
+            if name in layer.adapter_names:
+                layer.delete_adapter(name)
+                if not layer.adapter_names:
+                    parent, child = get_submodule_parent(model, key)
+                    setattr(parent, child, layer.base_layer)
+
+    def _apply_active(self) -> None:
+        """Activate ``self._active`` in every layer and set requires_grad (only active adapters train)."""
+        model = self.get_base_model()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, layer in self._layers():
+            trainable = any(not self.peft_config[n].inference_mode for n in self._active if n in layer.adapter_names)
+            layer.set_adapter(self._active, trainable=trainable)
+        for name in self._active:
+            config = self.peft_config[name]
+            bias = getattr(config, "bias", "none")
+            if config.inference_mode or bias == "none":
+                continue
+            for mem_key, _, tensor in adapter_entries(model, name, bias):
+                if isinstance(tensor, nn.Parameter) and "bias" in mem_key.rsplit(".", 1)[-1]:
+                    tensor.requires_grad_(True)
+
+    def _check_active(self, names: list[str]) -> None:
+        """PeftkitError if ``names`` cannot be active together (layer methods: any non-empty set)."""
 
     # -- attribute fall-through -----------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -133,7 +175,7 @@ class PeftModel(nn.Module):
 
     @property
     def model(self) -> nn.Module:
-        return self.base_model.model
+        return self.get_base_model()
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with adapter layers inside; see :meth:`unload` for a clean one)."""
@@ -153,43 +195,17 @@ class PeftModel(nn.Module):
         return self.peft_config[self._active[0]]
 
     def _layers(self) -> Iterator[tuple[str, AdapterLayer]]:
-        return engine.adapter_layers(self.base_model.model)
+        return adapter_layers(self.get_base_model())
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a new adapter (inactive unless it is the first); the model is unchanged on error."""
-        _check_new_name(adapter_name, list(self.peft_config))
+        check_new_name(adapter_name, list(self.peft_config))
         if not isinstance(peft_config, PeftConfig):
             raise ConfigError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}.")
-        if peft_config.is_prompt_learning:
-            raise ConfigError("Prompt-learning adapters cannot be added to a layer-method PeftModel.")
+        self._check_kind(peft_config)
         if self.peft_config:
-            biased = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
-            if biased or getattr(peft_config, "bias", "none") != "none":
-                raise ConfigError(
-                    "Several adapters cannot be combined with bias != 'none' (biases are shared base parameters); "
-                    "use bias='none' or one adapter per model."
-                )
-            first = next(iter(self.peft_config.values()))
-            if first.task_type is not None and peft_config.task_type is not None and first.task_type != peft_config.task_type:
-                raise ConfigError(f"Adapter task_type {peft_config.task_type} differs from the model's {first.task_type}.")
-        model = self.base_model.model
-        config = prepare_config(peft_config, model)
-        engine.inject(model, config, adapter_name)
-        try:
-            if getattr(config, "modules_to_save", None):
-                # task heads are optional: HF PEFT writes every head name of the task type
-                # (e.g. ["classifier", "score"] for SEQ_CLS) although a model has only one of them
-                heads = TASK_HEADS.get(str(config.task_type), []) if config.task_type else []
-                user = set(peft_config.modules_to_save or []) - set(heads)
-                found = engine.add_modules_to_save(model, config.modules_to_save, adapter_name)
-                missing = [m for m in user if not any(k == m or k.endswith("." + m) for k in found)]
-                if missing:
-                    raise TargetError(f"modules_to_save {missing} match no module of the model.")
-        except Exception:
-            self._remove_adapter_tensors(adapter_name)
-            raise
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = _name_or_path(model)
+            self._check_compatible(peft_config)
+        config = self._create_adapter(adapter_name, peft_config)
         self.peft_config[adapter_name] = config
         if self.autocast_adapter_dtype:
             self._upcast_adapter(adapter_name)
@@ -197,46 +213,31 @@ class PeftModel(nn.Module):
             self._active = [adapter_name]
         self._apply_active()
 
-    def _upcast_adapter(self, name: str) -> None:
-        from .methods import all_methods
+    def _check_compatible(self, peft_config: PeftConfig) -> None:
+        """ConfigError if ``peft_config`` cannot sit beside the adapters already loaded."""
+        biased = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+        if biased or getattr(peft_config, "bias", "none") != "none":
+            raise ConfigError(
+                "Several adapters cannot be combined with bias != 'none' (biases are shared base parameters); "
+                "use bias='none' or one adapter per model."
+            )
+        first = next(iter(self.peft_config.values()))
+        if first.task_type is not None and peft_config.task_type is not None and first.task_type != peft_config.task_type:
+            raise ConfigError(f"Adapter task_type {peft_config.task_type} differs from the model's {first.task_type}.")
 
-        method = all_methods().get(str(self.peft_config[name].peft_type))
-        if method is not None and not method.autocast_adapter_dtype:
+    def _upcast_adapter(self, name: str) -> None:
+        if not method_for(self.peft_config[name]).autocast_adapter_dtype:
             return  # the adapter's tensors are copies of base modules and keep the base dtype
-        for _, _, t in adapter_entries(self.base_model.model, name):
+        for _, _, t in adapter_entries(self.get_base_model(), name):
             if t.dtype in (torch.float16, torch.bfloat16) and isinstance(t, nn.Parameter):
                 t.data = t.data.float()
-
-    def _remove_adapter_tensors(self, name: str) -> None:
-        model = self.base_model.model
-        for key, layer in reversed(list(self._layers())):  # innermost first
-            if name in layer.adapter_names:
-                layer.delete_adapter(name)
-                if not layer.adapter_names:
-                    parent, child = engine.get_submodule_parent(model, key)
-                    setattr(parent, child, layer.base_layer)
-
-    def _apply_active(self) -> None:
-        """Activate ``self._active`` in every layer and set requires_grad (only active adapters train)."""
-        for p in self.base_model.model.parameters():
-            p.requires_grad_(False)
-        for _, layer in self._layers():
-            trainable = any(not self.peft_config[n].inference_mode for n in self._active if n in layer.adapter_names)
-            layer.set_adapter(self._active, trainable=trainable)
-        for name in self._active:
-            config = self.peft_config[name]
-            if config.inference_mode:
-                continue
-            bias = getattr(config, "bias", "none")
-            for mem_key, _, tensor in adapter_entries(self.base_model.model, name, bias):
-                if isinstance(tensor, nn.Parameter) and ("bias" in mem_key.rsplit(".", 1)[-1]) and bias != "none":
-                    tensor.requires_grad_(True)
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
         """Make ``adapter_name`` (or several names) the active adapter(s); only they train."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
             raise AdapterNameError("set_adapter needs at least one adapter name.")
+        self._check_active(names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise AdapterNameError(f"Unknown adapter {unknown[0]!r}; loaded adapters: {list(self.peft_config)}.")
@@ -250,11 +251,6 @@ class PeftModel(nn.Module):
         merged = [k for k, layer in self._layers() if adapter_name in layer.merged_adapters]
         if merged:
             raise PeftkitError(f"Adapter {adapter_name!r} is merged (e.g. in {merged[0]}); unmerge_adapter() first.")
-        self._forget_adapter(adapter_name)
-
-    def _forget_adapter(self, adapter_name: str) -> None:
-        """Drop a (known, unmerged) adapter's tensors and config; the first remaining one becomes active
-        if no active adapter is left."""
         self._remove_adapter_tensors(adapter_name)
         del self.peft_config[adapter_name]
         self._active = [n for n in self._active if n != adapter_name]
@@ -270,9 +266,11 @@ class PeftModel(nn.Module):
             if layer.merged:
                 layer.unmerge()
             layer.disabled = True
+        self._disabled = True
         try:
             yield
         finally:
+            self._disabled = False
             for layer in layers:
                 layer.disabled = False
 
@@ -280,11 +278,11 @@ class PeftModel(nn.Module):
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         """Add the active (or given) adapters' deltas into the base weights; forward then costs the base's."""
         names = self._active if adapter_names is None else list(adapter_names)
-        engine.check_adapter_names(names, list(self.peft_config))
+        check_adapter_names(names, list(self.peft_config))
         layers = [(k, layer) for k, layer in self._layers() if not isinstance(layer, ModulesToSaveWrapper)]
         for key, layer in layers:
             if not layer.mergeable and any(n in layer.adapter_names for n in names):
-                raise PeftkitError(f"{key}: {type(layer).__name__} adapters cannot be merged.{layer.merge_hint}")
+                raise MergeError(f"{key}: {type(layer).__name__} adapters cannot be merged.{layer.merge_hint}")
         for _, layer in layers:
             layer.merge(names, safe_merge=safe_merge)
 
@@ -301,29 +299,27 @@ class PeftModel(nn.Module):
         becomes an ``nn.Linear`` holding its dequantized weight, so the result is an exact float model;
         otherwise the merged weights are requantized and a PeftkitWarning states the error introduced.
         """
-        from . import quant
-
         names = self._active if adapter_names is None else list(adapter_names)
-        engine.check_adapter_names(names, list(self.peft_config))
-        model = self.base_model.model
+        check_adapter_names(names, list(self.peft_config))
+        model = self.get_base_model()
         if dequantize:
-            engine.check_mergeable(self._layers())  # before dequantize_model changes the model
-            quant.dequantize_model(model)
-        merged = engine.unload(model, merge=True, safe_merge=safe_merge, adapter_names=names)
-        quant.requantization_report(merged)
+            check_mergeable(self._layers())  # before dequantize_model changes the model
+            dequantize_model(model)
+        merged = unload(model, merge=True, safe_merge=safe_merge, adapter_names=names)
+        requantization_report(merged)
         return merged
 
     def unload(self) -> nn.Module:
         """Return the base model with every adapter layer removed, without merging."""
-        return engine.unload(self.base_model.model, merge=False)
+        return unload(self.get_base_model(), merge=False)
 
     # -- running ------------------------------------------------------------------------------
-    def _mixed(self, adapter_names: Optional[Sequence[str]]) -> engine.mixed_batch:
+    def _mixed(self, adapter_names: Optional[Sequence[str]]) -> mixed_batch:
         if adapter_names is not None:
             if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
                 raise PeftkitError("adapter_names must be a list with one adapter name per row.")
-            engine.check_adapter_names(adapter_names, list(self.peft_config))
-        return engine.mixed_batch(adapter_names)
+            check_adapter_names(adapter_names, list(self.peft_config))
+        return mixed_batch(adapter_names)
 
     def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
         """Run the model; ``adapter_names`` gives each row its own adapter ("__base__" for none)."""
@@ -333,7 +329,7 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
-        model = self.base_model.model
+        model = self.get_base_model()
         if not hasattr(model, "generate"):
             raise PeftkitError(f"{type(model).__name__} has no generate().")
         with self._mixed(adapter_names):
@@ -358,51 +354,20 @@ class PeftModel(nn.Module):
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: Optional[int] = None,
                              svd_clamp: Optional[float] = None, **_: Any) -> None:
-        """A new LoRA adapter combining ``adapters`` with ``weights`` ("linear", "cat" or "svd").
-
-        "cat" is exact (rank = sum of ranks); "svd" is the best approximation of Σ wᵢ·ΔWᵢ at rank
-        ``svd_rank`` (default: the largest rank); "linear" sums the scaled A and B factors (equal
-        ranks only, as Hugging Face PEFT; not exactly Σ wᵢ·ΔWᵢ).
-        """
-        from .methods.lora import LoraConfig, LoraLayer, combine_layer
-
-        engine.check_adapter_names(list(adapters), list(self.peft_config))
-        _check_new_name(adapter_name, list(self.peft_config))
+        """A new adapter combining ``adapters`` with ``weights``, by the method's own rule (LoRA:
+        "linear", "cat" or "svd"; see :func:`peftkit.methods.lora.combine.add_weighted_adapter`)."""
+        check_adapter_names(list(adapters), list(self.peft_config))
+        check_new_name(adapter_name, list(self.peft_config))
         if not adapters or len(adapters) != len(weights):
             raise PeftkitError("add_weighted_adapter needs as many weights as adapters (at least one).")
-        if combination_type not in ("linear", "cat", "svd"):
-            raise PeftkitError(f"combination_type {combination_type!r} is not supported; use 'linear', 'cat' or 'svd'.")
-        configs = [self.peft_config[a] for a in adapters]
-        if not all(isinstance(c, LoraConfig) for c in configs):
-            raise PeftkitError("add_weighted_adapter combines LoRA adapters only.")
-        if any(c.use_dora for c in configs):
-            raise PeftkitError("add_weighted_adapter does not combine DoRA adapters (their magnitudes do not add).")
-        if any(c.modules_to_save for c in configs):
-            raise PeftkitError("add_weighted_adapter cannot combine adapters with modules_to_save.")
-        if svd_rank is not None and svd_rank <= 0:
-            raise PeftkitError(f"svd_rank must be > 0, got {svd_rank}.")
-        ranks: dict[str, int] = {}
-        for key, layer in self._layers():
-            if not isinstance(layer, LoraLayer):
-                continue
-            rs = [layer.r[a] for a in adapters if a in layer.r]
-            if not rs:
-                continue
-            if combination_type == "linear" and len(set(rs)) > 1:
-                raise PeftkitError(f"'linear' needs adapters of equal rank; {key} has ranks {rs}. Use 'cat' or 'svd'.")
-            ranks[key] = sum(rs) if combination_type == "cat" else (svd_rank or max(rs)) if combination_type == "svd" else rs[0]
-        r = max(ranks.values())
-        pattern = {k: v for k, v in ranks.items() if v != r}
-        new_config = configs[0].replace(
-            r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=pattern, alpha_pattern=dict(pattern),
-            layers_to_transform=None, layers_pattern=None, exclude_modules=None, use_rslora=False,
-            init_lora_weights=False, lora_bias=False,
-        )
-        self.add_adapter(adapter_name, new_config)
-        for key, layer in self._layers():
-            if isinstance(layer, LoraLayer) and adapter_name in layer.r:
-                combine_layer(layer, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp)
-                layer._clear_cache()
+        types = {str(self.peft_config[a].peft_type) for a in adapters}
+        method = lookup(next(iter(types)))
+        if len(types) > 1 or method is None or method.combine is None:
+            able = sorted(t for t, m in all_methods().items() if m.combine is not None)
+            raise PeftkitError(f"add_weighted_adapter combines adapters of one method that supports it ({', '.join(able)}); "
+                               f"got {', '.join(sorted(types))}.")
+        method.combine(self, list(adapters), list(weights), adapter_name, combination_type=combination_type,
+                       svd_rank=svd_rank, svd_clamp=svd_clamp)
 
     # -- saving and loading -------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
@@ -417,7 +382,7 @@ class PeftModel(nn.Module):
         if os.path.isfile(save_directory):
             raise PeftkitError(f"{save_directory} is a file; save_pretrained needs a directory.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        engine.check_adapter_names(names, list(self.peft_config))
+        check_adapter_names(names, list(self.peft_config))
         if not is_main_process:
             return
         os.makedirs(save_directory, exist_ok=True)
@@ -430,16 +395,14 @@ class PeftModel(nn.Module):
                 base = self.get_base_model()
                 overrides["auto_mapping"] = {"base_model_class": type(base).__name__,
                                              "parent_library": type(base).__module__}
+            extra_state = method_for(config).extra_state
+            extra_files = extra_state.files(self, name) if extra_state is not None and extra_state.files else {}
             save_adapter_folder(folder, config, tensors, safe_serialization=safe_serialization,
-                                extra_files=self._extra_files(name), config_overrides=overrides)
+                                extra_files=extra_files, config_overrides=overrides)
         first = self.peft_config[names[0]] if names else None
         if first is not None:  # one model card, at the top (as Hugging Face PEFT)
             write_model_card(save_directory, first.base_model_name_or_path, str(first.peft_type),
                              str(first.task_type) if first.task_type else None)
-
-    def _extra_files(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
-        """Additional safetensors files saved beside the compatible one (used by prompt methods)."""
-        return {}
 
     def push_to_hub(self, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None,
                     commit_message: str = "Upload adapter", selected_adapters: Optional[Sequence[str]] = None,
@@ -459,6 +422,7 @@ class PeftModel(nn.Module):
                         subfolder: Optional[str] = None, revision: Optional[str] = None,
                         **kwargs: Any) -> "PeftModel":
         """Load an adapter folder (or Hub repo id) onto ``model``. On any error the model is left unchanged."""
+        model_id, subfolder = _local_subfolder(model_id, subfolder)
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, revision=revision, **kwargs)
         config = copy.deepcopy(config)
@@ -467,7 +431,7 @@ class PeftModel(nn.Module):
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
             target_cls = MODEL_TYPE_TO_PEFT_MODEL[str(config.task_type)]
-        target_cls = target_cls._class_for(config)
+        target_cls = class_for(target_cls, config)
         peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             set_peft_model_state_dict(peft_model, weights, adapter_name, source=os.fspath(model_id))
@@ -476,19 +440,11 @@ class PeftModel(nn.Module):
             raise
         return peft_model
 
-    @classmethod
-    def _class_for(cls, config: PeftConfig) -> type["PeftModel"]:
-        """Hook for methods whose PeftModel differs (prompt learning); layer methods use ``cls``."""
-        if config.is_prompt_learning:
-            from .prompt_model import prompt_model_class
-
-            return prompt_model_class(cls, config)
-        return cls
-
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      subfolder: Optional[str] = None, revision: Optional[str] = None, **kwargs: Any) -> None:
         """Load another adapter folder under ``adapter_name`` (not activated). Nothing changes on error."""
-        _check_new_name(adapter_name, list(self.peft_config))
+        check_new_name(adapter_name, list(self.peft_config))
+        model_id, subfolder = _local_subfolder(model_id, subfolder)
         config = copy.deepcopy(PeftConfig.from_pretrained(model_id, subfolder=subfolder, revision=revision, **kwargs))
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, subfolder=subfolder, revision=revision, **kwargs)
@@ -535,6 +491,13 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[str, type[PeftModel]] = {
 }
 
 
+def class_for(cls: type[PeftModel], config: PeftConfig) -> type[PeftModel]:
+    """The PeftModel class that runs ``config``: ``cls`` for layer methods, else the method's own
+    (``Method.model_class``)."""
+    method = method_for(config)
+    return method.model_class(cls, config) if method.model_class is not None else cls
+
+
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
                    autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
                    low_cpu_mem_usage: bool = False) -> PeftModel:
@@ -550,9 +513,9 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if revision is not None:
         peft_config.revision = revision
     if peft_config.base_model_name_or_path is None:
-        peft_config.base_model_name_or_path = _name_or_path(model)
+        peft_config.base_model_name_or_path = name_or_path(model)
     cls = MODEL_TYPE_TO_PEFT_MODEL.get(str(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
-    cls = cls._class_for(peft_config)
+    cls = class_for(cls, peft_config)
     return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
@@ -562,118 +525,33 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
 
     Only the adapter tensors train. Save with :func:`get_peft_model_state_dict`.
     """
-    if peft_config.is_prompt_learning:
-        raise ConfigError("inject_adapter_in_model does not support prompt-learning methods.")
+    if not method_for(peft_config).is_layer_method:
+        raise ConfigError(f"inject_adapter_in_model supports layer methods only, not {peft_config.peft_type}.")
     config = prepare_config(peft_config, model)
-    engine.inject(model, config, adapter_name)
+    inject(model, config, adapter_name)
     if getattr(config, "modules_to_save", None):
-        engine.add_modules_to_save(model, config.modules_to_save, adapter_name)
+        wrap_modules_to_save(model, config.modules_to_save, adapter_name,
+                             optional=TASK_HEADS.get(str(config.task_type), []) if config.task_type else [])
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, layer in engine.adapter_layers(model):
+    for _, layer in adapter_layers(model):
         layer.set_adapter([adapter_name], trainable=not config.inference_mode)
     if state_dict is not None:
         set_peft_model_state_dict(model, state_dict, adapter_name)
     return model
 
 
-# ---------------------------------------------------------------------------------------------
-# AutoPeftModel
-
-
-class AutoPeftModel:
-    """Load an adapter folder together with its base model (from ``base_model_name_or_path``)."""
-
-    _target_class: Optional[str] = None  # transformers Auto class name
-    _peft_class: type[PeftModel] = PeftModel
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise PeftkitError(f"{type(self).__name__} is not instantiated; use {type(self).__name__}.from_pretrained(...).")
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
-                        revision: Optional[str] = None, **kwargs: Any) -> PeftModel:
-        import transformers
-
-        hub_keys = ("cache_dir", "token", "local_files_only", "subfolder")
-        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in hub_keys}
-        peft_config = config or PeftConfig.from_pretrained(pretrained_model_name_or_path, revision=revision, **hub_kwargs)
-        base_path = peft_config.base_model_name_or_path
-        if not base_path:
-            raise PeftkitError(
-                f"{pretrained_model_name_or_path}: adapter_config.json has no base_model_name_or_path; load the base "
-                "model yourself and use PeftModel.from_pretrained(model, path)."
-            )
-        target = cls._target_class
-        task = str(peft_config.task_type) if peft_config.task_type else None
-        if target is None:
-            target = _TASK_TO_AUTO.get(task, "AutoModel") if task else None
-            if target is None:
-                mapping = peft_config.auto_mapping or {}
-                base_cls_name = mapping.get("base_model_class")
-                parent = mapping.get("parent_library", "")
-                if not base_cls_name or not parent.startswith("transformers"):
-                    raise PeftkitError("The adapter has no task_type and no transformers base class to load; "
-                                       "load the base model yourself and use PeftModel.from_pretrained.")
-                target = base_cls_name
-        elif task is not None and _TASK_TO_AUTO.get(task) not in (None, target):
-            raise PeftkitError(f"The adapter's task_type is {task}; load it with the matching AutoPeftModel class "
-                               f"(it needs {_TASK_TO_AUTO[task]}, not {target}).")
-        auto_cls = getattr(transformers, target)
-        try:
-            base = auto_cls.from_pretrained(base_path, revision=peft_config.revision, **kwargs)
-        except OSError as exc:
-            raise PeftkitError(f"Could not load the base model {base_path!r}: {exc}") from None
-        return cls._peft_class.from_pretrained(base, pretrained_model_name_or_path, adapter_name=adapter_name,
-                                               is_trainable=is_trainable, config=peft_config, revision=revision,
-                                               **hub_kwargs)
-
-
-_TASK_TO_AUTO = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
-
-
-def auto_class_for(task_type: Any, default: str = "CAUSAL_LM") -> Any:
-    """The transformers Auto class that builds a model for ``task_type`` (``default``'s when the
-    task is None or has no Auto class)."""
-    import transformers
-
-    name = _TASK_TO_AUTO.get(str(task_type)) if task_type is not None else None
-    return getattr(transformers, name or _TASK_TO_AUTO[default])
-
-
-class AutoPeftModelForCausalLM(AutoPeftModel):
-    _target_class = "AutoModelForCausalLM"
-    _peft_class = PeftModelForCausalLM
-
-
-class AutoPeftModelForSeq2SeqLM(AutoPeftModel):
-    _target_class = "AutoModelForSeq2SeqLM"
-    _peft_class = PeftModelForSeq2SeqLM
-
-
-class AutoPeftModelForSequenceClassification(AutoPeftModel):
-    _target_class = "AutoModelForSequenceClassification"
-    _peft_class = PeftModelForSequenceClassification
-
-
-class AutoPeftModelForTokenClassification(AutoPeftModel):
-    _target_class = "AutoModelForTokenClassification"
-    _peft_class = PeftModelForTokenClassification
-
-
-class AutoPeftModelForQuestionAnswering(AutoPeftModel):
-    _target_class = "AutoModelForQuestionAnswering"
-    _peft_class = PeftModelForQuestionAnswering
-
-
-class AutoPeftModelForFeatureExtraction(AutoPeftModel):
-    _target_class = "AutoModel"
-    _peft_class = PeftModelForFeatureExtraction
+__all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL",
+    "AdapterModel",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "class_for",
+    "get_peft_model",
+    "inject_adapter_in_model",
+]

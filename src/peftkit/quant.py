@@ -41,7 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, MergeError, PeftkitError, PeftkitWarning
-from .inject import AdapterLayer, ModulesToSaveWrapper, adapter_layers, get_submodule_parent, linear_module_names
+from .core.inject import adapter_layers
+from .core.layer import AdapterLayer
+from .core.modules_to_save import ModulesToSaveWrapper
+from .core.targets import get_submodule_parent, linear_module_names
 
 # The 16 NF4 levels as bitsandbytes stores them (float32), index 7 is exactly 0.
 NF4_LEVELS: tuple[float, ...] = (
@@ -593,7 +596,7 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
         setattr(parent, attr, new)
     for _, module in model.named_modules():
         if isinstance(module, AdapterLayer):
-            module._clear_cache()
+            module.clear_cache()
     if hasattr(model, "peftkit_quantization"):
         del model.peftkit_quantization
     return model

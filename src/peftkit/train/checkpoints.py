@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..checkpoint import _fsync_dir, atomic_write_bytes
+from .._io import atomic_write_bytes, fsync_dir
 from ..errors import CheckpointError, PeftkitWarning
 
 MARKER = "COMPLETE.json"
@@ -74,7 +74,7 @@ def write_checkpoint(checkpoints_dir: str, step: int, *, save_adapter: Any, opti
         atomic_write_bytes(os.path.join(tmp, "trainer_state.json"), json.dumps(state, indent=2).encode())
         for root, dirs, _ in os.walk(tmp):
             for d in dirs:
-                _fsync_dir(os.path.join(root, d))
+                fsync_dir(os.path.join(root, d))
         manifest = {"step": step, "files": {rel: {"sha256": _sha256(os.path.join(tmp, rel)),
                                                   "bytes": os.path.getsize(os.path.join(tmp, rel))}
                                             for rel in _files(tmp)}}
@@ -86,7 +86,7 @@ def write_checkpoint(checkpoints_dir: str, step: int, *, save_adapter: Any, opti
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(checkpoints_dir)
+        fsync_dir(checkpoints_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

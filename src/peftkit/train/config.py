@@ -238,14 +238,14 @@ def check_types(obj: Any, source: str) -> None:
     """Check each field's value against its annotation (the same rules as the method configs)."""
     import typing
 
-    from ..config import _matches, _type_name
+    from ..config import matches_type, type_name
 
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if not _matches(value, hints.get(f.name, Any)):
+        if not matches_type(value, hints.get(f.name, Any)):
             raise ConfigError(
-                f"{source}: {f.name} must be of type {_type_name(hints[f.name])}, got {type(value).__name__} {value!r}."
+                f"{source}: {f.name} must be of type {type_name(hints[f.name])}, got {type(value).__name__} {value!r}."
             )
 
 

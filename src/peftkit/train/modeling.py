@@ -1,9 +1,9 @@
 """Methods by name, their configs from settings, and loading a model and tokenizer for a task.
 
-Method names come from the library's registries: every registered config class
-(:func:`peftkit.config.register_config`) gives a name, its ``peft_type`` in lower case with ``-``
-(``lora``, ``ia3``, ``prompt-tuning``, ...), and ``dora`` is LoRA with ``use_dora=True``. A method
-added to the library shows up here with no change to the toolkit.
+Method names come from the library's registry (:mod:`peftkit.registry`): every registered method
+gives a name, its ``peft_type`` in lower case with ``-`` (``lora``, ``ia3``, ``prompt-tuning``, ...),
+and its record's aliases more (``dora`` is LoRA with ``use_dora=True``). A method added to the
+library shows up here with no change to the toolkit.
 """
 
 from __future__ import annotations
@@ -14,32 +14,24 @@ from typing import Any, Optional
 
 from ..config import PeftConfig, TaskType
 from ..errors import ConfigError, PeftkitError, closest
-from ..model import auto_class_for
+from ..auto import auto_class_for
+from ..registry import all_methods
 
 # fields of the PeftConfig base class the toolkit sets itself
 BASE_FIELDS = {f.name for f in dataclasses.fields(PeftConfig)}
 
-# name -> (peft_type, default overrides)
-ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"dora": ("LORA", {"use_dora": True})}
-
-
-def _registry() -> dict[str, type[PeftConfig]]:
-    from .. import methods  # noqa: F401  (imports every method file, which registers its config)
-    from ..config import _CONFIG_REGISTRY
-
-    return dict(_CONFIG_REGISTRY)
-
-
 def method_names() -> dict[str, tuple[type[PeftConfig], dict[str, Any]]]:
-    """Every method name the ``--method`` flag accepts -> (config class, default overrides)."""
-    registry = _registry()
+    """Every method name the ``--method`` flag accepts -> (config class, default overrides): one per
+    registered method, plus the aliases its record declares (``dora``)."""
+    registry = all_methods()
     out: dict[str, tuple[type[PeftConfig], dict[str, Any]]] = {}
-    for peft_type, cls in sorted(registry.items()):
-        out[peft_type.lower().replace("_", "-")] = (cls, {})
-    for alias, (peft_type, overrides) in ALIASES.items():
-        cls = registry.get(peft_type)
-        if cls is not None and all(f in {x.name for x in dataclasses.fields(cls)} for f in overrides):
-            out[alias] = (cls, dict(overrides))
+    for peft_type, method in sorted(registry.items()):
+        out[peft_type.lower().replace("_", "-")] = (method.config_cls, {})
+    for peft_type, method in sorted(registry.items()):
+        fields = {x.name for x in dataclasses.fields(method.config_cls)}
+        for alias, overrides in method.aliases.items():
+            if all(f in fields for f in overrides):
+                out[alias] = (method.config_cls, dict(overrides))
     return out
 
 

@@ -1,20 +1,4 @@
-"""LayerNorm tuning (Zhao et al. 2023, "Tuning LayerNorm in Attention"): train copies of the norm layers.
-
-Each targeted normalization module ``N`` (LayerNorm, RMSNorm, T5LayerNorm, ...) keeps its frozen
-original as ``base_layer`` and gets one trainable deep copy per adapter, ``ln_tuning_layers[a]``::
-
-    y = N_a(x)          (N_a: the copy of adapter a, initially equal to N: a no-op start)
-
-for the single active adapter (a copy replaces the module; several active adapters are refused).
-Merging copies the tuned tensors into ``N`` (the originals are kept for an exact unmerge); one adapter
-at a time. A mixed batch runs each distinct adapter's copy on its rows (see :class:`CopyLayer`).
-
-Config and file format as Hugging Face PEFT: ``LNTuningConfig(target_modules, exclude_modules,
-modules_to_save)`` with HF's default targets per model type, file keys ``<norm>.ln_tuning_layers.weight``
-(and ``.bias``). For model types without a default (and plain modules), peftkit targets every
-normalization layer of the model (by module type) and writes those names into the saved config, so
-Hugging Face PEFT loads the folder too. Copies keep the base dtype (no fp32 autocast, as HF).
-"""
+"""LayerNorm tuning's config, default targets per model type, and the norm-layer finder."""
 
 from __future__ import annotations
 
@@ -23,11 +7,10 @@ from typing import Optional, Union
 
 from torch import nn
 
-from ..config import PeftConfig, PeftType, register_config
-from ..errors import TargetError
-from ..inject import AdapterLayer, _outer_modules
-from . import Method, register_method
-from .selective import CopyLayer, _as_list
+from ...config import PeftConfig, PeftType, as_list
+from ...core.layer import AdapterLayer
+from ...core.targets import outer_modules
+from ...errors import TargetError
 
 # Default target modules per model type, as Hugging Face PEFT 0.21.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -54,7 +37,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
-@register_config
 @dataclass
 class LNTuningConfig(PeftConfig):
     """Config of LayerNorm tuning (field names and defaults as Hugging Face PEFT 0.21).
@@ -74,9 +56,9 @@ class LNTuningConfig(PeftConfig):
     modules_to_save: Optional[Union[list[str], str]] = None
 
     def validate(self) -> None:
-        self.target_modules = _as_list(self.target_modules)
-        self.exclude_modules = _as_list(self.exclude_modules)
-        self.modules_to_save = _as_list(self.modules_to_save)
+        self.target_modules = as_list(self.target_modules)
+        self.exclude_modules = as_list(self.exclude_modules)
+        self.modules_to_save = as_list(self.modules_to_save)
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
 
@@ -97,7 +79,7 @@ def prepare(config: LNTuningConfig, model: nn.Module) -> None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if config.target_modules is not None or model_type in DEFAULT_TARGETS:
         return
-    modules = [(k, m) for k, m in _outer_modules(model) if k]
+    modules = [(k, m) for k, m in outer_modules(model) if k]
     norms = [k for k, m in modules if is_norm(m)]
     if not norms:
         raise TargetError(
@@ -111,28 +93,4 @@ def prepare(config: LNTuningConfig, model: nn.Module) -> None:
     config.target_modules = leafs if sorted(selected) == sorted(norms) else norms
 
 
-class LNTuningLayer(CopyLayer):
-    """LayerNorm tuning of one norm module: ``y = N_a(x)`` with ``N_a`` the active adapter's copy."""
-
-    adapter_layer_names = ("ln_tuning_layers",)
-    method_name = "LayerNorm-tuning"
-
-
-def make_layer(target: nn.Module, config: LNTuningConfig, adapter_name: str, key: str) -> LNTuningLayer:
-    if not any(True for _ in target.parameters()):
-        raise TargetError(f"{key} ({type(target).__name__}) has no parameters to tune.")
-    layer = LNTuningLayer(target)
-    layer.update_layer(adapter_name, config, key)
-    return layer
-
-
-register_method(Method(
-    peft_type=PeftType.LN_TUNING,
-    config_cls=LNTuningConfig,
-    layer_types=(LNTuningLayer,),
-    make_layer=make_layer,
-    prefix="ln_tuning_",
-    default_targets=DEFAULT_TARGETS,
-    prepare=prepare,
-    autocast_adapter_dtype=False,
-))
+__all__ = ["DEFAULT_TARGETS", "LNTuningConfig", "is_norm", "prepare"]

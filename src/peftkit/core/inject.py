@@ -1,0 +1,132 @@
+"""Injection and unloading: the one place where modules of a user's model are replaced.
+
+:func:`inject` wraps every module a config targets in the method's layer (from the registry:
+:func:`peftkit.registry.method_for`) or adds the adapter to the wrapper already there;
+:func:`unload` puts the base modules back, merging first if asked. :func:`prepare_config` fills the
+fields a config takes from the model (default targets per model type, task heads). Nothing here
+knows any method's math.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Optional
+
+from torch import nn
+
+from ..config import TASK_HEADS
+from ..errors import ConfigError, MergeError, TargetError
+from ..registry import lookup, method_for
+from .layer import AdapterLayer
+from .modules_to_save import ModulesToSaveWrapper
+from .targets import find_targets, get_submodule_parent, model_type_of
+
+if TYPE_CHECKING:
+    from ..config import PeftConfig
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """(key, layer) of every adapter layer of ``model`` (outer before inner)."""
+    for key, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield key, module
+
+
+def prepare_config(config: "PeftConfig", model: nn.Module) -> "PeftConfig":
+    """Fill the fields a config takes from the model (default targets, task heads). Returns a copy."""
+    config = copy.deepcopy(config)
+    method = lookup(config.peft_type)
+    if method is not None and method.prepare is not None:  # method-specific defaults (may set target_modules)
+        method.prepare(config, model)
+    own_targets = method is not None and method.find_targets is not None  # the method finds its targets
+    if hasattr(config, "target_modules") and config.target_modules is None and not own_targets:
+        method = method or method_for(config)  # raises a clear error for an unregistered method
+        model_type = model_type_of(model)
+        if model_type not in method.default_targets:
+            raise ConfigError(
+                f"target_modules is not set and peftkit has no default for model type {model_type!r}; pass "
+                "target_modules (module names, a regex, or 'all-linear')."
+            )
+        config.target_modules = list(method.default_targets[model_type])
+    heads = TASK_HEADS.get(str(config.task_type)) if config.task_type else None
+    if heads and hasattr(config, "modules_to_save"):
+        present = [h for h in heads if any(k == h or k.endswith("." + h) for k, _ in model.named_modules())]
+        if present:
+            config.modules_to_save = sorted(set(config.modules_to_save or []) | set(present))
+    return config
+
+
+def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets: Optional[list[str]] = None) -> list[str]:
+    """Wrap (or extend) every module ``config`` targets with an adapter ``adapter_name``.
+
+    All-or-nothing: if creating any layer fails, every change made so far is undone before the
+    error propagates. Returns the targeted keys.
+    """
+    method = method_for(config)
+    if method.make_layer is None:
+        raise TargetError(f"{config.peft_type} adapters are not layers; they cannot be injected into a model.")
+    if targets is not None:
+        keys = targets
+    elif method.find_targets is not None:  # methods that locate their targets themselves
+        keys = method.find_targets(model, config)
+    else:
+        keys = find_targets(model, config)
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    extended: list[AdapterLayer] = []
+    try:
+        for key in keys:
+            target = model.get_submodule(key)
+            if isinstance(target, ModulesToSaveWrapper):
+                raise TargetError(f"{key} is in modules_to_save of another adapter and cannot also be adapted.")
+            if isinstance(target, AdapterLayer):
+                if not isinstance(target, method.layer_types):
+                    raise TargetError(
+                        f"{key} already holds a {type(target).__name__} adapter; a {config.peft_type} adapter cannot be "
+                        "added on the same module: one method per module."
+                    )
+                target.update_layer(adapter_name, config, key)
+                extended.append(target)
+                continue
+            new = method.make_layer(target, config, adapter_name, key)
+            parent, child = get_submodule_parent(model, key)
+            setattr(parent, child, new)
+            replaced.append((parent, child, target))
+    except Exception:
+        for layer in extended:
+            layer.delete_adapter(adapter_name)
+        for parent, child, original in reversed(replaced):
+            setattr(parent, child, original)
+        raise
+    return keys
+
+
+def check_mergeable(layers: Iterable[tuple[str, nn.Module]]) -> None:
+    """MergeError (before anything changes) if any of ``(key, layer)`` holds a non-mergeable adapter."""
+    for key, layer in layers:
+        if not isinstance(layer, ModulesToSaveWrapper) and not layer.mergeable:
+            raise MergeError(f"{key}: {type(layer).__name__} adapters cannot be merged; use unload() instead."
+                             f"{layer.merge_hint}")
+
+
+def unload(model: nn.Module, *, merge: bool, safe_merge: bool = False,
+           adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+    """Replace every wrapper by its base module, merging the active (or given) adapters first."""
+    layers = list(adapter_layers(model))
+    if merge:
+        check_mergeable(layers)
+    for key, layer in layers:
+        if isinstance(layer, ModulesToSaveWrapper):
+            new = layer.unwrap(merge)
+        else:
+            if merge:
+                layer.merge(adapter_names, safe_merge=safe_merge)
+            elif layer.merged:
+                layer.unmerge()
+            new = layer.get_base_layer()
+        parent, child = get_submodule_parent(model, key)
+        setattr(parent, child, new)
+    return model
+
+
+__all__ = ["adapter_layers", "check_mergeable", "inject", "prepare_config", "unload"]

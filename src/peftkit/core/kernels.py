@@ -1,0 +1,73 @@
+"""Batched kernels of mixed-adapter batches, shared by the methods (row-wise dropout, LoRA-shaped
+batched matmuls over stacked per-adapter weights). A leaf of the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mixed import RowPlan
+
+
+def batched_lora(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, plan: RowPlan,
+                 add_to: Optional[torch.Tensor] = None, in_place: bool = False) -> torch.Tensor:
+    """Row i of ``x3`` (rows, tokens, in) times ``A[idx[i]]`` (in, r) times ``B[idx[i]]`` (r, out),
+    plus ``add_to`` (rows, tokens, out) when given (added in the same batched matmul; into
+    ``add_to`` itself when ``in_place`` and no gradient is recorded).
+
+    Three equivalent ways, none copying the stacked weights per row unless it must: a batched
+    matmul on a slice of the stacks (rows use consecutive slots in order: no copy); a grouped matmul
+    over tokens sorted by adapter when many rows share few adapters (inference; its cost grows with
+    the number of adapters, so it loses to the next one when most rows have their own); a batched
+    matmul on gathered weights (any assignment, and training).
+    """
+    rows, tokens, d_in = x3.shape
+    grad = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or x3.requires_grad
+                                        or (add_to is not None and add_to.requires_grad))
+    copy = grad or not in_place  # add out of place
+    if plan.start is not None:
+        return bmm_pair(x3, A.narrow(0, plan.start, rows), B.narrow(0, plan.start, rows), add_to, copy)
+    if (not grad and plan.n_slots_used * 4 <= rows and hasattr(F, "grouped_mm")
+            and x3.dtype in (torch.float32, torch.bfloat16) and d_in % 8 == 0 and B.shape[-1] % 8 == 0):
+        offs, order = plan.groups(tokens, A.shape[0])
+        flat = x3.reshape(rows * tokens, d_in)
+        if order is not None:
+            flat = flat.index_select(0, order)
+        out = F.grouped_mm(F.grouped_mm(flat, A, offs=offs), B, offs=offs)
+        if order is not None:
+            out = torch.empty_like(out).index_copy_(0, order, out)
+        out = out.view(rows, tokens, -1)
+        return out if add_to is None else (add_to + out if copy else add_to.add_(out))
+    return bmm_pair(x3, A.index_select(0, plan.idx), B.index_select(0, plan.idx), add_to, copy)
+
+
+def bmm_pair(x3: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add_to: Optional[torch.Tensor],
+             copy: bool) -> torch.Tensor:
+    """``(x3 @ a) @ b`` (+ ``add_to``, fused into the second batched matmul; into ``add_to`` itself
+    unless ``copy``)."""
+    h = torch.bmm(x3, a)
+    if add_to is None:
+        return torch.bmm(h, b)
+    return torch.baddbmm(add_to, h, b) if copy else add_to.baddbmm_(h, b)
+
+
+def dropout_p(module: nn.Module) -> float:
+    """The drop probability of a dropout module (0 for ``nn.Identity`` and anything else)."""
+    return module.p if isinstance(module, nn.Dropout) else 0.0
+
+
+def rowwise_dropout(x: torch.Tensor, ps: list[float], idx: torch.Tensor) -> torch.Tensor:
+    """Inverted dropout with each row's own probability (x: (batch, ...))."""
+    if not any(p > 0 for p in ps):
+        return x
+    p = torch.tensor(ps, device=x.device, dtype=x.dtype).index_select(0, idx)
+    p = p.view(-1, *([1] * (x.dim() - 1)))
+    keep = torch.rand_like(x) >= p
+    return x * keep / (1 - p)
+
+
+__all__ = ["batched_lora", "bmm_pair", "dropout_p", "rowwise_dropout"]

@@ -1,0 +1,196 @@
+"""The adapter-layer protocol: the base class of every wrapper layer.
+
+A targeted module is replaced by a subclass of :class:`AdapterLayer` that keeps the original as
+``base_layer`` and holds named adapters in ``ModuleDict`` / ``ParameterDict`` containers (listed in
+``adapter_layer_names``), so in-memory keys read ``...q_proj.lora_A.default.weight`` and file keys
+the same with the adapter name dropped (:meth:`AdapterLayer.file_key`). One protocol drives
+freezing, saving and merging: :meth:`AdapterLayer.adapter_param_items` lists an adapter's tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import nn
+
+from ..errors import MergeError
+from .mixed import MixedBatch, current_mixed_batch
+
+if TYPE_CHECKING:
+    from ..config import PeftConfig
+
+
+class AdapterLayer(nn.Module):
+    """Base of every wrapper layer. Keeps the wrapped module as ``base_layer``; adapters are named.
+
+    Subclasses list the attributes that hold per-adapter tensors in ``adapter_layer_names``
+    (``nn.ModuleDict`` / ``nn.ParameterDict`` keyed by adapter name) and per-adapter settings in
+    ``other_param_names`` (plain dicts). Forward has four states: disabled (base only), merged (base
+    only, the weights hold the delta), active adapters (base + their deltas), mixed batch (each row
+    its own adapter).
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+    # in-memory key suffix -> file key suffix, applied after the adapter name is removed
+    save_key_renames: dict[str, str] = {}
+    mergeable: bool = True
+    merge_hint: str = ""  # why a non-mergeable layer cannot be merged (appended to the error)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for attr in self.adapter_layer_names + self.other_param_names:
+            names.update(dict.fromkeys(getattr(self, attr).keys()))
+        return list(names)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (models read e.g. ``layer.weight.dtype``)."""
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    def _adapter_device(self) -> torch.device:
+        """Where new adapter tensors go: the device of the base layer's first parameter or buffer."""
+        base = self.get_base_layer()
+        first = next(itertools.chain(base.parameters(), base.buffers()), None)
+        return torch.device("cpu") if first is None else first.device
+
+    def get_base_layer(self) -> nn.Module:
+        base = self.base_layer
+        while isinstance(base, AdapterLayer):
+            base = base.base_layer
+        return base
+
+    def update_layer(self, adapter_name: str, config: "PeftConfig", key: str) -> None:
+        """Create (or re-create) the tensors of ``adapter_name`` for this layer."""
+        raise NotImplementedError
+
+    def set_adapter(self, names: Sequence[str], trainable: bool = True) -> None:
+        """Activate ``names`` (those this layer has); their tensors train if ``trainable``. Drops the
+        layer's caches (so this is also how to make it see weights replaced through ``.data``)."""
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+        self.clear_cache()
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            for name, value in container.items():
+                want = trainable and name in self.active_adapters
+                params = [value] if isinstance(value, nn.Parameter) else list(value.parameters())
+                for p in params:
+                    p.requires_grad_(want)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise MergeError(f"Adapter {name!r} is merged into {type(self).__name__}; unmerge it before deleting.")
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        """Drop tensors cached from adapter weights (subclasses with caches override)."""
+
+    def adapter_param_items(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """(local in-memory key, tensor) for every tensor of adapter ``name``."""
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if name not in container:
+                continue
+            value = container[name]
+            if isinstance(value, nn.Parameter):
+                yield f"{attr}.{name}", value
+            else:
+                for k, p in value.named_parameters():
+                    yield f"{attr}.{name}.{k}", p
+
+    def file_key(self, local_key: str, name: str) -> str:
+        """The checkpoint key of an in-memory key: the adapter name removed (Hugging Face rule)."""
+        key = strip_adapter_name(local_key, name)
+        for old, new in self.save_key_renames.items():
+            if key == old or key.endswith("." + old):
+                key = key[: len(key) - len(old)] + new
+        return key
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        if not self.mergeable:
+            raise MergeError(f"{type(self).__name__} adapters cannot be merged into the base weights.{self.merge_hint}")
+        names = self.active_adapters if adapter_names is None else [n for n in adapter_names if n in self.adapter_names]
+        for name in names:
+            if name in self.merged_adapters:
+                continue
+            self._merge_one(name, safe_merge)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self._unmerge_one(self.merged_adapters.pop())
+
+    # -- running ------------------------------------------------------------------------------
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """Disabled: the base only (merged adapters are unmerged first). Mixed batch: each row its own
+        adapter (:meth:`_mixed_forward`). Otherwise the active adapters (:meth:`_active_forward`)."""
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        mixed = current_mixed_batch()
+        if mixed is not None:
+            self._check_mixed()
+            return self._mixed_forward(x, args, kwargs, mixed)
+        return self._active_forward(x, args, kwargs)
+
+    def _active_forward(self, x: Any, args: tuple, kwargs: dict) -> Any:
+        raise NotImplementedError
+
+    def _mixed_forward(self, x: Any, args: tuple, kwargs: dict, mixed: "MixedBatch") -> Any:
+        raise NotImplementedError
+
+    def _check_mixed(self) -> None:
+        if self.merged:
+            raise MergeError("adapter_names (mixed batches) cannot be used while adapters are merged; unmerge first.")
+
+    def _merge_one(self, name: str, safe_merge: bool) -> None:
+        raise MergeError(f"{type(self).__name__} does not support merging.")
+
+    def _unmerge_one(self, name: str) -> None:
+        raise MergeError(f"{type(self).__name__} does not support unmerging.")
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def strip_adapter_name(key: str, name: str) -> str:
+    """``v_proj.lora_A.default.weight`` -> ``v_proj.lora_A.weight``; ``emb.lora_embedding_A.default`` ->
+    ``emb.lora_embedding_A``. Only the end of the key is edited, so module names equal to the
+    adapter name are safe."""
+    suffix = "." + name
+    if key.endswith(suffix):
+        return key[: -len(suffix)]
+    head, _, last = key.rpartition(".")
+    if head.endswith(suffix):
+        return head[: -len(suffix)] + "." + last
+    return key
+
+
+__all__ = ["AdapterLayer", "strip_adapter_name"]

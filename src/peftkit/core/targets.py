@@ -1,0 +1,188 @@
+"""Target matching: which modules of a model a config targets, and the hints when none match.
+
+``target_modules`` is a list (exact module name or dotted suffix), a regex string (full match) or
+``"all-linear"`` (every linear layer but the output head); ``exclude_modules`` takes the same forms;
+``layers_to_transform`` / ``layers_pattern`` keep only some block indices; modules in
+``modules_to_save`` are never targets. Walks skip the insides of adapter layers
+(:func:`outer_modules`), so a wrapped model matches like the original.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Optional
+
+from torch import nn
+
+from ..errors import TargetError, closest
+from .layer import AdapterLayer
+
+if TYPE_CHECKING:
+    from ..config import PeftConfig
+
+# Layer name patterns used by ``layers_to_transform`` when ``layers_pattern`` is not given.
+DEFAULT_LAYERS_PATTERN = ("layers", "h", "block", "blocks", "layer")
+
+
+def model_type_of(model: nn.Module) -> Optional[str]:
+    """The transformers ``config.model_type`` of ``model`` (None for a plain nn.Module)."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def layer_index(key: str, layers_pattern: Any) -> Optional[int]:
+    """The block index in ``key`` (``model.layers.3.mlp`` -> 3) after one of ``layers_pattern``, or None."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    if not patterns:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        return int(m.group("idx")) if m else None
+    for pattern in patterns:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+        if m:
+            return int(m.group("idx"))
+    return None
+
+
+def matches_names(key: str, names: Any) -> bool:
+    """``names`` a regex string (full match) or a list of names (exact, or a dotted suffix of ``key``)."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return any(key == n or key.endswith("." + n) for n in names)
+
+
+def excluded(config: "PeftConfig", key: str) -> bool:
+    """Whether ``exclude_modules`` names module ``key``."""
+    exclude = getattr(config, "exclude_modules", None)
+    return bool(exclude) and matches_names(key, exclude)
+
+
+def in_modules_to_save(config: "PeftConfig", key: str) -> bool:
+    """Whether module ``key`` is (inside) one of ``modules_to_save``: never an adapter target."""
+    names = getattr(config, "modules_to_save", None) or []
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in names)
+
+
+def closest_module_names(model: nn.Module, targets: Any) -> list[str]:
+    """Module names of ``model`` nearest to the wanted ``targets`` (a name or a list), for error hints."""
+    names = [k for k, _ in outer_modules(model) if k]
+    want = [targets] if isinstance(targets, str) else list(targets or [])
+    hints: list[str] = []
+    for t in want:
+        hints += closest(t, names, n=5)
+    return list(dict.fromkeys(hints))
+
+
+def is_target(config: "PeftConfig", key: str, module: nn.Module, all_linear: Optional[set[str]] = None) -> bool:
+    """Whether module ``key`` is targeted by ``config`` (target_modules, exclude_modules, layer filters)."""
+    if excluded(config, key) or in_modules_to_save(config, key):
+        return False
+    targets = config.target_modules
+    if targets is None:
+        return False
+    if targets == "all-linear":
+        found = all_linear is not None and key in all_linear
+    else:
+        found = matches_names(key, targets)
+    if not found:
+        return False
+    indexes = getattr(config, "layers_to_transform", None)
+    if indexes is not None and not (isinstance(indexes, list) and len(indexes) == 0):
+        idx = layer_index(key, getattr(config, "layers_pattern", None) or DEFAULT_LAYERS_PATTERN)
+        if idx is None:
+            return False
+        wanted = [indexes] if isinstance(indexes, int) else indexes
+        return idx in wanted
+    return True
+
+
+def linear_module_names(model: nn.Module) -> set[str]:
+    """Every linear layer (nn.Linear, transformers Conv1D, quantized linears) except the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = set()
+    for key, module in outer_modules(model):
+        if isinstance(module, AdapterLayer):
+            module = module.get_base_layer()
+        if isinstance(module, (nn.Linear, Conv1D)) or getattr(module, "is_quantized_linear", False):
+            names.add(key)
+    head = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except (NotImplementedError, AttributeError):
+            head = None
+    for key, module in model.named_modules():
+        if head is not None and module is head:
+            names.discard(key)
+    return {n for n in names if not n.endswith(("lm_head", "output_layer", "embed_out"))}
+
+
+def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` without the insides of adapter layers (their base layers and adapter tensors)."""
+    inside: Optional[str] = None
+    for key, module in model.named_modules():
+        if inside is not None and key.startswith(inside):
+            continue
+        inside = None
+        yield key, module
+        if isinstance(module, AdapterLayer):
+            inside = key + "." if key else ""
+
+
+def find_targets(model: nn.Module, config: "PeftConfig") -> list[str]:
+    """The keys of the modules ``config`` targets; raises TargetError listing close names if none."""
+    all_linear = linear_module_names(model) if config.target_modules == "all-linear" else None
+    keys = []
+    for key, module in outer_modules(model):
+        if not key:
+            continue
+        if is_target(config, key, module, all_linear):
+            keys.append(key)
+    if not keys:
+        raise TargetError(no_match_message(model, config))
+    return keys
+
+
+def no_match_message(model: nn.Module, config: "PeftConfig") -> str:
+    targets = config.target_modules
+    hints = closest_module_names(model, targets)
+    leafs = sorted({k.rsplit(".", 1)[-1] for k, m in model.named_modules() if k and not list(m.children())})
+    msg = f"No module of the model matched target_modules={targets!r}"
+    if getattr(config, "layers_to_transform", None) is not None:
+        msg += f" with layers_to_transform={config.layers_to_transform!r}"
+    msg += "."
+    if hints:
+        msg += f" Closest module names: {', '.join(hints)}."
+    msg += f" Leaf module names in this model: {', '.join(leafs[:30])}{' ...' if len(leafs) > 30 else ''}."
+    return msg
+
+
+def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the submodule ``key``."""
+    parent_key, _, child = key.rpartition(".")
+    return (model.get_submodule(parent_key) if parent_key else model), child
+
+
+def outermost(keys: list[str]) -> list[str]:
+    """Drop duplicates and keys nested inside another key (a wrapped module cannot be wrapped again inside)."""
+    out: list[str] = []
+    for key in sorted(dict.fromkeys(keys), key=lambda k: (k.count("."), k)):
+        if not any(key.startswith(k + ".") for k in out):
+            out.append(key)
+    order = {k: i for i, k in enumerate(keys)}
+    return sorted(out, key=lambda k: order[k])
+
+
+def no_match(model: nn.Module, what: str, targets: Any) -> str:
+    """The TargetError message for a field (``what``) whose module names matched nothing."""
+    hints = closest_module_names(model, targets)
+    msg = f"No module of the model matched {what}={targets!r}."
+    if hints:
+        msg += f" Closest module names: {', '.join(hints)}."
+    return msg
+
+
+__all__ = ["DEFAULT_LAYERS_PATTERN", "closest_module_names", "excluded", "find_targets", "get_submodule_parent",
+           "in_modules_to_save", "is_target", "layer_index", "linear_module_names", "matches_names", "model_type_of",
+           "no_match", "no_match_message", "outer_modules", "outermost"]

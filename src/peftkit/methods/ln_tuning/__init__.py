@@ -1,0 +1,18 @@
+"""LayerNorm tuning (Zhao et al. 2023): train copies of the normalization layers (see :mod:`.layer`)."""
+
+from ...config import PeftType
+from ...registry import Method, register_method
+from .config import DEFAULT_TARGETS, LNTuningConfig, is_norm, prepare
+from .layer import LNTuningLayer, make_layer
+
+register_method(Method(
+    peft_type=PeftType.LN_TUNING,
+    config_cls=LNTuningConfig,
+    layer_types=(LNTuningLayer,),
+    make_layer=make_layer,
+    default_targets=DEFAULT_TARGETS,
+    prepare=prepare,
+    autocast_adapter_dtype=False,
+))
+
+__all__ = ["DEFAULT_TARGETS", "LNTuningConfig", "LNTuningLayer", "is_norm", "make_layer", "prepare"]

@@ -1,0 +1,36 @@
+"""LoRA and its variants: rsLoRA scaling, DoRA, gaussian / PiSSA init, QLoRA over quantized bases.
+
+For a frozen weight ``W`` (out x in) LoRA learns ``A`` (r x in) and ``B`` (out x r)::
+
+    y = W x + b + s · B A dropout(x),      s = lora_alpha / r   (rsLoRA: lora_alpha / sqrt(r))
+
+Files: :mod:`.config` (LoraConfig), :mod:`.layer` (the shared bookkeeping), :mod:`.linear`,
+:mod:`.embedding`, :mod:`.conv` (the layer types), :mod:`.dora` (DoRA as a variant object),
+:mod:`.fast_path` (the no-grad road of Linear), :mod:`.dispatch` (which layer wraps a module),
+:mod:`.combine` (``add_weighted_adapter``).
+"""
+
+from ...config import PeftType
+from ...registry import Method, register_method
+from .combine import add_weighted_adapter, combine_layer
+from .config import DEFAULT_TARGETS, LoraConfig
+from .conv import ConvNd
+from .dispatch import make_layer
+from .dora import DoraConv, DoraEmbedding, DoraLinear, DoraMagnitude, DoraVariant
+from .embedding import Embedding
+from .layer import LoraLayer
+from .linear import Linear
+
+register_method(Method(
+    peft_type=PeftType.LORA,
+    config_cls=LoraConfig,
+    layer_types=(LoraLayer,),
+    make_layer=make_layer,
+    default_targets=DEFAULT_TARGETS,
+    combine=add_weighted_adapter,
+    saves_embedding_layers=True,
+    aliases={"dora": {"use_dora": True}},
+))
+
+__all__ = ["DEFAULT_TARGETS", "ConvNd", "DoraConv", "DoraEmbedding", "DoraLinear", "DoraMagnitude", "DoraVariant",
+           "Embedding", "Linear", "LoraConfig", "LoraLayer", "add_weighted_adapter", "combine_layer", "make_layer"]

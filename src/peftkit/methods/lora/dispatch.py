@@ -1,0 +1,35 @@
+"""Which LoRA layer wraps a target: dispatch by module type."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...core.dispatch import CONV_TYPES, linear_fan_in_fan_out
+from ...errors import TargetError
+from .config import LoraConfig
+from .conv import ConvNd
+from .embedding import Embedding
+from .layer import LoraLayer
+from .linear import Linear
+
+
+def make_layer(target: nn.Module, config: LoraConfig, adapter_name: str, key: str) -> LoraLayer:
+    """The LoRA layer for ``target`` holding adapter ``adapter_name``; TargetError for other module types."""
+    if isinstance(target, nn.Embedding):
+        layer: LoraLayer = Embedding(target)
+    elif isinstance(target, CONV_TYPES):
+        layer = ConvNd(target)
+    else:
+        fan_in_fan_out = linear_fan_in_fan_out(target, config.fan_in_fan_out)
+        if fan_in_fan_out is None:
+            raise TargetError(
+                f"Target module {key} ({type(target).__name__}) is not supported by LoRA. Supported: nn.Linear, "
+                "nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D and peftkit quantized linears; target its "
+                "linear submodules instead."
+            )
+        layer = Linear(target, fan_in_fan_out=fan_in_fan_out)
+    layer.update_layer(adapter_name, config, key)
+    return layer
+
+
+__all__ = ["make_layer"]

@@ -1,0 +1,165 @@
+"""DoRA (Liu et al. 2024), weight-decomposed LoRA, as a variant object of a LoRA layer's adapter.
+
+DoRA splits the adapted weight into a magnitude and a direction::
+
+    W' = m · (W + s B A) / ||W + s B A||_row,        y = W' x + b
+       = f ⊙ (W x + s B A x) + b,                     f = m / ||W + s B A||_row
+
+with the norm treated as a constant (detached), ``m`` a learned vector initialised to ``||W||_row``
+(``lora_magnitude_vector.<name>.weight`` in memory, ``lora_magnitude_vector`` in files). "Row"
+means per output feature: rows of a linear weight (out, in), embedding dimensions of an embedding
+table, output channels of a convolution.
+
+A LoRA layer keeps one variant object per DoRA adapter (``layer.dora[name]``); plain LoRA adapters
+have none. The variant changes three things of its adapter: the output (:meth:`DoraVariant.forward`),
+merging (``W ← f ⊙ (W + s B A)``, the norm kept for an exact unmerge) and, for linear layers, the
+per-row factors of mixed batches (:meth:`DoraLinear.row_factor`). The subclasses say how the norm is
+taken and shaped for each layer type.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...quant import dequantize_weight
+
+if TYPE_CHECKING:
+    from .layer import LoraLayer
+
+
+class DoraMagnitude(nn.Module):
+    """The learned magnitude ``m`` of DoRA (in memory ``lora_magnitude_vector.<name>.weight``)."""
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+class DoraVariant:
+    """DoRA for one adapter of one layer (see the module doc). Subclasses per layer type."""
+
+    def __init__(self) -> None:
+        self.merged_norm: Optional[torch.Tensor] = None  # the norm used at merge time, for an exact unmerge
+
+    @classmethod
+    def create(cls, layer: "LoraLayer", name: str) -> "DoraVariant":
+        """Initialise ``m = ||W||_row`` (B is zero: the adapter starts as a no-op) and return the variant."""
+        with torch.no_grad():
+            norm = cls.weight_norm(layer, name, dequantize_weight(layer.get_base_layer()).float())
+        layer.lora_magnitude_vector[name] = DoraMagnitude(norm.to(torch.float32))
+        return cls()
+
+    @staticmethod
+    def weight_norm(layer: "LoraLayer", name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``||W + s B A||_row`` for the base weight ``weight`` (in its own layout)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def factor_shape(layer: "LoraLayer", factor: torch.Tensor) -> torch.Tensor:
+        """``f`` (per output feature) shaped to multiply the base weight."""
+        raise NotImplementedError
+
+    def merged_weight(self, layer: "LoraLayer", name: str, weight: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """The merged weight ``f ⊙ (W + s B A)`` from ``new = W + s B A`` (float); remembers the norm."""
+        norm = self.weight_norm(layer, name, weight).detach()
+        self.merged_norm = norm
+        return new * self.factor_shape(layer, layer.lora_magnitude_vector[name].weight.float() / norm)
+
+    def unmerged_weight(self, layer: "LoraLayer", name: str, current: torch.Tensor) -> torch.Tensor:
+        """``W + s B A`` back from the merged weight (divided by the factor used at merge time)."""
+        norm, self.merged_norm = self.merged_norm, None
+        return current / self.factor_shape(layer, layer.lora_magnitude_vector[name].weight.float() / norm)
+
+
+class DoraLinear(DoraVariant):
+    """DoRA on a linear map; the weight is (out, in), or (in, out) with ``fan_in_fan_out``."""
+
+    @staticmethod
+    def weight_norm(layer: "LoraLayer", name: str, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.T if layer.fan_in_fan_out else weight
+        lora_w = layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()
+        return torch.linalg.norm(w + layer.scaling[name] * lora_w.detach(), dim=1)
+
+    @staticmethod
+    def factor_shape(layer: "LoraLayer", factor: torch.Tensor) -> torch.Tensor:
+        return factor.view(1, -1) if layer.fan_in_fan_out else factor.view(-1, 1)
+
+    def row_factor(self, layer: "LoraLayer", name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``f`` (out,) for the base weight ``weight``: the per-row scale of mixed batches."""
+        return layer.lora_magnitude_vector[name].weight / self.weight_norm(layer, name, weight).detach()
+
+    def forward(self, layer: "LoraLayer", name: str, xd: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result + (f - 1) ⊙ (W x) + f ⊙ s B A x`` for the base output ``result`` (bias included) and
+        the adapter input ``xd`` (after dropout; in training with dropout the base term is recomputed on
+        ``xd``, so that it sees the same dropout)."""
+        base = layer.get_base_layer()
+        weight = dequantize_weight(base)
+        lora = layer.lora_B[name](layer.lora_A[name](xd))
+        norm = self.weight_norm(layer, name, weight.to(lora.dtype)).detach()
+        f = layer.lora_magnitude_vector[name].weight / norm
+        if layer.training and not isinstance(layer.lora_dropout[name], nn.Identity):
+            w = weight.T if layer.fan_in_fan_out else weight
+            base_out = F.linear(xd, w.to(xd.dtype))
+        else:
+            base_out = result.to(lora.dtype)
+            if getattr(base, "bias", None) is not None:
+                base_out = base_out - base.bias.to(lora.dtype)
+        return result + ((f - 1) * base_out + f * layer.scaling[name] * lora).to(result.dtype)
+
+
+class DoraEmbedding(DoraVariant):
+    """DoRA on an embedding table E (num, dim): ``y = f ⊙ (E[x] + s · A^T[x] B^T)``, f per dimension."""
+
+    @staticmethod
+    def weight_norm(layer: "LoraLayer", name: str, weight: torch.Tensor) -> torch.Tensor:
+        lora_w = layer.lora_embedding_B[name].float() @ layer.lora_embedding_A[name].float()  # (dim, num)
+        return torch.linalg.norm(weight.T + layer.scaling[name] * lora_w.detach(), dim=1)
+
+    @staticmethod
+    def factor_shape(layer: "LoraLayer", factor: torch.Tensor) -> torch.Tensor:
+        return factor.view(1, -1)
+
+    def forward(self, layer: "LoraLayer", name: str, out: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``f ⊙ (result + out)`` for the base lookup ``result`` and the adapter's lookup ``out``."""
+        weight = layer.get_base_layer().weight
+        f = layer.lora_magnitude_vector[name].weight / self.weight_norm(layer, name, weight.float()).detach()
+        return (f * result.to(f.dtype) + f * out).to(result.dtype)
+
+
+class DoraConv(DoraVariant):
+    """DoRA on a convolution: ``f`` per output channel, the magnitude shaped (1, out, 1, ...)."""
+
+    @staticmethod
+    def weight_norm(layer: "LoraLayer", name: str, weight: torch.Tensor) -> torch.Tensor:
+        r = layer.r[name]
+        lora_w = layer.lora_B[name].weight.float().view(-1, r) @ layer.lora_A[name].weight.float().view(r, -1)
+        w = weight + layer.scaling[name] * lora_w.detach().reshape(weight.shape)
+        dims = tuple(range(1, w.dim()))
+        return w.norm(p=2, dim=dims, keepdim=True).transpose(1, 0)  # (1, out, 1, ...)
+
+    @staticmethod
+    def factor_shape(layer: "LoraLayer", factor: torch.Tensor) -> torch.Tensor:
+        return factor.transpose(0, 1)  # (out, 1, 1, ...) to scale the weight's rows
+
+    def forward(self, layer: "LoraLayer", name: str, xa: torch.Tensor, lora: torch.Tensor,
+                result: torch.Tensor) -> torch.Tensor:
+        """``result + (f - 1) ⊙ conv(x, W) + f ⊙ s · lora`` (``lora`` the unscaled adapter output on
+        ``xa``, the adapter input after dropout)."""
+        base = layer.get_base_layer()
+        norm = self.weight_norm(layer, name, base.weight.to(lora.dtype)).detach()
+        f = layer.lora_magnitude_vector[name].weight / norm
+        if layer.training and not isinstance(layer.lora_dropout[name], nn.Identity):
+            base_out = layer.conv_fn(xa, base.weight.to(xa.dtype), None, base.stride, base.padding,
+                                     base.dilation, base.groups)
+        else:
+            base_out = result.to(lora.dtype)
+            if base.bias is not None:
+                base_out = base_out - base.bias.to(lora.dtype).view(1, -1, *([1] * layer.conv_dim))
+        return result + ((f - 1) * base_out + f * layer.scaling[name] * lora).to(result.dtype)
+
+
+__all__ = ["DoraConv", "DoraEmbedding", "DoraLinear", "DoraMagnitude", "DoraVariant"]

@@ -1,0 +1,18 @@
+"""Partial fine-tuning: whole transformer blocks or named modules trained in full (see :mod:`.layer`)."""
+
+from ...config import PeftType
+from ...registry import Method, register_method
+from .config import PartialConfig
+from .layer import PartialLayer, make_partial_layer
+from .targets import block_lists, find_partial_targets
+
+register_method(Method(
+    peft_type=PeftType.PARTIAL,
+    config_cls=PartialConfig,
+    layer_types=(PartialLayer,),
+    make_layer=make_partial_layer,
+    find_targets=find_partial_targets,
+    autocast_adapter_dtype=False,
+))
+
+__all__ = ["PartialConfig", "PartialLayer", "block_lists", "find_partial_targets", "make_partial_layer"]
