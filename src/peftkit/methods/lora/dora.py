@@ -19,7 +19,7 @@ taken and shaped for each layer type.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,9 @@ from torch import nn
 
 from ...quant import dequantize_weight
 
-if TYPE_CHECKING:
-    from .layer import LoraLayer
+# ``layer`` below: the LoRA layer a variant belongs to, of the matching type (typed as a module: the
+# layer module imports this one, not the reverse)
+Layer = nn.Module
 
 
 class DoraMagnitude(nn.Module):
@@ -46,7 +47,7 @@ class DoraVariant:
         self.merged_norm: Optional[torch.Tensor] = None  # the norm used at merge time, for an exact unmerge
 
     @classmethod
-    def create(cls, layer: "LoraLayer", name: str) -> "DoraVariant":
+    def create(cls, layer: Layer, name: str) -> "DoraVariant":
         """Initialise ``m = ||W||_row`` (B is zero: the adapter starts as a no-op) and return the variant."""
         with torch.no_grad():
             norm = cls.weight_norm(layer, name, dequantize_weight(layer.get_base_layer()).float())
@@ -54,22 +55,22 @@ class DoraVariant:
         return cls()
 
     @staticmethod
-    def weight_norm(layer: "LoraLayer", name: str, weight: torch.Tensor) -> torch.Tensor:
+    def weight_norm(layer: Layer, name: str, weight: torch.Tensor) -> torch.Tensor:
         """``||W + s B A||_row`` for the base weight ``weight`` (in its own layout)."""
         raise NotImplementedError
 
     @staticmethod
-    def factor_shape(layer: "LoraLayer", factor: torch.Tensor) -> torch.Tensor:
+    def factor_shape(layer: Layer, factor: torch.Tensor) -> torch.Tensor:
         """``f`` (per output feature) shaped to multiply the base weight."""
         raise NotImplementedError
 
-    def merged_weight(self, layer: "LoraLayer", name: str, weight: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, layer: Layer, name: str, weight: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """The merged weight ``f ⊙ (W + s B A)`` from ``new = W + s B A`` (float); remembers the norm."""
         norm = self.weight_norm(layer, name, weight).detach()
         self.merged_norm = norm
         return new * self.factor_shape(layer, layer.lora_magnitude_vector[name].weight.float() / norm)
 
-    def unmerged_weight(self, layer: "LoraLayer", name: str, current: torch.Tensor) -> torch.Tensor:
+    def unmerged_weight(self, layer: Layer, name: str, current: torch.Tensor) -> torch.Tensor:
         """``W + s B A`` back from the merged weight (divided by the factor used at merge time)."""
         norm, self.merged_norm = self.merged_norm, None
         return current / self.factor_shape(layer, layer.lora_magnitude_vector[name].weight.float() / norm)
@@ -79,20 +80,20 @@ class DoraLinear(DoraVariant):
     """DoRA on a linear map; the weight is (out, in), or (in, out) with ``fan_in_fan_out``."""
 
     @staticmethod
-    def weight_norm(layer: "LoraLayer", name: str, weight: torch.Tensor) -> torch.Tensor:
+    def weight_norm(layer: Layer, name: str, weight: torch.Tensor) -> torch.Tensor:
         w = weight.T if layer.fan_in_fan_out else weight
         lora_w = layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()
         return torch.linalg.norm(w + layer.scaling[name] * lora_w.detach(), dim=1)
 
     @staticmethod
-    def factor_shape(layer: "LoraLayer", factor: torch.Tensor) -> torch.Tensor:
+    def factor_shape(layer: Layer, factor: torch.Tensor) -> torch.Tensor:
         return factor.view(1, -1) if layer.fan_in_fan_out else factor.view(-1, 1)
 
-    def row_factor(self, layer: "LoraLayer", name: str, weight: torch.Tensor) -> torch.Tensor:
+    def row_factor(self, layer: Layer, name: str, weight: torch.Tensor) -> torch.Tensor:
         """``f`` (out,) for the base weight ``weight``: the per-row scale of mixed batches."""
         return layer.lora_magnitude_vector[name].weight / self.weight_norm(layer, name, weight).detach()
 
-    def forward(self, layer: "LoraLayer", name: str, xd: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: Layer, name: str, xd: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result + (f - 1) ⊙ (W x) + f ⊙ s B A x`` for the base output ``result`` (bias included) and
         the adapter input ``xd`` (after dropout; in training with dropout the base term is recomputed on
         ``xd``, so that it sees the same dropout)."""
@@ -115,15 +116,15 @@ class DoraEmbedding(DoraVariant):
     """DoRA on an embedding table E (num, dim): ``y = f ⊙ (E[x] + s · A^T[x] B^T)``, f per dimension."""
 
     @staticmethod
-    def weight_norm(layer: "LoraLayer", name: str, weight: torch.Tensor) -> torch.Tensor:
+    def weight_norm(layer: Layer, name: str, weight: torch.Tensor) -> torch.Tensor:
         lora_w = layer.lora_embedding_B[name].float() @ layer.lora_embedding_A[name].float()  # (dim, num)
         return torch.linalg.norm(weight.T + layer.scaling[name] * lora_w.detach(), dim=1)
 
     @staticmethod
-    def factor_shape(layer: "LoraLayer", factor: torch.Tensor) -> torch.Tensor:
+    def factor_shape(layer: Layer, factor: torch.Tensor) -> torch.Tensor:
         return factor.view(1, -1)
 
-    def forward(self, layer: "LoraLayer", name: str, out: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: Layer, name: str, out: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``f ⊙ (result + out)`` for the base lookup ``result`` and the adapter's lookup ``out``."""
         weight = layer.get_base_layer().weight
         f = layer.lora_magnitude_vector[name].weight / self.weight_norm(layer, name, weight.float()).detach()
@@ -134,7 +135,7 @@ class DoraConv(DoraVariant):
     """DoRA on a convolution: ``f`` per output channel, the magnitude shaped (1, out, 1, ...)."""
 
     @staticmethod
-    def weight_norm(layer: "LoraLayer", name: str, weight: torch.Tensor) -> torch.Tensor:
+    def weight_norm(layer: Layer, name: str, weight: torch.Tensor) -> torch.Tensor:
         r = layer.r[name]
         lora_w = layer.lora_B[name].weight.float().view(-1, r) @ layer.lora_A[name].weight.float().view(r, -1)
         w = weight + layer.scaling[name] * lora_w.detach().reshape(weight.shape)
@@ -142,10 +143,10 @@ class DoraConv(DoraVariant):
         return w.norm(p=2, dim=dims, keepdim=True).transpose(1, 0)  # (1, out, 1, ...)
 
     @staticmethod
-    def factor_shape(layer: "LoraLayer", factor: torch.Tensor) -> torch.Tensor:
+    def factor_shape(layer: Layer, factor: torch.Tensor) -> torch.Tensor:
         return factor.transpose(0, 1)  # (out, 1, 1, ...) to scale the weight's rows
 
-    def forward(self, layer: "LoraLayer", name: str, xa: torch.Tensor, lora: torch.Tensor,
+    def forward(self, layer: Layer, name: str, xa: torch.Tensor, lora: torch.Tensor,
                 result: torch.Tensor) -> torch.Tensor:
         """``result + (f - 1) ⊙ conv(x, W) + f ⊙ s · lora`` (``lora`` the unscaled adapter output on
         ``xa``, the adapter input after dropout)."""

@@ -27,7 +27,7 @@ reads are several times slower than dict reads.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -36,9 +36,6 @@ from torch.nn.modules import module as _torch_module
 from ...core import mixed as _mixed
 from ...core.base_call import tracing_state
 from .layer import LoraLayer
-
-if TYPE_CHECKING:
-    from .linear import Linear
 
 _compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
@@ -75,7 +72,7 @@ class RoadPlan:
         self.adapters = adapters
 
 
-def plan_road(layer: "Linear") -> RoadPlan:
+def plan_road(layer: LoraLayer) -> RoadPlan:
     """The plan for ``layer``'s active adapters, kept as ``layer._road`` unless the weights are on
     the meta device (data pointer 0: a later load must plan anew). Only used without autograd
     (views made in inference mode must not meet it)."""
@@ -102,7 +99,7 @@ def plan_road(layer: "Linear") -> RoadPlan:
     return plan
 
 
-def forward(self: "Linear", x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def forward(self: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``Linear.forward``: the road when the call is plain (module doc), else :meth:`LoraLayer.forward`."""
     d = self.__dict__
     if not (args or kwargs or d["disabled"] or d["merged_adapters"] or _mixed.open_count or _grad_enabled()

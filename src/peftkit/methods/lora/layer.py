@@ -23,10 +23,10 @@ from ...core.layer import AdapterLayer
 from ...core.mixed import MixedBatch, current_mixed_batch
 from ...errors import ConfigError, MergeError, TargetError
 from ...quant import dequantize_weight, is_quantized_module, requantize_weight_
+from .dora import DoraVariant
 
 if TYPE_CHECKING:
     from .config import LoraConfig
-    from .dora import DoraVariant
 
 
 def store_base_weight(base: nn.Module, new: torch.Tensor) -> None:
@@ -50,7 +50,7 @@ class LoraLayer(AdapterLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "dora", "lora_bias")
     save_key_renames = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}
-    dora_variant: Optional[type["DoraVariant"]] = None  # DoRA on this layer type (None: not supported)
+    dora_variant: Optional[type[DoraVariant]] = None  # DoRA on this layer type (None: not supported)
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -58,7 +58,7 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
-        self.dora: dict[str, "DoraVariant"] = {}
+        self.dora: dict[str, DoraVariant] = {}
         self.lora_bias: dict[str, bool] = {}
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
