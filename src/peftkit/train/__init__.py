@@ -9,7 +9,8 @@ The core library never imports this package. Entry points::
 
 from .config import DataConfig, ModelArgs, RunConfig, TrainConfig
 from .data import DataError, prepare_data, read_records
-from .loop import Trainer, TrainResult, evaluate, generate_texts
+from .evaluation import evaluate, generate_texts
+from .loop import Trainer, TrainResult
 from .metrics import exact_match, rouge_l
 from .modeling import method_names
 from .runner import load_for_inference, train

@@ -161,8 +161,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for name in ("model", "data", "train"):
-            out[name] = _plain(dataclasses.asdict(getattr(self, name)))
-        out["method_args"] = _plain(dict(self.method_args))
+            out[name] = plain(dataclasses.asdict(getattr(self, name)))
+        out["method_args"] = plain(dict(self.method_args))
         return out
 
     @classmethod
@@ -177,13 +177,14 @@ class RunConfig:
         )
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """``value`` as plain YAML/JSON data: enums as their values, containers as dicts and lists (sets sorted)."""
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        items = [_plain(v) for v in value]
+        items = [plain(v) for v in value]
         return sorted(items) if isinstance(value, (set, frozenset)) else items
     if isinstance(value, os.PathLike):
         return os.fspath(value)
@@ -332,5 +333,6 @@ __all__ = [
     "docstring_args",
     "dump_yaml",
     "load_yaml",
+    "plain",
     "split_settings",
 ]

@@ -14,10 +14,10 @@ import time
 from typing import Any, Optional
 
 from ..errors import PeftkitError
-from .config import DataConfig, RunConfig, dump_yaml, field_names, load_yaml
+from .config import DataConfig, RunConfig, dump_yaml, field_names, load_yaml, plain
 from .data import DataError, prepare_data
 from .distributed import DistInfo, broadcast_object, setup, teardown
-from .loop import Trainer, TrainResult, set_seed
+from .loop import Trainer, TrainResult
 from .modeling import (
     build_peft_config,
     check_method_args,
@@ -29,6 +29,7 @@ from .modeling import (
     resolve_method,
     task_for,
 )
+from .step import set_seed
 
 RUN_FILE = "run.yaml"
 # settings that may change between a run and its resumption
@@ -43,12 +44,6 @@ def _holds_run(folder: str) -> bool:
     return os.path.isdir(os.path.join(folder, "checkpoints")) and any(
         n.startswith("step-") for n in os.listdir(os.path.join(folder, "checkpoints"))
     ) or os.path.isdir(os.path.join(folder, "adapter"))
-
-
-def _plain(value: Any) -> Any:
-    from .config import _plain as plain
-
-    return plain(value)
 
 
 def train(run: RunConfig, *, train_data: Any = None, eval_data: Any = None, quiet: bool = False,
@@ -129,7 +124,7 @@ def _resolved_settings(run: RunConfig, model_path: str, method_name: str, peft_m
     out["model"]["method"] = method_name
     out["model"]["task"] = data.task_type
     config = peft_model.peft_config[run.model.adapter_name]
-    out["method_args"] = _plain({f.name: getattr(config, f.name) for f in method_fields(type(config))})
+    out["method_args"] = plain({f.name: getattr(config, f.name) for f in method_fields(type(config))})
     from .data import bundled_data
 
     src = run.data.data
@@ -223,6 +218,29 @@ def data_config_of(run: dict[str, Any]) -> DataConfig:
     return dataclasses.replace(DataConfig(), **d)
 
 
+def _base_model_path(model: Optional[str], configs: list[Any], run: Optional[dict[str, Any]]) -> str:
+    """``model``, else the first adapter's base model, else the run's, else the bundled one."""
+    model_path = model
+    if model_path is None and configs:
+        model_path = configs[0].base_model_name_or_path
+    if model_path is None and run:
+        model_path = (run.get("model") or {}).get("model")
+    model_path = model_path or default_model_path()
+    if configs and not os.path.exists(model_path) and model is None and os.path.isabs(model_path):
+        raise PeftkitError(f"The adapter's base model {model_path} does not exist here; pass --model.")
+    return model_path
+
+
+def _quantization(quantize: Any, run: Optional[dict[str, Any]]) -> Any:
+    """The quantization options of ``load_model``: the run's (``"run"``), none (None), or 4 / 8."""
+    run_model = (run or {}).get("model") or {}
+    if quantize == "run":
+        return quant_options(run_model)
+    if quantize is None:
+        return None
+    return quant_options({**run_model, "quantize": quantize})
+
+
 def load_for_inference(adapters: list[tuple[str, str]], model: Optional[str] = None, *, task: Optional[str] = None,
                        dtype: str = "float32", device: Any = "cpu", trust_remote_code: bool = False,
                        quantize: Any = "run") -> Loaded:
@@ -242,14 +260,7 @@ def load_for_inference(adapters: list[tuple[str, str]], model: Optional[str] = N
             raise PeftkitError(f"Adapter folder {folder} does not exist.")
         configs.append(PeftConfig.from_pretrained(folder))
     run = read_run_file(adapters[0][1]) if adapters else None
-    model_path = model
-    if model_path is None and configs:
-        model_path = configs[0].base_model_name_or_path
-    if model_path is None and run:
-        model_path = (run.get("model") or {}).get("model")
-    model_path = model_path or default_model_path()
-    if configs and not os.path.exists(model_path) and model is None and os.path.isabs(model_path):
-        raise PeftkitError(f"The adapter's base model {model_path} does not exist here; pass --model.")
+    model_path = _base_model_path(model, configs, run)
     task_type = task or (str(configs[0].task_type) if configs and configs[0].task_type else None)
     data_cfg = DataConfig()
     fmt = None
@@ -267,13 +278,7 @@ def load_for_inference(adapters: list[tuple[str, str]], model: Optional[str] = N
         num_labels = len(label_names) if label_names else (_num_labels_from_tensors(adapters[0][1]) if adapters else None)
         if label_names is None and num_labels:
             label_names = [str(i) for i in range(num_labels)]
-    run_model = (run or {}).get("model") or {}
-    if quantize == "run":
-        quant = quant_options(run_model)
-    elif quantize is None:
-        quant = None
-    else:
-        quant = quant_options({**run_model, "quantize": quantize})
+    quant = _quantization(quantize, run)
     base = load_model(model_path, task_type, num_labels=num_labels,
                       id2label=dict(enumerate(label_names)) if label_names else None, dtype=dtype,
                       trust_remote_code=trust_remote_code, pad_token_id=tokenizer.pad_token_id, quantize=quant)
