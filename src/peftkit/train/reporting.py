@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any, Optional
 
-from ..checkpoint import atomic_write_bytes
+from .._io import atomic_write_bytes
 
 
 class MetricsLog:

@@ -159,7 +159,7 @@ def _resolved_settings(run: RunConfig, model_path: str, method_name: str, peft_m
 
 
 def _write_run_file(output_dir: str, resolved: dict[str, Any], resume: bool, quiet: bool) -> None:
-    from ..checkpoint import atomic_write_bytes
+    from .._io import atomic_write_bytes
 
     path = os.path.join(output_dir, RUN_FILE)
     if resume and os.path.isfile(path) and not quiet:

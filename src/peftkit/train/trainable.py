@@ -30,7 +30,7 @@ def save_trainable(model: nn.Module, folder: str) -> None:
     if is_peft_model(m):
         m.save_pretrained(folder)
         return
-    from ..checkpoint import save_tensors
+    from .._io import save_tensors
 
     os.makedirs(folder, exist_ok=True)
     save_tensors({n: p for n, p in m.named_parameters() if p.requires_grad}, os.path.join(folder, "trainable.safetensors"))
@@ -45,7 +45,7 @@ def load_trainable(model: nn.Module, folder: str) -> None:
         sub = folder if name == "default" else os.path.join(folder, name)
         set_peft_model_state_dict(m, load_peft_weights(sub), name, source=sub)
         return
-    from ..checkpoint import load_tensors
+    from .._io import load_tensors
 
     tensors = load_tensors(os.path.join(folder, "trainable.safetensors"))
     params = dict(m.named_parameters())
