@@ -38,7 +38,9 @@ def bnb_model(kind: str):
     if kind == "4bit":
         cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                               bnb_4bit_compute_dtype=torch.float32,
-                                              llm_int8_skip_modules=["lm_head", "down_proj"])  # 172-long rows
+                                              # the MLP's 172-long rows and columns stay float: bitsandbytes'
+                                              # CPU kernel on AVX512-BF16 CPUs needs out_features % 32 == 0
+                                              llm_int8_skip_modules=["lm_head", "gate_proj", "up_proj", "down_proj"])
     else:
         cfg = transformers.BitsAndBytesConfig(load_in_8bit=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(peftkit.model_path()), quantization_config=cfg,

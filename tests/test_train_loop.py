@@ -256,11 +256,12 @@ def test_ddp_two_processes_match_one(tmp_path):
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     # Float tolerance: the all-reduce sums gradients in another order, and Adam's g / sqrt(v) turns the
-    # rounding of a near-zero gradient entry into up to ~1e-4 of an lr=1e-2 step; nearly all entries agree
-    # to float32 precision.
+    # rounding of a near-zero gradient entry into a step of up to lr in either direction, so such an entry
+    # may differ by up to 2 * lr * steps (seen: 3e-4 on one entry of 256, on an AVX-512 machine). Nearly
+    # all entries agree to float32 precision, and so does the eval loss.
     tight = total = 0
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2 * 0.01 * 3)
         tight += int(torch.isclose(a[k], b[k], rtol=1e-5, atol=1e-7).sum())
         total += a[k].numel()
     assert tight >= 0.98 * total

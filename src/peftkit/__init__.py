@@ -1,18 +1,7 @@
 """peftkit: parameter-efficient fine-tuning for PyTorch and transformers, Hugging Face PEFT compatible."""
 
+from . import methods  # noqa: F401  (the built-in methods, registered in peftkit.registry)
 from .assets import load_model, model_path
-from .checkpoint import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-from .config import PeftConfig, PeftType, TaskType
-from .errors import (
-    AdapterNameError,
-    CheckpointError,
-    ConfigError,
-    MergeError,
-    PeftkitError,
-    PeftkitWarning,
-    TargetError,
-)
-from . import methods  # noqa: F401  (registers the built-in methods)
 from .auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -22,7 +11,17 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .config import PromptLearningConfig
+from .checkpoint import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .config import PeftConfig, PeftType, PromptLearningConfig, TaskType
+from .errors import (
+    AdapterNameError,
+    CheckpointError,
+    ConfigError,
+    MergeError,
+    PeftkitError,
+    PeftkitWarning,
+    TargetError,
+)
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config

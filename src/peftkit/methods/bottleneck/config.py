@@ -15,7 +15,6 @@ from ...core.layer import AdapterLayer
 from ...core.targets import is_target, model_type_of, no_match, outer_modules, outermost
 from ...errors import ConfigError, TargetError
 
-
 _LLAMA = {"attention_output_modules": ["self_attn.o_proj"], "ffn_output_modules": ["mlp.down_proj"],
           "parallel_modules": ["mlp"], "parallel_input": "input"}
 _BERT = {"attention_output_modules": r".*\.attention\.output\.dense", "ffn_output_modules": r".*\.layer\.\d+\.output\.dense",
