@@ -1,6 +1,6 @@
 """CPU instructions per call of one LoRA linear layer, peftkit beside Hugging Face PEFT (Linux ``perf``).
 
-    python bench/lora_layer_instructions.py [--dim 8] [--calls 20000]
+    python bench/lora_layer_instructions.py [--dim 8] [--calls 20000] [--tool perf|callgrind]
 
 On a CPU decode step (a few tokens) the time an unmerged adapter adds is mostly the Python and the
 PyTorch call overhead around its two thin matmuls, and timing it is at the mercy of a noisy machine.
@@ -17,7 +17,10 @@ gradient (``torch.inference_mode``), input (32, 1, dim), rank 16, non-zero B. Wi
   kept transposed views, ``addmm_``, one reshape and one view): the floor for peftkit's layer;
 - ``peft``: Hugging Face PEFT's LoRA ``Linear``.
 
-Figures and what they mean for the model-level ratio: docs/benchmarks.md.
+Where ``perf`` cannot count (some VMs answer ``<not supported>``), ``--tool callgrind`` counts with
+valgrind instead: each variant runs twice, with ``calls`` and ``6·calls`` timed calls, and the
+difference over ``5·calls`` is the count per call (slow: use ``--calls 1000``). Figures and what they
+mean for the model-level ratio: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -77,10 +80,12 @@ def _child(variant: str, dim: int, calls: int, ctl_fd: int) -> None:
     with torch.inference_mode():
         for _ in range(200):
             layer(x)
-        os.write(ctl_fd, b"enable\n")
+        if ctl_fd is not None:
+            os.write(ctl_fd, b"enable\n")
         for _ in range(calls):
             layer(x)
-        os.write(ctl_fd, b"disable\n")
+        if ctl_fd is not None:
+            os.write(ctl_fd, b"disable\n")
 
 
 def _count(variant: str, dim: int, calls: int) -> float:
@@ -99,21 +104,48 @@ def _count(variant: str, dim: int, calls: int) -> float:
     raise SystemExit(f"{variant}: no instruction count in perf's output:\n{proc.stderr[-800:]}")
 
 
+def _count_callgrind(variant: str, dim: int, calls: int) -> float:
+    totals = []
+    for n in (calls, 6 * calls):
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
+               "--child", variant, "--dim", str(dim), "--calls", str(n)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        refs = [line for line in proc.stderr.splitlines() if "I   refs:" in line]
+        if proc.returncode != 0 or not refs:
+            raise SystemExit(f"{variant}: {proc.stderr.strip()[-800:]}")
+        totals.append(int(refs[-1].split(":")[-1].replace(",", "")))
+    return (totals[1] - totals[0]) / (5 * calls)
+
+
+def _perf_counts() -> bool:
+    if shutil.which("perf") is None:
+        return False
+    proc = subprocess.run(["perf", "stat", "-x,", "-e", "instructions", "true"], capture_output=True, text=True)
+    return proc.returncode == 0 and "not supported" not in proc.stderr
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=8, help="in = out features (default 8: arithmetic negligible)")
     parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--tool", choices=("perf", "callgrind"), default=None,
+                        help="how to count (default: perf where it counts, else callgrind)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--ctl-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args.child, args.dim, args.calls, args.ctl_fd)
         return
-    if shutil.which("perf") is None:
-        raise SystemExit("This benchmark needs Linux `perf` (perf stat) on PATH.")
-    counts = {v: _count(v, args.dim, args.calls) for v in VARIANTS}
+    tool = args.tool or ("perf" if _perf_counts() else "callgrind")
+    if tool == "perf" and shutil.which("perf") is None:
+        raise SystemExit("--tool perf needs Linux `perf` (perf stat) on PATH.")
+    if tool == "callgrind" and shutil.which("valgrind") is None:
+        raise SystemExit("--tool callgrind needs valgrind on PATH.")
+    count = _count if tool == "perf" else _count_callgrind
+    counts = {v: count(v, args.dim, args.calls) for v in VARIANTS}
     base = counts["nn.Linear"]
-    print(f"# instructions per call, input (32, 1, {args.dim}), r=16, {args.calls} calls, 1 thread, inference mode")
+    print(f"# instructions per call ({tool}), input (32, 1, {args.dim}), r=16, {args.calls} calls, 1 thread, "
+          "inference mode")
     print("| variant | instructions / call | added over nn.Linear |")
     print("|---|---|---|")
     for v, n in counts.items():

@@ -216,3 +216,37 @@ def test_every_builtin_method_is_a_registered_folder():
     assert {f"peftkit.methods.{f}" for f in folders} <= GRAPH["peftkit.methods"]
     assert all(m.config_cls.PEFT_TYPE is not None for m in all_methods().values())
     assert peftkit.LoraConfig is all_methods()["LORA"].config_cls
+
+
+def test_old_import_paths_keep_working():
+    """Modules people imported before the restructuring re-export what they held."""
+    from peftkit import inject, prompt_model, quant
+    from peftkit.methods import lora, prompt, selective
+
+    assert inject.AdapterLayer.__module__ == "peftkit.core.layer"
+    assert {"mixed_batch", "ModulesToSaveWrapper", "inject", "unload", "find_targets", "BASE_ADAPTER"} <= set(dir(inject))
+    assert prompt_model.PromptLearningModel.__module__ == "peftkit.prompt.model"
+    assert prompt_model.ENCODER_WEIGHTS_NAME == "peftkit_prompt_encoder.safetensors"
+    assert {"NF4Linear", "Int8Linear", "quantize_model", "load_quantized", "dequantize_weight"} <= set(dir(quant))
+    assert {"LoraConfig", "LoraLayer", "Linear", "Embedding", "ConvNd"} <= set(dir(lora))
+    assert {"PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig", "p_tuning_v2_config"} <= set(dir(prompt))
+    assert {"BitFitConfig", "PartialConfig", "CopyLayer"} <= set(dir(selective))
+
+
+def test_modules_to_save_names_are_checked_alike_for_every_kind_of_model():
+    """One check for layer and soft-prompt models: an unknown name is a TargetError, nothing changes."""
+    import pytest
+
+    from peftkit import LoraConfig, PromptTuningConfig, TargetError, get_peft_model
+    from peftkit.core import AdapterLayer
+
+    from .models import MLP, tiny_llama
+
+    mlp = MLP()
+    with pytest.raises(TargetError, match="modules_to_save"):
+        get_peft_model(mlp, LoraConfig(target_modules=["lin0"], modules_to_save=["nope"]))
+    assert not any(isinstance(m, AdapterLayer) for m in mlp.modules())
+    llama = tiny_llama()
+    with pytest.raises(TargetError, match="modules_to_save"):
+        get_peft_model(llama, PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM", modules_to_save=["nope"]))
+    assert not any(isinstance(m, AdapterLayer) for m in llama.modules())

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from ..errors import MergeError, PeftkitError
+from ..errors import MergeError, PeftkitError, TargetError
 from .layer import AdapterLayer
 from .mixed import MixedBatch, run_rows_by_slot
 
@@ -60,6 +60,16 @@ class CopyLayer(AdapterLayer):
         if self.merged:
             raise MergeError(f"{key}: adapter {self.merged_adapters[0]!r} is merged; unmerge it before adding another.")
         self.copies[adapter_name] = copy.deepcopy(self.get_base_layer())
+
+    @classmethod
+    def wrap(cls, target: nn.Module, config: "PeftConfig", adapter_name: str, key: str) -> "CopyLayer":
+        """A layer of this class around ``target`` holding adapter ``adapter_name`` (a method's
+        ``make_layer``); TargetError if ``target`` has no parameters to train."""
+        if not any(True for _ in target.parameters()):
+            raise TargetError(f"{key} ({type(target).__name__}) has no parameters to train.")
+        layer = cls(target)
+        layer.update_layer(adapter_name, config, key)
+        return layer
 
     def file_key(self, local_key: str, name: str) -> str:
         if self.strip_copy_prefix:

@@ -21,7 +21,6 @@ from __future__ import annotations
 from torch import nn
 
 from ...core.copy_layer import CopyLayer
-from ...errors import TargetError
 from .config import LNTuningConfig
 
 
@@ -33,11 +32,8 @@ class LNTuningLayer(CopyLayer):
 
 
 def make_layer(target: nn.Module, config: LNTuningConfig, adapter_name: str, key: str) -> LNTuningLayer:
-    if not any(True for _ in target.parameters()):
-        raise TargetError(f"{key} ({type(target).__name__}) has no parameters to tune.")
-    layer = LNTuningLayer(target)
-    layer.update_layer(adapter_name, config, key)
-    return layer
+    """The LNTuningLayer around ``target`` (which must have parameters)."""
+    return LNTuningLayer.wrap(target, config, adapter_name, key)
 
 
 __all__ = ["LNTuningLayer", "make_layer"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 from torch import nn
 
 from ...core.copy_layer import CopyLayer
-from ...errors import TargetError
 from .config import PartialConfig
 
 
@@ -27,11 +26,8 @@ class PartialLayer(CopyLayer):
 
 
 def make_partial_layer(target: nn.Module, config: PartialConfig, adapter_name: str, key: str) -> PartialLayer:
-    if not any(True for _ in target.parameters()):
-        raise TargetError(f"{key} ({type(target).__name__}) has no parameters to train.")
-    layer = PartialLayer(target)
-    layer.update_layer(adapter_name, config, key)
-    return layer
+    """The PartialLayer around ``target`` (which must have parameters)."""
+    return PartialLayer.wrap(target, config, adapter_name, key)
 
 
 __all__ = ["PartialLayer", "make_partial_layer"]
