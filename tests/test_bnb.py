@@ -122,6 +122,9 @@ def test_merge_and_unload_dequantize_gives_a_float_model(kind, ids):
     with torch.no_grad():
         expected_layer = layer(x)
         expected = pm(input_ids=ids).logits
+    # on AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights at the first no-grad forward and computes in bf16
+    bf16_kernel = getattr(layer.get_base_layer().weight, "quant_state", None) is not None and getattr(
+        layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", False)
     with pytest.raises(MergeError, match="dequantize=True"):
         pm.merge_adapter()
     assert not layer.merged  # refused before anything changed
@@ -131,10 +134,11 @@ def test_merge_and_unload_dequantize_gives_a_float_model(kind, ids):
     assert type(q) is nn.Linear and q.weight.dtype == torch.float32
     with torch.no_grad():
         got_layer, got = q(x), merged(input_ids=ids).logits
-    if kind == "4bit":  # bitsandbytes' 4-bit forward is dequantize + matmul: the merge is exact
+    if kind == "4bit" and not bf16_kernel:  # bitsandbytes' 4-bit forward is dequantize + matmul: exact
         assert torch.allclose(got_layer, expected_layer, atol=1e-5)
         assert torch.allclose(got, expected, atol=1e-4)
-    else:  # LLM.int8 also rounds the activations (to fp16 / int8); the float model does not
+    else:  # LLM.int8 also rounds the activations (to fp16 / int8), the AVX512-BF16 4-bit kernel computes in
+        # bf16; the float model does neither
         assert (got_layer - expected_layer).norm() / expected_layer.norm() < 0.02
         assert (got - expected).norm() / expected.norm() < 0.02
 
@@ -166,3 +170,19 @@ def test_peft_model_loads_on_bnb_base_from_a_float_trained_folder(ids, tmp_path)
         a = pm(input_ids=ids).logits
         b = loaded(input_ids=ids).logits
     assert (a - b).norm() / a.norm() < 0.2  # same adapter; the base differs by NF4 rounding only
+
+
+def test_dequantize_weight_reads_the_cpu_repacked_4bit_layout():
+    """On AVX512-BF16 CPUs bitsandbytes repacks a Linear4bit's weight for its CPU kernel at the first
+    no-grad forward (block scales rounded to bf16); dequantize_weight reads that layout too, without
+    changing the module. The repacking is forced here, so this runs on any CPU."""
+    model = bnb_model("4bit")
+    layer = model.model.layers[0].self_attn.q_proj
+    before = dequantize_weight(layer).float().clone()
+    weight = layer.weight
+    weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    packed = weight.data.clone()
+    after = dequantize_weight(layer).float()
+    assert torch.equal(weight.data, packed) and weight.quant_state.packing_format_for_cpu  # untouched
+    scale = before.abs().max()
+    assert (after - before).abs().max() <= scale * 2 ** -8  # the bf16 rounding of the block scales
