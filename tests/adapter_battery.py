@@ -168,7 +168,7 @@ def check_save_load(spec: Spec, case: Case, tmp_path: Any) -> dict[str, torch.Te
     from safetensors.torch import load_file
 
     base, cfg = spec.setup(case)
-    fresh = copy.deepcopy(base)
+    fresh, fresh_again = copy.deepcopy(base), copy.deepcopy(base)
     pm = get_peft_model(base, cfg)
     randomize_adapters(pm, is_adapter=spec.is_adapter)
     ref = out(case, pm)
@@ -185,7 +185,7 @@ def check_save_load(spec: Spec, case: Case, tmp_path: Any) -> dict[str, torch.Te
     assert sd1 and sd1.keys() == sd2.keys()
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default
-    trainable_again = PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path, is_trainable=True)
+    trainable_again = PeftModel.from_pretrained(fresh_again, tmp_path, is_trainable=True)
     assert {n for n, p in trainable_again.named_parameters() if p.requires_grad} == set(trainable)
     return saved
 

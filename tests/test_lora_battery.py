@@ -113,7 +113,7 @@ def test_disable_adapter_equals_base_and_restores(case):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_save_load_round_trip_exact(case, variant, tmp_path):
     base, cfg = make(case, variant)
-    fresh = copy.deepcopy(base)
+    fresh, fresh_again = copy.deepcopy(base), copy.deepcopy(base)
     pm = get_peft_model(base, cfg)
     randomize_adapters(pm)
     ref = out(case, pm)
@@ -126,7 +126,7 @@ def test_save_load_round_trip_exact(case, variant, tmp_path):
     assert sd1.keys() == sd2.keys()
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default
-    trainable = PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path, is_trainable=True)
+    trainable = PeftModel.from_pretrained(fresh_again, tmp_path, is_trainable=True)
     assert any(p.requires_grad for p in trainable.parameters())
 
 

@@ -47,17 +47,15 @@ class AutoPeftModel:
         if target is None:
             target = _TASK_TO_AUTO.get(task, "AutoModel") if task else None
             if target is None:
-                mapping = peft_config.auto_mapping or {}
-                base_cls_name = mapping.get("base_model_class")
-                parent = mapping.get("parent_library", "")
-                if not base_cls_name or not parent.startswith("transformers"):
-                    raise PeftkitError("The adapter has no task_type and no transformers base class to load; "
-                                       "load the base model yourself and use PeftModel.from_pretrained.")
-                target = base_cls_name
+                target = _mapped_class(peft_config.auto_mapping)
         elif task is not None and _TASK_TO_AUTO.get(task) not in (None, target):
             raise PeftkitError(f"The adapter's task_type is {task}; load it with the matching AutoPeftModel class "
                                f"(it needs {_TASK_TO_AUTO[task]}, not {target}).")
-        auto_cls = getattr(transformers, target)
+        auto_cls = getattr(transformers, target, None)
+        if not isinstance(auto_cls, type) or not hasattr(auto_cls, "from_pretrained"):
+            raise PeftkitError(f"{pretrained_model_name_or_path}: adapter_config.json names the base model class "
+                               f"{target!r}, which transformers {transformers.__version__} does not have; load the base "
+                               "model yourself and use PeftModel.from_pretrained(model, path).")
         try:
             base = auto_cls.from_pretrained(base_path, revision=peft_config.revision, **kwargs)
         except OSError as exc:
@@ -65,6 +63,16 @@ class AutoPeftModel:
         return cls._peft_class.from_pretrained(base, pretrained_model_name_or_path, adapter_name=adapter_name,
                                                is_trainable=is_trainable, config=peft_config, revision=revision,
                                                **hub_kwargs)
+
+
+def _mapped_class(mapping: Any) -> str:
+    """The transformers class named by an adapter's ``auto_mapping`` (adapters without a task type)."""
+    mapping = mapping if isinstance(mapping, dict) else {}
+    base_cls_name, parent = mapping.get("base_model_class"), mapping.get("parent_library")
+    if not isinstance(base_cls_name, str) or not isinstance(parent, str) or not parent.startswith("transformers"):
+        raise PeftkitError("The adapter has no task_type and no transformers base class to load; load the base model "
+                           "yourself and use PeftModel.from_pretrained.")
+    return base_cls_name
 
 
 _TASK_TO_AUTO = {

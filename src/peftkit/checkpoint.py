@@ -18,15 +18,16 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from ._io import atomic_write_bytes, load_tensors, save_tensors, save_tensors_pickle
-from .config import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig
+from .config import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig, make_folder
 from .core.layer import AdapterLayer
+from .core.names import check_plain_name
 from .core.modules_to_save import ModulesToSaveWrapper
 from .errors import CheckpointError, PeftkitWarning
 from .hub import resolve_file
@@ -234,6 +235,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     with a warning). State a method keeps outside its layers (a prompt encoder) is checked and loaded
     by the method's :class:`~peftkit.registry.ExtraState`, in the same all-or-nothing way.
     """
+    check_state_dict(peft_model_state_dict, source)
     config = peft_config_of(model, adapter_name)
     method = method_for(config) if config is not None else None
     given = dict(peft_model_state_dict)
@@ -270,6 +272,21 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
         if isinstance(module, AdapterLayer):
             module.clear_cache()
     return unexpected
+
+
+def check_state_dict(state_dict: Any, source: str = "state dict") -> None:
+    """CheckpointError unless ``state_dict`` is a mapping of string keys to tensors (naming the first
+    key that is not)."""
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{source}: expected a dict of tensor name -> torch.Tensor, got "
+                              f"{type(state_dict).__name__}.")
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{source}: key {key!r} is a {type(key).__name__}, not a string; keys are tensor names "
+                                  "as written by get_peft_model_state_dict.")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: {key!r} is a {type(value).__name__}, not a torch.Tensor; pass the tensors "
+                                  "of an adapter (get_peft_model_state_dict / load_peft_weights).")
 
 
 def _check_tensors(expected: dict[str, tuple[str, torch.Tensor]], given: dict[str, torch.Tensor], optional: set[str],
@@ -323,9 +340,7 @@ def save_adapter_folder(folder: str, config: PeftConfig, tensors: dict[str, torc
                         safe_serialization: bool = True, extra_files: Optional[dict[str, dict]] = None,
                         config_overrides: Optional[dict] = None) -> None:
     """Write one adapter: weights first, then the config, each atomically."""
-    if os.path.isfile(folder):
-        raise CheckpointError(f"{folder} is a file; save_pretrained needs a directory.")
-    os.makedirs(folder, exist_ok=True)
+    make_folder(folder)
     if safe_serialization:
         save_tensors(tensors, os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
     else:
@@ -333,3 +348,37 @@ def save_adapter_folder(folder: str, config: PeftConfig, tensors: dict[str, torc
     for filename, extra in (extra_files or {}).items():
         save_tensors(extra, os.path.join(folder, filename))
     config.save_pretrained(folder, inference_mode=True, **(config_overrides or {}))
+
+
+def save_adapters(model: nn.Module, save_directory: str | os.PathLike, names: list[str], *,
+                  safe_serialization: bool = True, save_embedding_layers: Union[bool, str] = "auto",
+                  is_main_process: bool = True) -> None:
+    """``PeftModel.save_pretrained``: adapters ``names`` of ``model`` as Hugging Face PEFT folders
+    ("default" at the top level, the others in sub-folders named after them, so every name must be
+    plain: never a path) and one model card. Everything is checked before the first write."""
+    save_directory = os.fspath(save_directory)
+    for name in names:
+        check_plain_name(name)
+    folders = {name: save_directory if name == "default" else os.path.join(save_directory, name) for name in names}
+    for folder in [save_directory, *folders.values()]:
+        if os.path.isfile(folder):
+            raise CheckpointError(f"{folder} is a file; save_pretrained needs a directory (the adapters other than "
+                                  "'default' go into sub-folders named after them).")
+    if not is_main_process:
+        return
+    make_folder(save_directory)
+    for name in names:
+        config = model.peft_config[name]
+        tensors = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=save_embedding_layers)
+        overrides = {}
+        if config.task_type is None:
+            base = model.get_base_model()
+            overrides["auto_mapping"] = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+        extra_state = method_for(config).extra_state
+        extra_files = extra_state.files(model, name) if extra_state is not None and extra_state.files else {}
+        save_adapter_folder(folders[name], config, tensors, safe_serialization=safe_serialization,
+                            extra_files=extra_files, config_overrides=overrides)
+    if names:  # one model card, at the top (as Hugging Face PEFT)
+        first = model.peft_config[names[0]]
+        write_model_card(save_directory, first.base_model_name_or_path, str(first.peft_type),
+                         str(first.task_type) if first.task_type else None)

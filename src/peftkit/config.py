@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
+import re
 import types
 import typing
 import warnings
@@ -30,6 +32,10 @@ WEIGHTS_NAME = "adapter_model.bin"
 # The Hugging Face PEFT release whose format peftkit writes; written as ``peft_version`` so that
 # either library reads our folders without a version warning.
 COMPAT_PEFT_VERSION = "0.21.2"
+
+# How deep dicts and lists may nest in a config value (a hostile file could nest thousands of levels
+# and overflow the stack of json, deepcopy and asdict).
+MAX_NESTING = 32
 
 
 class PeftType(str, enum.Enum):
@@ -120,9 +126,19 @@ class PeftConfig:
         base_model_name_or_path: filled from the model when the adapter is saved.
         inference_mode: ``True`` freezes the adapter (set on save, and when loading without
             ``is_trainable``).
+
+    Checks on construction, for every config: each field's type; no NaN or infinite float anywhere
+    in a field (alpha, dropout, scaling: no field of any method takes one), nor values nested more
+    than :data:`MAX_NESTING` levels; the regexes of :attr:`REGEX_FIELDS` compile; then the method's
+    own :meth:`validate`. Each failure is a :class:`ConfigError` naming the field.
     """
 
     PEFT_TYPE: ClassVar[Optional[PeftType]] = None
+    # Fields holding regexes: field -> (which values are regexes: "str" a string value (a list holds
+    # plain module names), "all" a string or each string of a list, "keys" the keys of a dict; the
+    # regex the code builds around the value, "{}" standing for it).
+    REGEX_FIELDS: ClassVar[dict[str, tuple[str, str]]] = {"target_modules": ("str", "{}"),
+                                                          "exclude_modules": ("str", "{}")}
 
     task_type: Optional[Union[TaskType, str]] = None
     peft_type: Optional[Union[PeftType, str]] = None
@@ -149,7 +165,9 @@ class PeftConfig:
             self.task_type = TaskType(str(self.task_type))
         if self.peft_version is None:
             self.peft_version = COMPAT_PEFT_VERSION
+        self._check_values()
         self._check_types()
+        self._check_regexes()
         self.validate()
 
     # -- validation ---------------------------------------------------------------------------
@@ -163,6 +181,43 @@ class PeftConfig:
                     f"{type(self).__name__}.{f.name} must be of type {type_name(tp)}, got "
                     f"{type(value).__name__} {value!r}."
                 )
+
+    def _check_values(self) -> None:
+        """No NaN/inf float in any field (inside lists and dicts too), nothing nested too deep."""
+        for f in dataclasses.fields(self):
+            stack = [(f.name, getattr(self, f.name), 0)]
+            while stack:
+                where, value, depth = stack.pop()
+                if depth > MAX_NESTING:
+                    raise ConfigError(f"{type(self).__name__}.{f.name} nests lists/dicts more than {MAX_NESTING} levels "
+                                      "deep; no config field takes such a value.")
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{type(self).__name__}.{where} must be a finite number, got {value!r}.")
+                if isinstance(value, dict):
+                    stack += [(f"{where}[{k!r}]", v, depth + 1) for k, v in value.items()]
+                elif isinstance(value, (list, tuple, set, frozenset)):
+                    stack += [(f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value)]
+
+    def _check_regexes(self) -> None:
+        """Every regex of :attr:`REGEX_FIELDS` compiles, as the code uses it."""
+        for name, (kind, template) in self.REGEX_FIELDS.items():
+            value = getattr(self, name, None)
+            if kind == "keys":
+                patterns = list(value) if isinstance(value, dict) else []
+            elif isinstance(value, str):
+                patterns = [value]
+            else:
+                patterns = list(value) if kind == "all" and isinstance(value, (list, tuple, set, frozenset)) else []
+            for pattern in patterns:
+                try:
+                    re.compile(template.replace("{}", pattern))
+                except re.error as exc:
+                    hint = (" (or give a list of module names, matched exactly or as a dotted suffix)"
+                            if kind == "str" else "")
+                    raise ConfigError(f"{type(self).__name__}.{name}: {pattern!r} is not a valid regular expression "
+                                      f"({exc.msg}); fix the pattern{hint}.") from None
+                except TypeError:
+                    continue  # not a string: _check_types reports it
 
     def validate(self) -> None:
         """Check field values; subclasses extend. Raises :class:`ConfigError`."""
@@ -190,9 +245,7 @@ class PeftConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike, **overrides: Any) -> None:
         """Write ``adapter_config.json`` (atomically) into ``save_directory``."""
-        if os.path.isfile(save_directory):
-            raise CheckpointError(f"{save_directory} is a file; pass a directory to save the config into.")
-        os.makedirs(save_directory, exist_ok=True)
+        make_folder(save_directory)
         data = self.to_dict()
         data.update(overrides)
         text = json.dumps(data, indent=2, sort_keys=True)
@@ -254,7 +307,22 @@ class PeftConfig:
             raise CheckpointError(f"No adapter config at {path}.") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is corrupt or truncated.") from None
+        except RecursionError:
+            raise CheckpointError(f"{path} nests JSON values too deeply to read; it is not an adapter config "
+                                  "(corrupt or hostile file).") from None
         return cls.from_dict(data, source=str(path))
+
+
+def make_folder(path: str | os.PathLike) -> None:
+    """``os.makedirs(path, exist_ok=True)``, or a CheckpointError saying why it cannot be (the path or
+    one of its parents is a file, no permission, ...)."""
+    if os.path.isfile(path):
+        raise CheckpointError(f"{os.fspath(path)} is a file; pass a directory to save into.")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"Cannot create the folder {os.fspath(path)}: {exc.strerror or exc}. Pass a directory "
+                              "path whose parents are directories you can write to.") from None
 
 
 def positive_int(config: PeftConfig, name: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -354,6 +422,7 @@ def as_list(value: Any) -> Any:
 
 __all__ = [
     "CONFIG_NAME",
+    "MAX_NESTING",
     "PROMPT_TASKS",
     "SAFETENSORS_WEIGHTS_NAME",
     "TASK_HEADS",
@@ -365,6 +434,7 @@ __all__ = [
     "as_list",
     "config_class_for",
     "enum_field",
+    "make_folder",
     "matches_type",
     "positive_int",
     "probability",

@@ -11,31 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from .checkpoint import (
-    adapter_entries,
-    get_peft_model_state_dict,
-    load_peft_weights,
-    save_adapter_folder,
-    set_peft_model_state_dict,
-    write_model_card,
-)
+from .checkpoint import adapter_entries, load_peft_weights, save_adapters, set_peft_model_state_dict
 from .config import TASK_HEADS, PeftConfig
-from .core.inject import adapter_layers, check_mergeable, inject, prepare_config, unload
+from .core.inject import adapter_layers, check_mergeable, inject, prepare_config, remove_adapter, unload
 from .core.layer import AdapterLayer
-from .core.mixed import BASE_ADAPTER, check_adapter_names, mixed_batch
-from .core.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
-from .core.targets import get_submodule_parent
-from .errors import AdapterNameError, ConfigError, MergeError, PeftkitError, PeftkitWarning
-from .quant import dequantize_model, requantization_report
+from .core.merging import merge_layers
+from .core.mixed import check_adapter_names, mixed_batch
+from .core.modules_to_save import wrap_modules_to_save
+from .core.names import check_new_name, check_plain_name, name_list
+from .core.undo import undo_base_edits_on_error
+from .errors import AdapterNameError, ConfigError, PeftkitError
+from .quant import dequantized, requantization_report
 from .registry import all_methods, lookup, method_for
 
 
@@ -67,14 +62,35 @@ def name_or_path(model: nn.Module) -> Optional[str]:
     return value or None
 
 
-def check_new_name(name: Any, existing: Sequence[str]) -> None:
-    """AdapterNameError unless ``name`` is a valid new adapter name."""
-    if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
-        raise AdapterNameError(
-            f"Adapter name {name!r} is not valid: use a non-empty string without '.', other than {BASE_ADAPTER!r}."
-        )
-    if name in existing:
-        raise AdapterNameError(f"An adapter named {name!r} already exists; choose another name or delete it first.")
+def check_clean_base(model: Any) -> None:
+    """PeftkitError unless ``model`` can be the base of a new PeftModel: an ``nn.Module`` that is not a
+    PeftModel and holds no adapter layers (a second PeftModel on it would re-create, and on error
+    delete, the first one's adapters)."""
+    if isinstance(model, PeftModel):
+        raise PeftkitError("The model is already a PeftModel; add another adapter to it with "
+                           "peft_model.load_adapter(path, adapter_name) or peft_model.add_adapter(name, config), or "
+                           "pass a fresh base model.")
+    if not isinstance(model, nn.Module):
+        raise PeftkitError(f"The base model must be a torch.nn.Module, got {type(model).__name__}.")
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise PeftkitError("The model already holds adapter layers (it is the base of another PeftModel, or "
+                           "inject_adapter_in_model was called on it); a new PeftModel would re-initialise them. Use the "
+                           "existing PeftModel's add_adapter / load_adapter, or start from a fresh base model (or "
+                           "peft_model.unload()).")
+
+
+def finite_weights(weights: Any) -> list[float]:
+    """``add_weighted_adapter``'s ``weights`` as floats; PeftkitError unless each is a finite number."""
+    try:
+        if isinstance(weights, (str, bytes)) or any(isinstance(w, (str, bytes)) for w in weights):
+            raise TypeError
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise PeftkitError(f"weights must be a list of numbers, one per adapter; got {weights!r}.") from None
+    bad = [w for w in values if not math.isfinite(w)]
+    if bad:
+        raise PeftkitError(f"add_weighted_adapter weights must be finite numbers; got {bad}. Nothing was added.")
+    return values
 
 
 def _local_subfolder(model_id: str | os.PathLike, subfolder: Optional[str]) -> tuple[str | os.PathLike, Optional[str]]:
@@ -97,6 +113,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
+        check_clean_base(model)
         self._check_kind(peft_config)
         check_new_name(adapter_name, [])
         self.peft_config: dict[str, PeftConfig] = {}
@@ -136,13 +153,7 @@ class PeftModel(nn.Module):
 
     def _remove_adapter_tensors(self, name: str) -> None:
         """Drop every tensor of adapter ``name``; wrappers left with no adapter are unwrapped."""
-        model = self.get_base_model()
-        for key, layer in reversed(list(self._layers())):  # innermost first
-            if name in layer.adapter_names:
-                layer.delete_adapter(name)
-                if not layer.adapter_names:
-                    parent, child = get_submodule_parent(model, key)
-                    setattr(parent, child, layer.base_layer)
+        remove_adapter(self.get_base_model(), name)
 
     def _apply_active(self) -> None:
         """Activate ``self._active`` in every layer and set requires_grad (only active adapters train)."""
@@ -192,6 +203,9 @@ class PeftModel(nn.Module):
 
     @property
     def active_peft_config(self) -> PeftConfig:
+        if not self._active:
+            raise AdapterNameError("The model has no adapter (the last one was deleted); add one with add_adapter or "
+                                   "load_adapter.")
         return self.peft_config[self._active[0]]
 
     def _layers(self) -> Iterator[tuple[str, AdapterLayer]]:
@@ -205,7 +219,8 @@ class PeftModel(nn.Module):
         self._check_kind(peft_config)
         if self.peft_config:
             self._check_compatible(peft_config)
-        config = self._create_adapter(adapter_name, peft_config)
+        with undo_base_edits_on_error():  # an init that rewrites base weights (PiSSA) is undone on error
+            config = self._create_adapter(adapter_name, peft_config)
         self.peft_config[adapter_name] = config
         if self.autocast_adapter_dtype:
             self._upcast_adapter(adapter_name)
@@ -234,7 +249,7 @@ class PeftModel(nn.Module):
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
         """Make ``adapter_name`` (or several names) the active adapter(s); only they train."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = name_list(adapter_name, "set_adapter")
         if not names:
             raise AdapterNameError("set_adapter needs at least one adapter name.")
         self._check_active(names)
@@ -246,7 +261,7 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and all of its tensors; wrappers left with no adapter are unwrapped."""
-        if adapter_name not in self.peft_config:
+        if not isinstance(adapter_name, str) or adapter_name not in self.peft_config:
             raise AdapterNameError(f"Unknown adapter {adapter_name!r}; loaded adapters: {list(self.peft_config)}.")
         merged = [k for k, layer in self._layers() if adapter_name in layer.merged_adapters]
         if merged:
@@ -276,15 +291,14 @@ class PeftModel(nn.Module):
 
     # -- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        """Add the active (or given) adapters' deltas into the base weights; forward then costs the base's."""
-        names = self._active if adapter_names is None else list(adapter_names)
+        """Add the active (or given) adapters' deltas into the base weights; forward then costs the base's.
+
+        All or nothing: every layer is checked first (``safe_merge``: its merged weights computed and
+        checked for NaN/inf). A weight shared with another module (tied embeddings) is untied first, so
+        the other module keeps its values (:mod:`peftkit.core.merging`)."""
+        names = list(self._active) if adapter_names is None else name_list(adapter_names, "merge_adapter")
         check_adapter_names(names, list(self.peft_config))
-        layers = [(k, layer) for k, layer in self._layers() if not isinstance(layer, ModulesToSaveWrapper)]
-        for key, layer in layers:
-            if not layer.mergeable and any(n in layer.adapter_names for n in names):
-                raise MergeError(f"{key}: {type(layer).__name__} adapters cannot be merged.{layer.merge_hint}")
-        for _, layer in layers:
-            layer.merge(names, safe_merge=safe_merge)
+        merge_layers(self.get_base_model(), list(self._layers()), names, safe_merge)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self._layers():
@@ -298,14 +312,17 @@ class PeftModel(nn.Module):
         Quantized bases (:mod:`peftkit.quant`): with ``dequantize=True`` every quantized linear first
         becomes an ``nn.Linear`` holding its dequantized weight, so the result is an exact float model;
         otherwise the merged weights are requantized and a PeftkitWarning states the error introduced.
+        All or nothing, as :meth:`merge_adapter` (on error the quantized modules are put back too).
         """
-        names = self._active if adapter_names is None else list(adapter_names)
+        names = list(self._active) if adapter_names is None else name_list(adapter_names, "merge_and_unload")
         check_adapter_names(names, list(self.peft_config))
         model = self.get_base_model()
-        if dequantize:
-            check_mergeable(self._layers())  # before dequantize_model changes the model
-            dequantize_model(model)
-        merged = unload(model, merge=True, safe_merge=safe_merge, adapter_names=names)
+        if not dequantize:
+            merged = unload(model, merge=True, safe_merge=safe_merge, adapter_names=names)
+        else:
+            check_mergeable(self._layers())  # before dequantizing changes the model
+            with dequantized(model):  # put back if the merge fails
+                merged = unload(model, merge=True, safe_merge=safe_merge, adapter_names=names)
         requantization_report(merged)
         return merged
 
@@ -314,25 +331,35 @@ class PeftModel(nn.Module):
         return unload(self.get_base_model(), merge=False)
 
     # -- running ------------------------------------------------------------------------------
-    def _mixed(self, adapter_names: Optional[Sequence[str]]) -> mixed_batch:
+    def _mixed(self, adapter_names: Optional[Sequence[str]], expand: bool = False) -> mixed_batch:
+        """The mixed batch of ``adapter_names`` (``expand``: generate() may expand each row into several)."""
         if adapter_names is not None:
             if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
                 raise PeftkitError("adapter_names must be a list with one adapter name per row.")
             check_adapter_names(adapter_names, list(self.peft_config))
-        return mixed_batch(adapter_names)
+        return mixed_batch(adapter_names, expand=expand)
 
     def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
-        """Run the model; ``adapter_names`` gives each row its own adapter ("__base__" for none)."""
+        """Run the model; ``adapter_names`` gives each row its own adapter ("__base__" for none): exactly
+        one name per row of the batch."""
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
-        with self._mixed(adapter_names):
+        mixed = self._mixed(adapter_names)
+        first = next((kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None),
+                     args[0] if args else None)
+        if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] != len(adapter_names):
+            raise PeftkitError(f"adapter_names has {len(adapter_names)} entries but the batch has {first.shape[0]} "
+                               "rows; give one name per row.")
+        with mixed:  # every layer checks that it sees one row per name
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """``generate`` of the base model; ``adapter_names``: one adapter per input row (beams and
+        ``num_return_sequences`` copies of a row use its adapter)."""
         model = self.get_base_model()
         if not hasattr(model, "generate"):
             raise PeftkitError(f"{type(model).__name__} has no generate().")
-        with self._mixed(adapter_names):
+        with self._mixed(adapter_names, expand=True):
             return model.generate(*args, **kwargs)
 
     # -- parameters ---------------------------------------------------------------------------
@@ -354,10 +381,13 @@ class PeftModel(nn.Module):
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: Optional[int] = None,
                              svd_clamp: Optional[float] = None, **_: Any) -> None:
-        """A new adapter combining ``adapters`` with ``weights``, by the method's own rule (LoRA:
-        "linear", "cat" or "svd"; see :func:`peftkit.methods.lora.combine.add_weighted_adapter`)."""
-        check_adapter_names(list(adapters), list(self.peft_config))
+        """A new adapter combining ``adapters`` with ``weights`` (finite numbers), by the method's own
+        rule (LoRA: "linear", "cat" or "svd"; see :func:`peftkit.methods.lora.combine.add_weighted_adapter`).
+        All or nothing: on any error the new adapter is removed again."""
+        adapters = name_list(adapters, "add_weighted_adapter")
+        check_adapter_names(adapters, list(self.peft_config))
         check_new_name(adapter_name, list(self.peft_config))
+        weights = finite_weights(weights)
         if not adapters or len(adapters) != len(weights):
             raise PeftkitError("add_weighted_adapter needs as many weights as adapters (at least one).")
         types = {str(self.peft_config[a].peft_type) for a in adapters}
@@ -366,8 +396,13 @@ class PeftModel(nn.Module):
             able = sorted(t for t, m in all_methods().items() if m.combine is not None)
             raise PeftkitError(f"add_weighted_adapter combines adapters of one method that supports it ({', '.join(able)}); "
                                f"got {', '.join(sorted(types))}.")
-        method.combine(self, list(adapters), list(weights), adapter_name, combination_type=combination_type,
-                       svd_rank=svd_rank, svd_clamp=svd_clamp)
+        try:
+            method.combine(self, adapters, weights, adapter_name, combination_type=combination_type,
+                           svd_rank=svd_rank, svd_clamp=svd_clamp)
+        except Exception:
+            if adapter_name in self.peft_config:
+                self.delete_adapter(adapter_name)
+            raise
 
     # -- saving and loading -------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
@@ -378,31 +413,10 @@ class PeftModel(nn.Module):
         others in sub-folders named after them). Every file is written atomically.
         ``save_embedding_layers``: see :func:`peftkit.get_peft_model_state_dict` (base embedding
         weights, saved by ``"auto"`` when targeted or when the vocabulary was resized)."""
-        save_directory = os.fspath(save_directory)
-        if os.path.isfile(save_directory):
-            raise PeftkitError(f"{save_directory} is a file; save_pretrained needs a directory.")
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        names = list(self.peft_config) if selected_adapters is None else name_list(selected_adapters, "selected_adapters")
         check_adapter_names(names, list(self.peft_config))
-        if not is_main_process:
-            return
-        os.makedirs(save_directory, exist_ok=True)
-        for name in names:
-            config = self.peft_config[name]
-            folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
-            overrides = {}
-            if config.task_type is None:
-                base = self.get_base_model()
-                overrides["auto_mapping"] = {"base_model_class": type(base).__name__,
-                                             "parent_library": type(base).__module__}
-            extra_state = method_for(config).extra_state
-            extra_files = extra_state.files(self, name) if extra_state is not None and extra_state.files else {}
-            save_adapter_folder(folder, config, tensors, safe_serialization=safe_serialization,
-                                extra_files=extra_files, config_overrides=overrides)
-        first = self.peft_config[names[0]] if names else None
-        if first is not None:  # one model card, at the top (as Hugging Face PEFT)
-            write_model_card(save_directory, first.base_model_name_or_path, str(first.peft_type),
-                             str(first.task_type) if first.task_type else None)
+        save_adapters(self, save_directory, names, safe_serialization=safe_serialization,
+                      save_embedding_layers=save_embedding_layers, is_main_process=is_main_process)
 
     def push_to_hub(self, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None,
                     commit_message: str = "Upload adapter", selected_adapters: Optional[Sequence[str]] = None,
@@ -421,10 +435,15 @@ class PeftModel(nn.Module):
                         autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
                         subfolder: Optional[str] = None, revision: Optional[str] = None,
                         **kwargs: Any) -> "PeftModel":
-        """Load an adapter folder (or Hub repo id) onto ``model``. On any error the model is left unchanged."""
+        """Load an adapter folder (or Hub repo id) onto ``model``, a plain model (not a PeftModel: add
+        adapters to one with :meth:`load_adapter`). On any error the model is left unchanged."""
+        check_clean_base(model)
+        check_plain_name(adapter_name)
         model_id, subfolder = _local_subfolder(model_id, subfolder)
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, revision=revision, **kwargs)
+        elif not isinstance(config, PeftConfig):
+            raise ConfigError(f"config must be a PeftConfig, got {type(config).__name__}.")
         config = copy.deepcopy(config)
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, subfolder=subfolder, revision=revision, **kwargs)
@@ -432,12 +451,13 @@ class PeftModel(nn.Module):
         if cls is PeftModel and config.task_type is not None:
             target_cls = MODEL_TYPE_TO_PEFT_MODEL[str(config.task_type)]
         target_cls = class_for(target_cls, config)
-        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        try:
-            set_peft_model_state_dict(peft_model, weights, adapter_name, source=os.fspath(model_id))
-        except Exception:
-            peft_model._remove_adapter_tensors(adapter_name)
-            raise
+        with undo_base_edits_on_error():  # base weights an init rewrote (PiSSA) are restored on error
+            peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            try:
+                set_peft_model_state_dict(peft_model, weights, adapter_name, source=os.fspath(model_id))
+            except Exception:
+                peft_model._remove_adapter_tensors(adapter_name)
+                raise
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
@@ -448,12 +468,13 @@ class PeftModel(nn.Module):
         config = copy.deepcopy(PeftConfig.from_pretrained(model_id, subfolder=subfolder, revision=revision, **kwargs))
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, subfolder=subfolder, revision=revision, **kwargs)
-        self.add_adapter(adapter_name, config)
-        try:
-            set_peft_model_state_dict(self, weights, adapter_name, source=os.fspath(model_id))
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
+        with undo_base_edits_on_error():  # base weights an init rewrote (PiSSA) are restored on error
+            self.add_adapter(adapter_name, config)
+            try:
+                set_peft_model_state_dict(self, weights, adapter_name, source=os.fspath(model_id))
+            except Exception:
+                self.delete_adapter(adapter_name)
+                raise
         self._apply_active()
 
 
@@ -506,9 +527,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         raise ConfigError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}.")
     if mixed:
         raise PeftkitError("mixed=True (PeftMixedModel) is not supported; several adapters of one method coexist in a PeftModel.")
-    if any(isinstance(m, AdapterLayer) for m in model.modules()):
-        warnings.warn("The model already has adapter layers; call get_peft_model on a clean model or use add_adapter.",
-                      PeftkitWarning, stacklevel=2)
+    check_clean_base(model)  # a second PeftModel on one base would re-initialise the first one's adapters
     peft_config = copy.deepcopy(peft_config)
     if revision is not None:
         peft_config.revision = revision
@@ -525,19 +544,27 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
 
     Only the adapter tensors train. Save with :func:`get_peft_model_state_dict`.
     """
+    if not isinstance(peft_config, PeftConfig):
+        raise ConfigError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}.")
     if not method_for(peft_config).is_layer_method:
         raise ConfigError(f"inject_adapter_in_model supports layer methods only, not {peft_config.peft_type}.")
+    check_new_name(adapter_name, [n for _, layer in adapter_layers(model) for n in layer.adapter_names])
     config = prepare_config(peft_config, model)
-    inject(model, config, adapter_name)
-    if getattr(config, "modules_to_save", None):
-        wrap_modules_to_save(model, config.modules_to_save, adapter_name,
-                             optional=TASK_HEADS.get(str(config.task_type), []) if config.task_type else [])
+    with undo_base_edits_on_error():  # base weights an init rewrote (PiSSA) are restored on error
+        inject(model, config, adapter_name)
+        try:
+            if getattr(config, "modules_to_save", None):
+                wrap_modules_to_save(model, config.modules_to_save, adapter_name,
+                                     optional=TASK_HEADS.get(str(config.task_type), []) if config.task_type else [])
+            if state_dict is not None:
+                set_peft_model_state_dict(model, state_dict, adapter_name)
+        except Exception:
+            remove_adapter(model, adapter_name)
+            raise
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in adapter_layers(model):
         layer.set_adapter([adapter_name], trainable=not config.inference_mode)
-    if state_dict is not None:
-        set_peft_model_state_dict(model, state_dict, adapter_name)
     return model
 
 

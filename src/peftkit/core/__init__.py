@@ -5,7 +5,10 @@ Modules, from the bottom: :mod:`~peftkit.core.mixed` (which adapter each row of 
 (batched matmuls and row-wise dropout of mixed batches), :mod:`~peftkit.core.dispatch` (linear /
 conv kinds), :mod:`~peftkit.core.layer` (the adapter-layer protocol), :mod:`~peftkit.core.targets`
 (target matching), :mod:`~peftkit.core.modules_to_save`, :mod:`~peftkit.core.copy_layer` (one
-trainable copy per adapter) and :mod:`~peftkit.core.inject` (injection and unloading).
+trainable copy per adapter), :mod:`~peftkit.core.merging` (merging a model all or nothing) and
+:mod:`~peftkit.core.inject` (injection and unloading); beside them :mod:`~peftkit.core.names`
+(adapter names), :mod:`~peftkit.core.undo` (base weights put back when creating an adapter fails)
+and :mod:`~peftkit.core.memory` (size checks before allocating).
 
 Modules inside ``core`` import each other directly, never this package; code outside may import
 the names below from here.

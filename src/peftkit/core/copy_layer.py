@@ -12,6 +12,7 @@ arguments (whole transformer blocks with masks and caches) cannot be split by ro
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -105,15 +106,19 @@ class CopyLayer(AdapterLayer):
         return run_rows_by_slot(x, idx, lambda s: self.base_layer if s == 0 else self.copies[names[s - 1]])
 
     # -- merging ------------------------------------------------------------------------------
-    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        names = self.active_adapters if adapter_names is None else [n for n in adapter_names if n in self.adapter_names]
-        todo = [n for n in names if n not in self.merged_adapters]
+    def check_merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """Only one adapter can be merged at a time; with ``safe_merge`` its copy must be finite."""
+        todo = self.adapters_to_merge(adapter_names)
         if todo and len(todo) + len(self.merged_adapters) > 1:
             raise MergeError(
                 f"{self.method_name} adapters replace the module they tune, so only one can be merged at a time; "
                 f"asked to merge {todo} (merged already: {self.merged_adapters})."
             )
-        super().merge(todo, safe_merge)
+        super().check_merge(adapter_names, safe_merge)
+
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        self.check_merge(adapter_names)
+        super().merge(adapter_names, safe_merge)
 
     @staticmethod
     def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:

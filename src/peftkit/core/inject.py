@@ -19,6 +19,7 @@ from ..config import TASK_HEADS
 from ..errors import ConfigError, MergeError, TargetError
 from ..registry import lookup, method_for
 from .layer import AdapterLayer
+from .merging import check_merges, layers_to_merge, untie_config, untie_shared_weights
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import find_targets, get_submodule_parent, model_type_of
 
@@ -85,8 +86,8 @@ def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets
                         f"{key} already holds a {type(target).__name__} adapter; a {config.peft_type} adapter cannot be "
                         "added on the same module: one method per module."
                     )
+                extended.append(target)  # first: a failing update_layer may have created some tensors
                 target.update_layer(adapter_name, config, key)
-                extended.append(target)
                 continue
             new = method.make_layer(target, config, adapter_name, key)
             parent, child = get_submodule_parent(model, key)
@@ -101,6 +102,17 @@ def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets
     return keys
 
 
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Drop every tensor of adapter ``name``; wrappers left with no adapter give their place back to
+    the module they wrap."""
+    for key, layer in reversed(list(adapter_layers(model))):  # innermost first
+        if name in layer.adapter_names:
+            layer.delete_adapter(name)
+            if not layer.adapter_names:
+                parent, child = get_submodule_parent(model, key)
+                setattr(parent, child, layer.base_layer)
+
+
 def check_mergeable(layers: Iterable[tuple[str, nn.Module]]) -> None:
     """MergeError (before anything changes) if any of ``(key, layer)`` holds a non-mergeable adapter."""
     for key, layer in layers:
@@ -111,10 +123,17 @@ def check_mergeable(layers: Iterable[tuple[str, nn.Module]]) -> None:
 
 def unload(model: nn.Module, *, merge: bool, safe_merge: bool = False,
            adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
-    """Replace every wrapper by its base module, merging the active (or given) adapters first."""
+    """Replace every wrapper by its base module, merging the active (or given) adapters first.
+
+    Merging is all or nothing: every layer is checked before any changes (with ``safe_merge``, its
+    merged weights too), and weights shared with other modules are untied first
+    (:mod:`peftkit.core.merging`)."""
     layers = list(adapter_layers(model))
     if merge:
         check_mergeable(layers)
+        todo = layers_to_merge(layers, adapter_names)
+        check_merges(todo, adapter_names, safe_merge)
+        untie_shared_weights(model, todo)
     for key, layer in layers:
         if isinstance(layer, ModulesToSaveWrapper):
             new = layer.unwrap(merge)
@@ -126,7 +145,9 @@ def unload(model: nn.Module, *, merge: bool, safe_merge: bool = False,
             new = layer.get_base_layer()
         parent, child = get_submodule_parent(model, key)
         setattr(parent, child, new)
+    if merge:
+        untie_config(model)  # a trained copy of a tied head (modules_to_save) is its own tensor too
     return model
 
 
-__all__ = ["adapter_layers", "check_mergeable", "inject", "prepare_config", "unload"]
+__all__ = ["adapter_layers", "check_mergeable", "inject", "prepare_config", "remove_adapter", "unload"]

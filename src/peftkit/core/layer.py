@@ -132,13 +132,33 @@ class AdapterLayer(nn.Module):
         return key
 
     # -- merging ------------------------------------------------------------------------------
+    def adapters_to_merge(self, adapter_names: Optional[Sequence[str]] = None) -> list[str]:
+        """What :meth:`merge` merges: the given adapters this layer holds (default: its active ones),
+        less those merged already."""
+        names = self.active_adapters if adapter_names is None else [n for n in adapter_names if n in self.adapter_names]
+        return [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+
+    def check_merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """MergeError if :meth:`merge` with these arguments would fail; changes nothing.
+
+        The engine calls it on every layer before merging any (:func:`peftkit.core.merging.merge_layers`),
+        so that a merge is all or nothing. With ``safe_merge`` it also fails when the merged weights
+        would hold NaN/inf: here when an adapter's own tensors do; layers that can compute their
+        merged values override it to check those (overflow included)."""
+        if not self.mergeable:
+            raise MergeError(f"{type(self).__name__} adapters cannot be merged into the base weights.{self.merge_hint}")
+        if not safe_merge:
+            return
+        for name in self.adapters_to_merge(adapter_names):
+            for key, tensor in self.adapter_param_items(name):
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise MergeError(f"Adapter {name!r} has NaN/inf values in {key}; the adapter is broken. "
+                                     "Nothing was merged.")
+
     def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         if not self.mergeable:
             raise MergeError(f"{type(self).__name__} adapters cannot be merged into the base weights.{self.merge_hint}")
-        names = self.active_adapters if adapter_names is None else [n for n in adapter_names if n in self.adapter_names]
-        for name in names:
-            if name in self.merged_adapters:
-                continue
+        for name in self.adapters_to_merge(adapter_names):
             self._merge_one(name, safe_merge)
             self.merged_adapters.append(name)
 

@@ -28,9 +28,13 @@ class MixedBatch:
 
     Layers turn the names into an index into their own stacked adapter weights with :meth:`index`;
     the result is cached per adapter order so that a forward computes it once per distinct order.
+    ``expand``: the rows may be a multiple of the names, row ``i`` of the caller's batch becoming
+    rows ``i*k .. i*k+k-1`` (``generate()`` expands rows for beams / ``num_return_sequences``); in a
+    plain forward every layer must see exactly one row per name.
     """
 
     names: tuple[str, ...]
+    expand: bool = False
     _cache: dict = field(default_factory=dict)
 
     def index(self, slots: tuple[str, ...], device: torch.device, batch: int) -> torch.Tensor:
@@ -42,7 +46,7 @@ class MixedBatch:
             idx = torch.tensor([pos.get(n, 0) for n in self.names], dtype=torch.long, device=device)
             self._cache[key] = idx
         if batch != idx.numel():
-            if batch % idx.numel():
+            if not self.expand or batch % idx.numel():
                 raise PeftkitError(
                     f"adapter_names has {idx.numel()} entries but the batch has {batch} rows; give one name per row."
                 )
@@ -107,10 +111,13 @@ def current_mixed_batch() -> Optional[MixedBatch]:
 
 
 class mixed_batch:
-    """Context manager: route each row of the batches run inside it to its own adapter."""
+    """Context manager: route each row of the batches run inside it to its own adapter (``expand``:
+    see :class:`MixedBatch`; only ``generate()`` sets it)."""
 
-    def __init__(self, names: Optional[Sequence[str]]):
-        self.batch = MixedBatch(tuple(names)) if names is not None else None
+    def __init__(self, names: Optional[Sequence[str]], expand: bool = False):
+        if names is not None and len(names) == 0:
+            raise PeftkitError("adapter_names is empty; give one adapter name per row (\"__base__\" for none).")
+        self.batch = MixedBatch(tuple(names), expand) if names is not None else None
         self._token = None
 
     def __enter__(self) -> Optional[MixedBatch]:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 # Layer name patterns used by ``layers_to_transform`` when ``layers_pattern`` is not given.
 DEFAULT_LAYERS_PATTERN = ("layers", "h", "block", "blocks", "layer")
+# The regex a ``layers_pattern`` entry goes into ("{}"), finding the block index after it.
+LAYER_INDEX_REGEX = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
 
 
 def model_type_of(model: nn.Module) -> Optional[str]:
@@ -37,7 +39,7 @@ def layer_index(key: str, layers_pattern: Any) -> Optional[int]:
         m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
         return int(m.group("idx")) if m else None
     for pattern in patterns:
-        m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+        m = re.match(LAYER_INDEX_REGEX.replace("{}", pattern), key)
         if m:
             return int(m.group("idx"))
     return None
@@ -183,6 +185,7 @@ def no_match(model: nn.Module, what: str, targets: Any) -> str:
     return msg
 
 
-__all__ = ["DEFAULT_LAYERS_PATTERN", "closest_module_names", "excluded", "find_targets", "get_submodule_parent",
+__all__ = ["DEFAULT_LAYERS_PATTERN", "LAYER_INDEX_REGEX", "closest_module_names", "excluded", "find_targets",
+           "get_submodule_parent",
            "in_modules_to_save", "is_target", "layer_index", "linear_module_names", "matches_names", "model_type_of",
            "no_match", "no_match_message", "outer_modules", "outermost"]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..core.mixed import check_adapter_names, mixed_batch
-from ..errors import PeftkitError
+from ..errors import AdapterNameError, PeftkitError
 from .encoder_prefix import encoder_prefixes
 from .introspect import accepts, is_relative, text_config
 from .virtual import Virtual, build_virtual, make_cache, positions, roll
@@ -64,6 +64,9 @@ def prompt_dtype(peft: nn.Module) -> torch.dtype:
 def row_names(peft: nn.Module, adapter_names: Optional[Sequence[str]], batch: int) -> list[str]:
     """The adapter of each row: ``adapter_names`` checked, or the active adapter for every row."""
     if adapter_names is None:
+        if not peft.active_adapters:
+            raise AdapterNameError("The model has no adapter (the last one was deleted); add one with add_adapter or "
+                                   "load_adapter, or run the base model (get_base_model()).")
         return [peft.active_adapters[0]] * batch
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
         raise PeftkitError("adapter_names must be a list with one adapter name per row.")
@@ -229,7 +232,8 @@ def generate(peft: nn.Module, *args: Any, adapter_names: Optional[Sequence[str]]
     mask = kwargs.pop("attention_mask", None)
     if mask is None:
         mask = torch.ones(B, L, dtype=torch.long, device=device)
-    mixed = mixed_batch(adapter_names) if adapter_names is not None else contextlib.nullcontext()
+    # generate() expands rows (beams, num_return_sequences): layers may see a multiple of the names
+    mixed = mixed_batch(adapter_names, expand=True) if adapter_names is not None else contextlib.nullcontext()
     with torch.no_grad(), mixed:
         v = build_virtual(peft, names, device, prompt_dtype(peft))
         if peft.task == "SEQ_2_SEQ_LM":

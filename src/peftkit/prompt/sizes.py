@@ -27,6 +27,10 @@ def fill_sizes(base: nn.Module, task: str, config: PromptLearningConfig,
                            "transformers model.")
     if config.num_transformer_submodules is None:
         config.num_transformer_submodules = 2 if task == "SEQ_2_SEQ_LM" else 1
+    context = first_attr(cfg, ("max_position_embeddings", "n_positions"))
+    if isinstance(context, int) and config.num_virtual_tokens > context:
+        raise ConfigError(f"num_virtual_tokens={config.num_virtual_tokens} is more than the model's context of "
+                          f"{context} positions; the virtual tokens could not fit. Use fewer virtual tokens.")
     is_prefix = config.uses_kv_prefix
     if config.num_layers is None:
         names = ("num_decoder_layers", "decoder_layers") if is_prefix and task == "SEQ_2_SEQ_LM" else ()

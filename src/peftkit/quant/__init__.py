@@ -17,7 +17,7 @@ Public API: :func:`quantize_model`, :func:`load_quantized`, :func:`dequantize_mo
 :func:`prepare_model_for_kbit_training`, :class:`Int8Linear`, :class:`NF4Linear`.
 """
 
-from .convert import dequantize_model, quantize_model, quantized_bytes, requantization_report, requantize_weight_
+from .convert import dequantize_model, dequantized, quantize_model, quantized_bytes, requantization_report, requantize_weight_
 from .formats import (
     DOUBLE_QUANT_GROUP,
     NF4_LEVELS,
@@ -55,6 +55,7 @@ __all__ = [
     "QuantizedLinear",
     "dequantize_int8",
     "dequantize_model",
+    "dequantized",
     "dequantize_nf4",
     "dequantize_scales",
     "dequantize_weight",

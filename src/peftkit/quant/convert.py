@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -143,6 +144,27 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     if hasattr(model, "peftkit_quantization"):
         del model.peftkit_quantization
     return model
+
+
+@contextlib.contextmanager
+def dequantized(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[nn.Module]:
+    """:func:`dequantize_model` for the block; if the block raises, the quantized modules (and the
+    model's ``peftkit_quantization`` record) are put back, so a failed merge leaves the model as it was."""
+    originals = [(key, module) for key, module in model.named_modules() if key and is_quantized_module(module)]
+    record = getattr(model, "peftkit_quantization", None)
+    dequantize_model(model, dtype)
+    try:
+        yield model
+    except BaseException:
+        for key, module in originals:
+            parent, attr = get_submodule_parent(model, key)
+            setattr(parent, attr, module)
+        if record is not None:
+            model.peftkit_quantization = record
+        for _, module in model.named_modules():
+            if isinstance(module, AdapterLayer):
+                module.clear_cache()
+        raise
 
 
 def requantize_weight_(module: nn.Module, weight: torch.Tensor) -> dict[str, float]:

@@ -15,6 +15,7 @@ bias parameter, or those matching ``target_modules``. File keys are the model's 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -100,6 +101,20 @@ class BitFitLayer(AdapterLayer):
         else:
             rows = rows.view(rows.shape[0], rows.shape[1], *([1] * (result.dim() - 2)))
         return (result.float() + rows).to(result.dtype) if result.dtype != rows.dtype else result + rows
+
+    def check_merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """As :meth:`AdapterLayer.check_merge`; with ``safe_merge`` the merged biases are computed and checked."""
+        super().check_merge(adapter_names)
+        if not safe_merge:
+            return
+        base = self.get_base_layer()
+        original = (self._original_bias if self._original_bias is not None else base.bias).detach().float()
+        current = base.bias.detach().float()
+        for name in self.adapters_to_merge(adapter_names):
+            current = current + (self.bitfit_bias[name].detach().float() - original)
+            if not torch.isfinite(current.to(base.bias.dtype)).all():
+                raise MergeError(f"Merging adapter {name!r} gives NaN/inf biases; the adapter is broken. "
+                                 "Nothing was merged.")
 
     def _merge_one(self, name: str, safe_merge: bool) -> None:
         base = self.get_base_layer()

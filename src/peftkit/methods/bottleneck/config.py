@@ -12,7 +12,7 @@ from torch import nn
 from ...config import PeftConfig, PeftType, as_list, positive_int, probability
 from ...core.dispatch import linear_in_out
 from ...core.layer import AdapterLayer
-from ...core.targets import is_target, model_type_of, no_match, outer_modules, outermost
+from ...core.targets import LAYER_INDEX_REGEX, is_target, model_type_of, no_match, outer_modules, outermost
 from ...errors import ConfigError, TargetError
 
 _LLAMA = {"attention_output_modules": ["self_attn.o_proj"], "ffn_output_modules": ["mlp.down_proj"],
@@ -67,6 +67,9 @@ class BottleneckConfig(PeftConfig):
     """
 
     PEFT_TYPE = PeftType.BOTTLENECK
+    REGEX_FIELDS = {**PeftConfig.REGEX_FIELDS, "attention_output_modules": ("str", "{}"),
+                    "ffn_output_modules": ("str", "{}"), "parallel_modules": ("str", "{}"),
+                    "layers_pattern": ("all", LAYER_INDEX_REGEX)}
 
     style: Literal["houlsby", "pfeiffer", "parallel"] = "houlsby"
     reduction_factor: int = 16

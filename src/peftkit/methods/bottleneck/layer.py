@@ -36,6 +36,7 @@ from torch import nn
 
 from ...core.kernels import dropout_p, rowwise_dropout
 from ...core.layer import AdapterLayer
+from ...core.memory import check_new_tensors
 from ...core.mixed import MixedBatch, current_mixed_batch
 from ...errors import ConfigError, PeftkitError, TargetError
 from .config import BottleneckConfig, hidden_size
@@ -86,6 +87,8 @@ class BottleneckLayer(AdapterLayer):
                 f"{key}, leaving no bottleneck; use reduction_factor <= {d} or set bottleneck_size."
             )
         device = self._adapter_device()
+        check_new_tensors(f"{key}: a bottleneck of size {m}", [(m, d), (d, m)], device,
+                          "Use a smaller bottleneck_size (or a larger reduction_factor)")
         down = nn.Linear(d, m, device=device)
         up = nn.Linear(m, d, device=device)
         nn.init.zeros_(down.bias)

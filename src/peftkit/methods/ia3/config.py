@@ -91,6 +91,7 @@ class IA3Config(PeftConfig):
     """
 
     PEFT_TYPE = PeftType.IA3
+    REGEX_FIELDS = {**PeftConfig.REGEX_FIELDS, "feedforward_modules": ("str", "{}")}
 
     target_modules: Optional[Union[list[str], str]] = None
     exclude_modules: Optional[Union[list[str], str]] = None

@@ -26,6 +26,8 @@ when the module name ends with it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -115,17 +117,47 @@ class IA3Layer(AdapterLayer):
         """The vector shaped to multiply the base weight."""
         raise NotImplementedError
 
+    def _merged(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The base weight and bias (float) with ``name``'s vector folded in (the bias: output scaling only)."""
+        v = self.ia3_l[name].detach().float()
+        weight = weight * self._weight_factor(v)
+        if not self.is_feedforward and bias is not None:
+            bias = bias * v.flatten()
+        return weight, bias
+
+    def _check_finite(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        base = self.get_base_layer()
+        bad = not torch.isfinite(weight.to(base.weight.dtype)).all()
+        if bias is not None:
+            bad = bad or not torch.isfinite(bias.to(base.bias.dtype)).all()
+        if bad:
+            raise MergeError(f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken. Nothing was merged.")
+
+    def _float_bias(self) -> Optional[torch.Tensor]:
+        bias = getattr(self.get_base_layer(), "bias", None)
+        return bias.float() if bias is not None and not self.is_feedforward else None
+
+    def check_merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """As :meth:`AdapterLayer.check_merge`; with ``safe_merge`` the merged weights are computed and checked."""
+        super().check_merge(adapter_names)
+        names = self.adapters_to_merge(adapter_names)
+        if names and getattr(self.get_base_layer(), "is_quantized_linear", False):
+            raise MergeError("(IA)³ vectors cannot be merged into a quantized base layer.")
+        if not safe_merge or not names:
+            return
+        weight, bias = self.get_base_layer().weight.detach().float(), self._float_bias()
+        for name in names:
+            weight, bias = self._merged(name, weight, bias)
+            self._check_finite(name, weight, bias)
+
     def _merge_one(self, name: str, safe_merge: bool) -> None:
         base = self.get_base_layer()
         if getattr(base, "is_quantized_linear", False):
             raise MergeError("(IA)³ vectors cannot be merged into a quantized base layer.")
-        v = self.ia3_l[name].detach().float()
-        weight = base.weight.float() * self._weight_factor(v)
-        bias = None
-        if not self.is_feedforward and getattr(base, "bias", None) is not None:
-            bias = base.bias.float() * v.flatten()
-        if safe_merge and (not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all())):
-            raise MergeError(f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken. Nothing was merged.")
+        weight, bias = self._merged(name, base.weight.detach().float(), self._float_bias())
+        if safe_merge:
+            self._check_finite(name, weight, bias)
         with torch.no_grad():
             base.weight.copy_(weight.to(base.weight.dtype))
             if bias is not None:

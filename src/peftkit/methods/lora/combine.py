@@ -39,8 +39,11 @@ def add_weighted_adapter(peft_model: nn.Module, adapters: Sequence[str], weights
         raise PeftkitError("add_weighted_adapter does not combine DoRA adapters (their magnitudes do not add).")
     if any(c.modules_to_save for c in configs):
         raise PeftkitError("add_weighted_adapter cannot combine adapters with modules_to_save.")
-    if svd_rank is not None and svd_rank <= 0:
-        raise PeftkitError(f"svd_rank must be > 0, got {svd_rank}.")
+    if svd_rank is not None and (not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or svd_rank <= 0):
+        raise PeftkitError(f"svd_rank must be an integer > 0, got {svd_rank!r}.")
+    if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float))
+                                  or not 0 < svd_clamp <= 1):
+        raise PeftkitError(f"svd_clamp must be a quantile in (0, 1] (e.g. 0.99) or None, got {svd_clamp!r}.")
     ranks = _target_ranks(peft_model.get_base_model(), adapters, combination_type, svd_rank)
     r = max(ranks.values())
     pattern = {k: v for k, v in ranks.items() if v != r}
@@ -110,6 +113,9 @@ def combine_layer(layer: LoraLayer, adapters: Sequence[str], weights: Sequence[f
         else:
             delta = sum(w * (get_b(a).float().flatten(1) @ get_a(a).float().flatten(1)) * layer.scaling[a]
                         for a, w in present)
+        if not torch.isfinite(delta).all():
+            raise PeftkitError(f"add_weighted_adapter: adapters {[a for a, _ in present]} hold NaN/inf values; the "
+                               "weighted sum of their deltas cannot be decomposed. Fix or delete the broken adapter.")
         rank = target_a.shape[0]
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from ...config import PeftConfig, PeftType, positive_int, probability, unsupported
+from ...core.targets import LAYER_INDEX_REGEX
 from ...errors import ConfigError
 
 # Default target modules per model type (when target_modules is None), as Hugging Face PEFT.
@@ -37,10 +38,14 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
+# The regex a ``rank_pattern`` / ``alpha_pattern`` key goes into ("{}"): it matches the end of a module name.
+PATTERN_KEY_REGEX = r"(.*\.)?({})$"
+
+
 def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
     """``rank_pattern`` / ``alpha_pattern`` lookup: a pattern matches a key that ends with it."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if re.match(PATTERN_KEY_REGEX.replace("{}", pattern), key):
             return value
     return default
 
@@ -69,6 +74,8 @@ class LoraConfig(PeftConfig):
     """
 
     PEFT_TYPE = PeftType.LORA
+    REGEX_FIELDS = {**PeftConfig.REGEX_FIELDS, "layers_pattern": ("all", LAYER_INDEX_REGEX),
+                    "rank_pattern": ("keys", PATTERN_KEY_REGEX), "alpha_pattern": ("keys", PATTERN_KEY_REGEX)}
 
     r: int = 8
     target_modules: Optional[Union[list[str], str]] = None

@@ -64,10 +64,13 @@ class DoraVariant:
         """``f`` (per output feature) shaped to multiply the base weight."""
         raise NotImplementedError
 
-    def merged_weight(self, layer: Layer, name: str, weight: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """The merged weight ``f ⊙ (W + s B A)`` from ``new = W + s B A`` (float); remembers the norm."""
+    def merged_weight(self, layer: Layer, name: str, weight: torch.Tensor, new: torch.Tensor,
+                      remember: bool = True) -> torch.Tensor:
+        """The merged weight ``f ⊙ (W + s B A)`` from ``new = W + s B A`` (float); remembers the norm
+        (unless ``remember`` is false: safe_merge's check before merging)."""
         norm = self.weight_norm(layer, name, weight).detach()
-        self.merged_norm = norm
+        if remember:
+            self.merged_norm = norm
         return new * self.factor_shape(layer, layer.lora_magnitude_vector[name].weight.float() / norm)
 
     def unmerged_weight(self, layer: Layer, name: str, current: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ and add an adapter's contribution; this base class does the rest.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
@@ -20,8 +21,9 @@ from torch import nn
 
 from ...core.base_call import call_base
 from ...core.layer import AdapterLayer
+from ...core.memory import check_new_tensors
 from ...core.mixed import MixedBatch, current_mixed_batch
-from ...errors import ConfigError, MergeError, TargetError
+from ...errors import ConfigError, MergeError, PeftkitError, TargetError
 from ...quant import dequantize_weight, is_quantized_module, requantize_weight_
 from .dora import DoraVariant
 
@@ -77,6 +79,9 @@ class LoraLayer(AdapterLayer):
             raise ConfigError(f"{key}: rank must be > 0, got {r}.")
         if config.use_dora and self.dora_variant is None:
             raise TargetError(f"{key}: DoRA is not supported on {type(self.get_base_layer()).__name__} layers in peftkit.")
+        kernel = math.prod(getattr(self.get_base_layer(), "kernel_size", None) or (1,))
+        check_new_tensors(f"{key}: LoRA r={r}", [(r, self.in_features * kernel), (self.out_features, r)],
+                          self._adapter_device(), "Use a smaller r (or rank_pattern)")
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = alpha
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
@@ -84,7 +89,10 @@ class LoraLayer(AdapterLayer):
         self.lora_bias[adapter_name] = config.lora_bias
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self._create(adapter_name, r, config)
-        self._init_weights(adapter_name, config.init_lora_weights)
+        try:
+            self._init_weights(adapter_name, config.init_lora_weights)
+        except PeftkitError as exc:
+            raise type(exc)(f"{key}: {exc}") from None
         if config.use_dora:
             self.dora[adapter_name] = self.dora_variant.create(self, adapter_name)
         else:
@@ -129,18 +137,54 @@ class LoraLayer(AdapterLayer):
         """``s · B A`` in the layout of the base weight, fp32."""
         raise NotImplementedError
 
+    def _merged_weight(self, name: str, weight: torch.Tensor, remember: bool = True) -> torch.Tensor:
+        """``weight`` (the base weight, float) with adapter ``name`` merged in: ``W + s B A``, DoRA-rescaled."""
+        new = weight + self.delta_weight(name)
+        variant = self.dora.get(name)
+        if variant is not None:
+            new = variant.merged_weight(self, name, weight, new, remember=remember)
+        return new
+
+    def _merged_bias(self, name: str, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The base bias (float) after merging ``name``'s ``lora_B`` bias, or None if it has none."""
+        if not self.lora_bias.get(name) or bias is None:
+            return None
+        return bias + self.lora_B[name].bias.float() * self.scaling[name]
+
+    def _check_finite(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        """safe_merge: MergeError if the merged values are not finite as stored (in the base dtype)."""
+        base = self.get_base_layer()
+        stored = weight if is_quantized_module(base) else weight.to(base.weight.dtype)
+        if not torch.isfinite(stored).all() or (bias is not None and not torch.isfinite(bias.to(base.bias.dtype)).all()):
+            raise MergeError(f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken. Nothing was merged.")
+
+    def check_merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """As :meth:`AdapterLayer.check_merge`; with ``safe_merge`` the merged weights are computed
+        (adapter after adapter, as :meth:`merge` does) and checked, then dropped."""
+        super().check_merge(adapter_names)
+        names = self.adapters_to_merge(adapter_names)
+        base = self.get_base_layer()
+        if names and is_quantized_module(base) and not getattr(base, "is_quantized_linear", False):
+            requantize_weight_(base, None)  # raises: bitsandbytes weights cannot be requantized
+        if not safe_merge or not names:
+            return
+        with torch.no_grad():
+            weight = dequantize_weight(base).float()
+            bias = base.bias.float() if getattr(base, "bias", None) is not None else None
+            for name in names:
+                weight = self._merged_weight(name, weight, remember=False)
+                merged_bias = self._merged_bias(name, bias)
+                bias = merged_bias if merged_bias is not None else bias
+                self._check_finite(name, weight, merged_bias)
+
     def _merge_one(self, name: str, safe_merge: bool) -> None:
         base = self.get_base_layer()
         if is_quantized_module(base) and not getattr(base, "is_quantized_linear", False):
             requantize_weight_(base, None)  # raises before anything changes: bitsandbytes weights cannot be requantized
-        weight = dequantize_weight(base)
-        new = weight.float() + self.delta_weight(name)
-        variant = self.dora.get(name)
-        if variant is not None:
-            new = variant.merged_weight(self, name, weight.float(), new)
-        if safe_merge and not torch.isfinite(new).all():
-            raise MergeError(f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken. Nothing was merged.")
         with torch.no_grad():
+            new = self._merged_weight(name, dequantize_weight(base).float())
+            if safe_merge:
+                self._check_finite(name, new, self._merged_bias(name, getattr(base, "bias", None)))
             store_base_weight(base, new)
             if self.lora_bias.get(name) and base.bias is not None:
                 base.bias.add_((self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype))

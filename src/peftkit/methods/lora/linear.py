@@ -8,7 +8,8 @@ from torch import nn
 
 from ...core.kernels import batched_lora, dropout_p, rowwise_dropout
 from ...core.mixed import MixedBatch
-from ...errors import PeftkitError
+from ...core.undo import record_base_edit
+from ...errors import ConfigError, PeftkitError
 from ...quant import dequantize_weight
 from . import fast_path
 from .config import LoraConfig
@@ -45,6 +46,9 @@ class Linear(LoraLayer):
         weight = dequantize_weight(base)
         w = weight.float().T if self.fan_in_fan_out else weight.float()
         r, s = self.r[name], self.scaling[name]
+        if r > min(w.shape):
+            raise ConfigError(f"PiSSA takes the top r singular vectors of the {tuple(w.shape)} weight, so r={r} must be "
+                              f"at most {min(w.shape)}; use a smaller r (or rank_pattern for this module).")
         if init == "pissa":
             V, S, Uh = torch.linalg.svd(w, full_matrices=False)
         else:
@@ -58,6 +62,7 @@ class Linear(LoraLayer):
             self.lora_A[name].weight.copy_(A)
             self.lora_B[name].weight.copy_(B)
             residual = w - s * (B @ A)
+            record_base_edit(base)  # put back if creating the adapter fails later
             store_base_weight(base, residual.T if self.fan_in_fan_out else residual)
 
     def delta_weight(self, name: str) -> torch.Tensor:

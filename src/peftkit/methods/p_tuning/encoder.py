@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ...core.memory import check_new_tensors
 from ...errors import PeftkitWarning
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
 
@@ -54,7 +55,18 @@ class PromptEncoder(nn.Module):
 
 def make_encoder(config: PromptEncoderConfig, word_embeddings: Optional[nn.Module], encoded: bool) -> PromptEncoder:
     """The encoder of ``config`` (model-derived fields filled); ``encoded``: only its output (inference)."""
-    return PromptEncoder(config, config.num_virtual_tokens * (config.num_transformer_submodules or 1), encoded=encoded)
+    total = config.num_virtual_tokens * (config.num_transformer_submodules or 1)
+    d, h = config.token_dim, config.encoder_hidden_size or config.token_dim
+    shapes = [(total, d)]
+    if not encoded and str(config.encoder_reparameterization_type) == "LSTM":
+        layers = range(2 * config.encoder_num_layers)  # two directions per layer
+        shapes += [(4 * h, d if i < 2 else 2 * h) for i in layers] + [(4 * h, h) for i in layers]
+        shapes += [(2 * h, 2 * h), (d, 2 * h)]
+    elif not encoded:
+        shapes += [(h, d), (h, h), (d, h)]
+    check_new_tensors(f"PromptEncoderConfig(num_virtual_tokens={config.num_virtual_tokens}, encoder_hidden_size={h})",
+                      shapes, "cpu", "Use a smaller num_virtual_tokens or encoder_hidden_size")
+    return PromptEncoder(config, total, encoded=encoded)
 
 
 __all__ = ["PromptEncoder", "make_encoder"]

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ...core.memory import check_new_tensors
 from .config import PrefixTuningConfig
 
 
@@ -43,6 +44,11 @@ class PrefixEncoder(nn.Module):
 
 def make_encoder(config: PrefixTuningConfig, word_embeddings: Optional[nn.Module], encoded: bool) -> PrefixEncoder:
     """The encoder of ``config`` (model-derived fields filled); ``encoded``: only its output (inference)."""
+    n, td, width = config.num_virtual_tokens, config.token_dim, config.num_layers * 2 * config.token_dim
+    h = config.encoder_hidden_size or td
+    shapes = [(n, td), (h, td), (width, h)] if config.prefix_projection and not encoded else [(n, width)]
+    check_new_tensors(f"PrefixTuningConfig(num_virtual_tokens={n}, encoder_hidden_size={h})", shapes, "cpu",
+                      "Use a smaller num_virtual_tokens or encoder_hidden_size")
     return PrefixEncoder(config, encoded=encoded)
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ...core.memory import check_new_tensors
 from ...errors import ConfigError, PeftkitError
 from .config import PromptTuningConfig, PromptTuningInit
 
@@ -29,7 +30,10 @@ class PromptEmbedding(nn.Module):
 def make_encoder(config: PromptTuningConfig, word_embeddings: Optional[nn.Module], encoded: bool) -> PromptEmbedding:
     """The prompt of ``config`` (model-derived fields filled), initialised as it asks unless ``encoded``
     (loaded for inference: the file's values replace it)."""
-    encoder = PromptEmbedding(config.num_virtual_tokens * (config.num_transformer_submodules or 1), config.token_dim)
+    total = config.num_virtual_tokens * (config.num_transformer_submodules or 1)
+    check_new_tensors(f"PromptTuningConfig(num_virtual_tokens={config.num_virtual_tokens})", [(total, config.token_dim)],
+                      "cpu", "Use a smaller num_virtual_tokens")
+    encoder = PromptEmbedding(total, config.token_dim)
     init = PromptTuningInit(str(config.prompt_tuning_init))
     if encoded or init == PromptTuningInit.RANDOM:
         return encoder
