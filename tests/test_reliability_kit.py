@@ -1,0 +1,74 @@
+"""Issue 16, the toolkit's part: every bad input gets a PeftkitError (or, in the CLI, one line and exit
+code 2) before anything is changed; writes are atomic and keep the umask's permissions; checkpoints
+are verified before they are used or pruned; one run per output folder at a time."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import peftkit
+from peftkit.cli import main
+from peftkit.errors import PeftkitError
+from peftkit.train.data import DataError, read_records
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def _err(capsys, argv):
+    """(exit code, stderr) of ``peftkit *argv``; the error must be one line, with no traceback."""
+    code = main(argv)
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "Traceback" not in captured.err and "Traceback" not in captured.out
+    if code == 2:
+        assert len(err.splitlines()) == 1, err
+    return code, err
+
+
+# -- 1. TSV is read as GLUE and pandas read it ----------------------------------------------------------
+
+
+def test_tsv_quotes_are_ordinary_characters(tmp_path):
+    lines = ["label\tsentence"] + [f"{i % 2}\trow {i}" for i in range(39)]
+    lines[5] = '1\t"the witness", he said'  # a field that starts with a quote but is not quoted
+    lines[9] = '0\tsays "hi'  # an unmatched quote inside a field
+    path = tmp_path / "d.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    recs = read_records(str(path))
+    assert len(recs) == 39
+    assert recs[4] == {"label": "1", "sentence": '"the witness", he said'}
+    assert recs[8] == {"label": "0", "sentence": 'says "hi'}
+    assert recs[9] == {"label": "1", "sentence": "row 9"}
+
+
+def test_tsv_more_fields_than_the_header_names_the_line(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text("a\tb\nx\ty\nx\ty\tz\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 3: 3 fields, more than the header's 2"):
+        read_records(str(path))
+
+
+def test_csv_keeps_its_quoting(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n"a, ""quoted""\nline",1\nb,0\n', encoding="utf-8")
+    assert read_records(str(path)) == [{"text": 'a, "quoted"\nline', "label": "1"}, {"text": "b", "label": "0"}]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mrpc" / "train.tsv").is_file(), reason="../shared/data/mrpc is absent")
+@pytest.mark.parametrize("split", ["train", "dev", "test"])
+def test_mrpc_reads_as_pandas_reads_it(split):
+    pd = pytest.importorskip("pandas")
+    path = SHARED_DATA / "mrpc" / f"{split}.tsv"
+    recs = read_records(str(path))
+    expected = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
+                           encoding="utf-8-sig").to_dict("records")
+    assert recs == expected
+    assert len(recs) == {"train": 3668, "dev": 408, "test": 1725}[split]
+    if split == "train":
+        assert recs[0]["#1 String"].startswith('Amrozi accused his brother, whom he called "the witness"')
