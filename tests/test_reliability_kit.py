@@ -72,3 +72,54 @@ def test_mrpc_reads_as_pandas_reads_it(split):
     assert len(recs) == {"train": 3668, "dev": 408, "test": 1725}[split]
     if split == "train":
         assert recs[0]["#1 String"].startswith('Amrozi accused his brother, whom he called "the witness"')
+
+
+# -- 7. atomic writes keep the umask's permissions --------------------------------------------------------
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and restore it after."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def _mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+@pytest.mark.parametrize("mask, fmode, dmode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+def test_atomic_writes_keep_the_umask(tmp_path, umask, mask, fmode, dmode):
+    import torch
+
+    from peftkit._io import atomic_write_bytes, current_umask
+    from peftkit.train import checkpoints as ckpt
+
+    umask(mask)
+    assert current_umask() == mask
+    atomic_write_bytes(tmp_path / "f.json", b"{}")
+    assert _mode(tmp_path / "f.json") == fmode
+
+    def save_adapter(folder):
+        os.makedirs(folder)
+        peftkit._io.save_tensors({"w": torch.ones(2)}, os.path.join(folder, "adapter_model.safetensors"))
+
+    step = ckpt.write_checkpoint(str(tmp_path / "checkpoints"), 3, save_adapter=save_adapter, optimizer={"state": {}},
+                                 scheduler={}, rng=[{}], state={"step": 3})
+    assert _mode(step) == dmode and _mode(os.path.join(step, "adapter")) == dmode
+    for root, _, names in os.walk(step):
+        for name in names:
+            assert _mode(os.path.join(root, name)) == fmode, name
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path, umask):
+    from peftkit._io import atomic_write_bytes
+
+    umask(0o022)
+    path = tmp_path / "private.json"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o600)
+    atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new" and _mode(path) == 0o600
