@@ -123,3 +123,64 @@ def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path, umask):
     os.chmod(path, 0o600)
     atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"new" and _mode(path) == 0o600
+
+
+# -- 3. pruning keeps the newest verified checkpoints ----------------------------------------------------
+
+
+def _ckpt(folder, step, payload=None):
+    import torch
+
+    from peftkit._io import save_tensors
+    from peftkit.train import checkpoints as ckpt
+
+    def save_adapter(path):
+        os.makedirs(path)
+        save_tensors({"w": torch.full((2,), float(step))}, os.path.join(path, "adapter_model.safetensors"))
+
+    return ckpt.write_checkpoint(str(folder), step, save_adapter=save_adapter,
+                                 optimizer=payload if payload is not None else {"state": {}, "param_groups": []},
+                                 scheduler={"last_epoch": step}, rng=[{}], state={"step": step})
+
+
+def _corrupt(step_folder):
+    """Flip one byte of the adapter's weights (the manifest no longer matches)."""
+    path = os.path.join(step_folder, "adapter", "adapter_model.safetensors")
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
+    from peftkit.train import checkpoints as ckpt
+
+    folder = tmp_path / "checkpoints"
+    bad = _ckpt(folder, 12)
+    _corrupt(bad)
+    assert ckpt.verify(bad) is not None
+    for step in (4, 8):  # a resumed run writes its checkpoints below the corrupt newest one
+        path = _ckpt(folder, step)
+        ckpt.prune(str(folder), keep=1, protect=path)
+        assert os.path.isdir(path), step
+        with pytest.warns(peftkit.PeftkitWarning, match="step-12"):
+            assert ckpt.latest_checkpoint(str(folder)) == path
+    assert sorted(os.listdir(folder)) == ["step-12", "step-8"]
+
+
+def test_prune_keeps_the_newest_verified_and_the_protected_one(tmp_path):
+    from peftkit.train import checkpoints as ckpt
+
+    folder = tmp_path / "checkpoints"
+    paths = {s: _ckpt(folder, s) for s in (2, 4, 6, 8)}
+    _corrupt(paths[8])
+    _corrupt(paths[6])
+    ckpt.prune(str(folder), keep=1)  # the corrupt 8 and 6 do not count: 4 is kept, 2 goes
+    assert sorted(os.listdir(folder)) == ["step-4", "step-6", "step-8"]
+    ckpt.prune(str(folder), keep=1, protect=paths[8])
+    assert sorted(os.listdir(folder)) == ["step-4", "step-6", "step-8"]
+    paths[10] = _ckpt(folder, 10)
+    ckpt.prune(str(folder), keep=2, protect=paths[10])  # 10 and 4 verify; nothing older is left
+    assert sorted(os.listdir(folder)) == ["step-10", "step-4", "step-6", "step-8"]
+    paths[12] = _ckpt(folder, 12)
+    ckpt.prune(str(folder), keep=2, protect=paths[12])
+    assert sorted(os.listdir(folder)) == ["step-10", "step-12"]

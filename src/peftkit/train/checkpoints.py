@@ -156,17 +156,31 @@ def load_checkpoint(folder: str, verified: bool = False) -> dict[str, Any]:
             "state": state, "adapter": os.path.join(folder, "adapter")}
 
 
-def prune(checkpoints_dir: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and leftovers of interrupted writes."""
+def prune(checkpoints_dir: str, keep: int, protect: Optional[str] = None) -> None:
+    """Keep the newest ``keep`` checkpoints that verify (and ``protect``, the one just written, always);
+    delete every checkpoint older than the oldest kept one, and leftovers of interrupted writes.
+
+    Checkpoints are verified newest first, so a corrupt or unfinished folder never counts toward
+    ``keep`` and never pushes a good one out; one newer than the kept ones is left where it is (a
+    resumed run overwrites it when it reaches that step) and is skipped by :func:`latest_checkpoint`.
+    """
     if not os.path.isdir(checkpoints_dir):
         return
     for name in os.listdir(checkpoints_dir):
         if name.startswith((".tmp-step-", ".trash-step-")):
             shutil.rmtree(os.path.join(checkpoints_dir, name), ignore_errors=True)
-    complete = [(s, f) for s, f in list_checkpoints(checkpoints_dir) if os.path.isfile(os.path.join(f, MARKER))]
-    for _, folder in complete[max(keep, 1):]:
+    protect = os.path.abspath(protect) if protect else None
+    kept = 0
+    doomed = []
+    for _, folder in list_checkpoints(checkpoints_dir):
+        if kept >= max(keep, 1):
+            if os.path.abspath(folder) != protect:
+                doomed.append(folder)
+        elif verify(folder) is None:
+            kept += 1
+    for folder in doomed:
         # rename first, so that a crash mid-delete never leaves a step-N that looks complete
-        trash = folder.replace(os.sep + "step-", os.sep + ".trash-step-") + f"-{os.getpid()}"
+        trash = os.path.join(checkpoints_dir, ".trash-" + os.path.basename(folder) + f"-{os.getpid()}")
         os.rename(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
 

@@ -214,7 +214,7 @@ class Trainer:
                                          save_adapter=lambda folder: save_trainable(self.model, folder),
                                          optimizer=self.optimizer.state_dict(), scheduler=sched,
                                          rng=rngs, state=self._trainer_state())
-            ckpt.prune(self.checkpoints_dir, self.config.save_total_limit)
+            ckpt.prune(self.checkpoints_dir, self.config.save_total_limit, protect=path)
         barrier(self.info)
         return path
 
