@@ -142,17 +142,41 @@ def latest_checkpoint(checkpoints_dir: str) -> Optional[str]:
 
 def load_checkpoint(folder: str, verified: bool = False) -> dict[str, Any]:
     """The optimizer, scheduler, RNG and trainer states of a verified checkpoint (no code is run).
-    ``verified``: the caller has just run :func:`verify` on it (e.g. through latest_checkpoint)."""
+    ``verified``: the caller has just run :func:`verify` on it (e.g. through latest_checkpoint).
+
+    CheckpointError if it does not verify, or if a file does not hold what it should: a pickle with
+    anything but tensors and plain containers (``weights_only=True`` refuses to build it), or a value
+    of the wrong kind."""
     problem = None if verified else verify(folder)
     if problem is not None:
         raise CheckpointError(f"Checkpoint {folder} cannot be used: {problem}.")
 
-    def load(name: str) -> Any:
-        return torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+    def load(name: str, kind: type) -> Any:
+        path = os.path.join(folder, name)
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ...: all mean "not our file"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CheckpointError(f"{path} cannot be read safely ({type(exc).__name__}: {first[:200]})") from None
+        if not isinstance(value, kind):
+            raise CheckpointError(f"{path} holds a {type(value).__name__}, not a {kind.__name__}")
+        return value
 
-    with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as fh:
-        state = json.load(fh)
-    return {"optimizer": load("optimizer.pt"), "scheduler": load("scheduler.pt"), "rng": load("rng.pt"),
+    try:
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as fh:
+            state = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}/trainer_state.json cannot be read ({exc})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{folder}/trainer_state.json holds no step")
+    optimizer = load("optimizer.pt", dict)
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"]):
+        raise CheckpointError(f"{folder}/optimizer.pt is not an optimizer state (state, param_groups)")
+    rng = load("rng.pt", list)
+    if not all(isinstance(r, dict) for r in rng):
+        raise CheckpointError(f"{folder}/rng.pt is not a list of RNG states")
+    return {"optimizer": optimizer, "scheduler": load("scheduler.pt", dict), "rng": rng,
             "state": state, "adapter": os.path.join(folder, "adapter")}
 
 

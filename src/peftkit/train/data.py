@@ -98,7 +98,7 @@ def _read_path(path: str) -> list[dict[str, Any]]:
     if os.path.isdir(path):
         return _read_saved_dataset(path)
     ext = os.path.splitext(path)[1].lower()
-    readers = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".tsv": _read_tsv,
+    readers = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_delimited, ".tsv": _read_delimited,
                ".txt": _read_text, ".text": _read_text}
     if ext not in readers:
         raise DataError(f"{path}: unsupported file type {ext or '(none)'}; use .json, .jsonl, .csv, .tsv or .txt.")
@@ -171,33 +171,25 @@ def _parse_jsonl(lines: list[str], path: str) -> list[dict[str, Any]]:
     return out
 
 
-def _read_csv(path: str) -> list[dict[str, Any]]:
-    """A ``.csv`` file: comma separated, RFC 4180 quoting (a quoted field may hold commas and newlines)."""
+def _read_delimited(path: str) -> list[dict[str, Any]]:
+    """A header line, then one record per row; blank lines skipped, short rows padded with None.
+    ``.csv``: comma separated with RFC 4180 quoting (a quoted field may hold commas and newlines).
+    ``.tsv``: as GLUE and ``pandas.read_csv(sep="\\t", quoting=csv.QUOTE_NONE)`` read it: one record per
+    line, fields split at tabs, quotes ordinary characters (``"the witness"`` stays as written)."""
     with open(path, encoding="utf-8-sig", newline="") as fh:
-        return _rows_to_records(csv.reader(fh), path)
-
-
-def _read_tsv(path: str) -> list[dict[str, Any]]:
-    """A ``.tsv`` file as GLUE and ``pandas.read_csv(sep="\\t", quoting=csv.QUOTE_NONE)`` read it: one record
-    per line, fields split at tabs, quotes are ordinary characters (``"the witness"`` stays as written)."""
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        return _rows_to_records(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), path)
-
-
-def _rows_to_records(reader: Any, path: str) -> list[dict[str, Any]]:
-    """Records from the rows of a header + data file; blank lines skipped, short rows padded with None."""
-    header = None
-    rows = []
-    for row in reader:
-        if not row:
-            continue
-        if header is None:
-            header = row
-            continue
-        if len(row) > len(header):
-            raise DataError(f"{path}, line {reader.line_num}: {len(row)} fields, more than the header's "
-                            f"{len(header)}; check the separator (and, in a .csv, the quoting).")
-        rows.append({name: (row[i] if i < len(row) else None) for i, name in enumerate(header)})
+        tsv = path.lower().endswith(".tsv")
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(fh)
+        header, rows = None, []
+        for row in reader:
+            if not row:
+                continue
+            if header is None:
+                header = row
+            elif len(row) > len(header):
+                raise DataError(f"{path}, line {reader.line_num}: {len(row)} fields, more than the header's "
+                                f"{len(header)}; check the separator (and, in a .csv, the quoting).")
+            else:
+                rows.append({name: (row[i] if i < len(row) else None) for i, name in enumerate(header)})
     return rows
 
 

@@ -39,6 +39,12 @@ class MetricsLog:
         if self.enabled:
             atomic_write_bytes(self.path, "".join(json.dumps(e) + "\n" for e in events).encode())
 
+    def reset(self) -> None:
+        """Start the log over (a run from step 0): no event of an earlier run in this folder stays."""
+        self.events = []
+        if self.enabled and os.path.exists(self.path):
+            atomic_write_bytes(self.path, b"")
+
     def log(self, event: dict[str, Any]) -> None:
         event = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in event.items()}
         self.events.append(event)
