@@ -24,11 +24,12 @@ def _err(capsys, argv):
     """(exit code, stderr) of ``peftkit *argv``; the error must be one line, with no traceback."""
     code = main(argv)
     captured = capsys.readouterr()
-    err = captured.err.strip()
     assert "Traceback" not in captured.err and "Traceback" not in captured.out
+    # transformers' own progress bars ("Loading weights") aside, stderr is the one error line
+    lines = [line for line in captured.err.strip().splitlines() if line and "Loading weights" not in line]
     if code == 2:
-        assert len(err.splitlines()) == 1, err
-    return code, err
+        assert len(lines) == 1 and lines[0].startswith("peftkit "), captured.err
+    return code, "\n".join(lines)
 
 
 # -- 1. TSV is read as GLUE and pandas read it ----------------------------------------------------------
@@ -184,3 +185,131 @@ def test_prune_keeps_the_newest_verified_and_the_protected_one(tmp_path):
     paths[12] = _ckpt(folder, 12)
     ckpt.prune(str(folder), keep=2, protect=paths[12])
     assert sorted(os.listdir(folder)) == ["step-10", "step-12"]
+
+
+# -- a small run, killed or whole ---------------------------------------------------------------------------
+
+
+class _Killed(BaseException):
+    """Ends a run the way a crash does: no cleanup of the run's own (checkpoints stay as they are)."""
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    from peftkit.train.data import bundled_data
+
+    path = tmp_path_factory.mktemp("data") / "d.jsonl"
+    recs = read_records(bundled_data()[0])[:20]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    return str(path)
+
+
+def _flags(data_file, out, *extra):
+    return ["--data", data_file, "--output-dir", str(out), "--max-steps", "6", "--save-steps", "2", "--batch-size", "4",
+            "--eval-steps", "0", "--eval-generate-samples", "0", "--num-generations", "0", "--max-eval-samples", "4",
+            "--logging-steps", "1", "--no-progress", "--r", "2", "--max-length", "160", *extra]
+
+
+def _killed_run(data_file, out, at_step, *extra):
+    """A run that dies after step ``at_step`` (its checkpoints up to then are complete)."""
+    from peftkit.cli import build_train_parser, merge_settings, nest
+    from peftkit.train import RunConfig, train
+
+    def kill(trainer):
+        if trainer.step == at_step:
+            raise _Killed
+
+    args = build_train_parser("lora").parse_args(_flags(data_file, out, *extra))
+    with pytest.raises(_Killed):
+        train(RunConfig.from_dict(merge_settings(None, nest(args))), callbacks=[kill], quiet=True)
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes and mode (to show an error changed nothing)."""
+    out = {}
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            out[rel] = (open(path, "rb").read() if os.path.isfile(path) else None, os.stat(path).st_mode)
+    return out
+
+
+def _train_steps(out):
+    return [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"train"' in line]
+
+
+# -- 2 and 8. --resume continues the run exactly, or refuses before writing anything ------------------------
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--lr", "0.5"], "train.lr: 0.0002 -> 0.5"),
+    (["--r", "4"], "r: 2 -> 4"),
+    (["--seed", "7"], "train.seed: 42 -> 7"),
+    (["--target-modules", "q_proj,k_proj,v_proj"], "target_modules"),
+    (["--max-steps", "8"], "train.max_steps: 6 -> 8"),
+])
+def test_resume_with_other_settings_is_refused_and_changes_nothing(tmp_path, data_file, capsys, change, named):
+    out = tmp_path / "run"
+    _killed_run(data_file, out, 5)
+    before = _snapshot(out)
+    code, err = _err(capsys, ["train", *_flags(data_file, out, "--resume", *change)])
+    assert code == 2 and "--resume" in err and named in err, err
+    assert _snapshot(out) == before
+
+
+def test_resume_without_run_yaml_refuses_a_checkpoint_that_does_not_fit(tmp_path, data_file, capsys):
+    out = tmp_path / "run"
+    _killed_run(data_file, out, 5)
+    os.unlink(out / "run.yaml")  # a run of an older peftkit: only the checkpoint itself can tell
+    before = _snapshot(out)
+    code, err = _err(capsys, ["train", *_flags(data_file, out, "--resume", "--r", "4")])
+    assert code == 2 and "does not fit this run" in err and "shape" in err, err
+    assert _snapshot(out) == before
+    code, err = _err(capsys, ["train", *_flags(data_file, out, "--resume", "--target-modules", "q_proj,k_proj,v_proj")])
+    assert code == 2 and "does not fit this run" in err and "adapter tensors of this run are not in it" in err, err
+    assert _snapshot(out) == before
+
+
+def test_resume_may_change_how_the_run_is_watched_and_run_yaml_says_so(tmp_path, data_file, capsys):
+    import yaml
+
+    out = tmp_path / "run"
+    _killed_run(data_file, out, 5)
+    assert main(["train", *_flags(data_file, out, "--resume", "--save-steps", "3", "--logging-steps", "2")]) == 0
+    stdout = capsys.readouterr().out
+    assert "train.save_steps: 2 -> 3" in stdout and "resumed from" in stdout and "step-4" in stdout
+    run = yaml.safe_load((out / "run.yaml").read_text())
+    assert run["train"]["save_steps"] == 3 and run["train"]["logging_steps"] == 2
+    assert run["train"]["lr"] == 0.0002 and run["method_args"]["r"] == 2
+
+
+def test_trainer_resume_checks_every_shape_before_copying_anything(tmp_path):
+    """The Python API: a checkpoint of another rank is refused and the model and optimizer are untouched."""
+    import torch
+
+    from peftkit.errors import CheckpointError
+    from peftkit.train import Trainer
+    from peftkit.train.config import DataConfig, TrainConfig
+    from peftkit.train.data import bundled_data, prepare_data
+    from peftkit.train.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(peftkit.model_path()))
+    recs = read_records(bundled_data()[0])[:12]
+    data = prepare_data(DataConfig(eval_fraction=0, max_length=160), tok, lambda f: "CAUSAL_LM",
+                        train_source=recs[:8], eval_source=recs[8:])
+
+    def trainer(r):
+        model, _ = peftkit.load_model()
+        pm = peftkit.get_peft_model(model, peftkit.LoraConfig(task_type="CAUSAL_LM", r=r))
+        cfg = TrainConfig(max_steps=2, save_steps=1, batch_size=4, eval_steps=0, num_generations=0,
+                          eval_generate_samples=0, progress=False)
+        return Trainer(pm, tok, data.train, data.eval, cfg, task_type="CAUSAL_LM", output_dir=str(tmp_path), quiet=True)
+
+    trainer(2).fit()
+    other = trainer(4)
+    params = {n: p.detach().clone() for n, p in other.model.named_parameters()}
+    with pytest.raises(CheckpointError, match="does not fit this run: adapter tensor .* has shape"):
+        other.resume()
+    assert all(torch.equal(p, params[n]) for n, p in other.model.named_parameters())
+    assert other.step == 0 and not other.optimizer.state

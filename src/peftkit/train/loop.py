@@ -230,10 +230,11 @@ class Trainer:
         """What a checkpoint of this run must agree on (the rest of _trainer_state may differ)."""
         return {"batch_size": self.config.batch_size, "seed": self.config.seed, "total_steps": self.total_steps}
 
-    def find_checkpoint(self, folder: Optional[str] = None) -> Optional[dict[str, Any]]:
+    def find_checkpoint(self, folder: Optional[str] = None, check_fit: bool = True) -> Optional[dict[str, Any]]:
         """The newest checkpoint that verifies, reads and fits this run (or ``folder``), read into
         memory and applied to nothing; None if there is none. Checkpoints that fail to verify or read
-        are skipped with a warning; one that does not fit this run raises CheckpointError."""
+        are skipped with a warning; one that does not fit this run raises CheckpointError (unless
+        ``check_fit`` is False: then :meth:`check_checkpoint` is the caller's)."""
         if folder is None:
             if not self.checkpoints_dir:
                 raise PeftkitError("Resuming needs the output_dir of the run to continue.")
@@ -242,8 +243,13 @@ class Trainer:
                 return None
         else:
             data = resume_mod.read_checkpoint(folder, self.model)
-        resume_mod.check_fits(data, self.model, self.optimizer, self._checkpoint_state())
+        if check_fit:
+            self.check_checkpoint(data)
         return data
+
+    def check_checkpoint(self, data: dict[str, Any]) -> None:
+        """CheckpointError unless the checkpoint ``data`` fits this run's model, optimizer and batches."""
+        resume_mod.check_fits(data, self.model, self.optimizer, self._checkpoint_state())
 
     def resume(self, folder: Optional[str] = None, checkpoint: Optional[dict[str, Any]] = None) -> bool:
         """Load the newest usable checkpoint (or ``folder``, or ``checkpoint`` from

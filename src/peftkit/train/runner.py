@@ -157,13 +157,14 @@ def _checkpoint_to_resume(trainer: Trainer, output_dir: str, resolved: dict[str,
     note) if there is no usable one: the run starts over."""
     import yaml
 
-    checkpoint = trainer.find_checkpoint()
+    checkpoint = trainer.find_checkpoint(check_fit=False)
     if checkpoint is None:
         if not quiet and trainer.info.is_main:
             print("note: --resume found no usable checkpoint; starting from step 0.")
         return None
     allowed = check_resume_settings(os.path.join(output_dir, RUN_FILE), yaml.safe_load(dump_yaml(resolved)),
                                     load_yaml)
+    trainer.check_checkpoint(checkpoint)
     if allowed and not quiet and trainer.info.is_main:
         print("note: resuming with changed settings that do not change what is trained: " + "; ".join(allowed))
     return checkpoint
