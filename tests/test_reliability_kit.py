@@ -313,3 +313,143 @@ def test_trainer_resume_checks_every_shape_before_copying_anything(tmp_path):
         other.resume()
     assert all(torch.equal(p, params[n]) for n, p in other.model.named_parameters())
     assert other.step == 0 and not other.optimizer.state
+
+
+# -- 4. a checkpoint holding a pickle payload: never run, skipped for an older verified one ------------------
+
+
+class _Payload:
+    """Unpickling this would create a folder (if anything ran it)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _reseal(step_folder):
+    """Update COMPLETE.json to the files as they are now (what an attacker who rewrites it does)."""
+    from peftkit.train import checkpoints as ckpt
+
+    manifest = json.loads(open(os.path.join(step_folder, ckpt.MARKER)).read())
+    for rel, meta in manifest["files"].items():
+        path = os.path.join(step_folder, rel)
+        meta["sha256"], meta["bytes"] = ckpt._sha256(path), os.path.getsize(path)
+    open(os.path.join(step_folder, ckpt.MARKER), "w").write(json.dumps(manifest))
+    assert ckpt.verify(step_folder) is None
+
+
+def test_pickle_payload_in_a_checkpoint_never_runs_and_resume_falls_back(tmp_path, data_file, capsys):
+    import torch
+
+    out = tmp_path / "run"
+    _killed_run(data_file, out, 5)
+    marker = tmp_path / "payload-ran"
+    newest = out / "checkpoints" / "step-4"
+    torch.save({"state": {}, "param_groups": [], "x": _Payload(str(marker))}, newest / "optimizer.pt")
+    _reseal(newest)
+    with pytest.warns(peftkit.PeftkitWarning, match=r"Skipping checkpoint .*step-4: .*optimizer.pt cannot be read"):
+        assert main(["train", *_flags(data_file, out, "--resume")]) == 0
+    assert not marker.exists()
+    stdout = capsys.readouterr().out
+    assert "resumed from" in stdout and "step-2 (step 2 of 6)" in stdout
+    assert _train_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_load_checkpoint_refuses_files_that_do_not_hold_what_they_should(tmp_path):
+    import torch
+
+    from peftkit.errors import CheckpointError
+    from peftkit.train import checkpoints as ckpt
+
+    folder = tmp_path / "checkpoints"
+    step = _ckpt(folder, 2)
+    torch.save([1, 2], os.path.join(step, "optimizer.pt"))  # loads with weights_only, but is no optimizer state
+    _reseal(step)
+    with pytest.raises(CheckpointError, match="optimizer.pt holds a list"):
+        ckpt.load_checkpoint(step)
+    torch.save({"state": {}, "param_groups": []}, os.path.join(step, "optimizer.pt"))
+    open(os.path.join(step, "rng.pt"), "wb").write(b"not a pickle")
+    _reseal(step)
+    with pytest.raises(CheckpointError, match="rng.pt cannot be read safely"):
+        ckpt.load_checkpoint(step)
+
+
+# -- 5. one run per output folder --------------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(tmp_path, data_file, capsys):
+    import socket
+
+    from peftkit.train.lock import LOCK_NAME, RunLock
+
+    out = tmp_path / "run"
+    with RunLock(str(out)):
+        code, err = _err(capsys, ["train", *_flags(data_file, out)])
+        assert code == 2 and f"pid {os.getpid()}" in err and socket.gethostname() in err and "started" in err
+        assert os.listdir(out) == [LOCK_NAME]
+    assert not out.exists()  # the lock made the folder and, with nothing written, took it away again
+    assert main(["train", *_flags(data_file, out)]) == 0
+    assert LOCK_NAME not in os.listdir(out)
+
+
+def test_stale_lock_files_are_taken_over(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    from peftkit.train import lock as lock_mod
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    info = {"pid": int(dead.stdout), "host": socket.gethostname(), "started": 0}
+    for use_flock in (True, False):  # the kernel lock, and the O_EXCL file where flock is missing
+        if not use_flock:
+            monkeypatch.setattr(lock_mod.RunLock, "_try_flock", lambda self: False)
+        (tmp_path / lock_mod.LOCK_NAME).write_text(json.dumps(info))
+        with lock_mod.RunLock(str(tmp_path)) as held:
+            assert json.loads((tmp_path / lock_mod.LOCK_NAME).read_text())["pid"] == os.getpid()
+            with pytest.raises(lock_mod.RunLockedError, match=f"pid {os.getpid()} on host"):
+                lock_mod.RunLock(str(tmp_path)).acquire()
+            assert held.path.endswith(lock_mod.LOCK_NAME)
+        assert not (tmp_path / lock_mod.LOCK_NAME).exists()
+
+
+def test_lock_in_a_folder_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch):
+    from peftkit.train import lock as lock_mod
+
+    real_open = os.open
+
+    def refuse(path, flags, *args):
+        if str(path).endswith(lock_mod.LOCK_NAME):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(lock_mod.os, "open", refuse)
+    with pytest.raises(PeftkitError, match="Cannot write into the output folder .*Permission denied"):
+        lock_mod.RunLock(str(tmp_path / "new")).acquire()
+    assert not (tmp_path / "new").exists()
+
+
+# -- 6. a run that starts over starts its metrics over -------------------------------------------------------
+
+
+def test_resume_without_a_usable_checkpoint_starts_metrics_over(tmp_path, data_file, capsys):
+    out = tmp_path / "run"
+    _killed_run(data_file, out, 5)
+    assert _train_steps(out) == [1, 2, 3, 4, 5]
+    for step in ("step-2", "step-4"):
+        _corrupt(out / "checkpoints" / step)
+    with pytest.warns(peftkit.PeftkitWarning, match="Skipping checkpoint"):
+        assert main(["train", *_flags(data_file, out, "--resume")]) == 0
+    assert "no usable checkpoint; starting from step 0" in capsys.readouterr().out
+    assert _train_steps(out) == [1, 2, 3, 4, 5, 6]
+    before = [e for e in map(json.loads, open(out / "metrics.jsonl")) if e.get("tag") == "before"]
+    assert len(before) == 1
+
+
+def test_a_killed_run_before_its_first_checkpoint_is_run_again_with_fresh_metrics(tmp_path, data_file):
+    out = tmp_path / "run"
+    _killed_run(data_file, out, 1)  # no checkpoint yet: the folder holds no run, a plain rerun is allowed
+    assert main(["train", *_flags(data_file, out)]) == 0
+    assert _train_steps(out) == [1, 2, 3, 4, 5, 6]
