@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from peftkit.errors import PeftkitError
 from peftkit.train.data import DataError, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
+_TQDM = re.compile(r"\d+/\d+ \[[^\]]*\]$")
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
@@ -25,8 +27,9 @@ def _err(capsys, argv):
     code = main(argv)
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and "Traceback" not in captured.out
-    # transformers' own progress bars ("Loading weights") aside, stderr is the one error line
-    lines = [line for line in captured.err.strip().splitlines() if line and "Loading weights" not in line]
+    # transformers' own progress bars ("Loading weights: 100%|...| 47/47 [00:00<00:00, ...]") aside, stderr is
+    # the one error line
+    lines = [line for line in captured.err.strip().splitlines() if line and not _TQDM.search(line)]
     if code == 2:
         assert len(lines) == 1 and lines[0].startswith("peftkit "), captured.err
     return code, "\n".join(lines)
@@ -453,3 +456,221 @@ def test_a_killed_run_before_its_first_checkpoint_is_run_again_with_fresh_metric
     _killed_run(data_file, out, 1)  # no checkpoint yet: the folder holds no run, a plain rerun is allowed
     assert main(["train", *_flags(data_file, out)]) == 0
     assert _train_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+# -- 9. bad flags: one line, exit code 2, before any model is loaded -----------------------------------------
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a command gets as far as loading a model or tokenizer."""
+    from peftkit.train import runner
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    for name in ("load_tokenizer", "load_model", "load_for_inference"):
+        monkeypatch.setattr(runner, name, loaded)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--lr", "-1"], "lr (--lr) must be >= 0.0, got -1"),
+    (["--lr", "nan"], "lr (--lr) must be a finite number"),
+    (["--weight-decay", "-0.1"], "weight_decay (--weight-decay) must be >= 0.0"),
+    (["--weight-decay", "nan"], "weight_decay (--weight-decay) must be a finite number"),
+    (["--warmup-ratio", "-0.1"], "warmup_ratio (--warmup-ratio) must be in [0.0, 1.0]"),
+    (["--max-length", "0"], "max_length (--max-length) must be >= 1"),
+    (["--prompt-template", "{instruction} {foo}"], "unknown field {foo}"),
+    (["--prompt-template", "{} {input}"], "positional field {}"),
+    (["--prompt-template-no-input", "{0}"], "positional field {0}"),
+    (["--prompt-template", "{instruction"], "not a valid template"),
+    (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--max-new-tokens", "-1"], "max_new_tokens (--max-new-tokens) must be >= 1"),
+    (["--save-total-limit", "0"], "save_total_limit (--save-total-limit) must be >= 1"),
+    (["--lr", "abc"], "argument --lr"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_train_bad_values(tmp_path, capsys, no_loading, flags, says):
+    code, err = _err(capsys, ["train", "--output-dir", str(tmp_path / "run"), *flags])
+    assert code == 2 and says in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys, no_loading):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for argv in (["train", "--output-dir", str(afile)], ["merge", str(adapter), "--output-dir", str(afile)],
+                 ["merge", str(adapter), "--output-dir", str(afile / "sub")]):
+        code, err = _err(capsys, argv)
+        assert code == 2 and str(afile) in err and "file" in err, err
+    assert afile.read_text() == "keep me"
+
+
+def test_inference_commands_bad_values(tmp_path, capsys, no_loading):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    bad_prompts = tmp_path / "prompts.txt"
+    bad_prompts.write_bytes(b"\xff\xfe caf\xe9\n")
+    cases = [
+        (["eval", str(adapter), "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["eval", str(adapter), "--max-new-tokens", "-1"], "argument --max-new-tokens: must be >= 1"),
+        (["eval", str(adapter), "--max-length", "0"], "argument --max-length: must be >= 1"),
+        (["eval", str(adapter), "--device", "banana"], "not a device"),
+        (["eval", str(adapter), "--output", str(tmp_path)], "is a folder"),
+        (["generate", "--prompt", "x", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be >= 1"),
+        (["generate", "--prompts-file", str(tmp_path)], "is a folder; give a text file"),
+        (["generate", "--prompts-file", str(bad_prompts)], "is not UTF-8 text"),
+        (["generate", "--prompt", "x", "--device", "banana"], "not a device"),
+        (["generate", "--prompt", "x", "--adapter", str(tmp_path / "none")], "does not exist"),
+        (["merge", str(tmp_path / "none"), "--output-dir", str(tmp_path / "m")], "does not exist"),
+    ]
+    for argv, says in cases:
+        code, err = _err(capsys, argv)
+        assert code == 2 and says in err, (argv, err)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"[1, 2]", "holds a JSON list"),
+    (b'"text"', "holds a JSON str"),
+    (b"\xff\xfe{\x00}\x00", "not UTF-8 text"),
+    (b"{not json", "not valid JSON"),
+])
+def test_inspect_bad_configs(tmp_path, capsys, content, says):
+    (tmp_path / "adapter_config.json").write_bytes(content)
+    code, err = _err(capsys, ["inspect", str(tmp_path)])
+    assert code == 2 and says in err, err
+
+
+def test_config_file_not_utf8(tmp_path, capsys, no_loading):
+    bad = tmp_path / "run.yaml"
+    bad.write_bytes(b"lr: 0.1\n# caf\xe9\n")
+    code, err = _err(capsys, ["train", "--config", str(bad)])
+    assert code == 2 and "not UTF-8" in err
+
+
+def test_the_python_api_raises_peftkit_errors():
+    from peftkit.train import DataConfig, RunConfig, TrainConfig
+
+    with pytest.raises(PeftkitError, match="finite"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(PeftkitError, match="must be >= 1"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(PeftkitError, match="positional"):
+        DataConfig(prompt_template="{}")
+    with pytest.raises(PeftkitError, match="max_length"):
+        RunConfig.from_dict({"max_length": -3})
+    run = RunConfig()
+    run.train.lr = -1.0  # changed after construction: train() checks again before anything else
+    with pytest.raises(PeftkitError, match="lr"):
+        peftkit.train.train(run)
+
+
+def test_unwritable_output_folder_is_one_line(tmp_path, capsys, monkeypatch, no_loading):
+    import errno
+
+    from peftkit.train import lock as lock_mod
+
+    def read_only(path, flags, *args):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(lock_mod.os, "open", read_only)
+    code, err = _err(capsys, ["train", "--output-dir", str(tmp_path / "run")])
+    assert code == 2 and "Read-only file system" in err and "--output-dir" in err
+
+
+def test_cli_guard_one_line_for_environment_errors_traceback_for_bugs(capsys, monkeypatch):
+    import errno
+
+    from peftkit import cli
+
+    def denied(argv):
+        raise PermissionError(errno.EACCES, "Permission denied", "/srv/out/run.yaml")
+
+    monkeypatch.setitem(cli.COMMANDS, "inspect", (denied, ""))
+    code, err = _err(capsys, ["inspect", "x"])
+    assert code == 2 and "/srv/out/run.yaml: Permission denied" in err
+
+    def bug(argv):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "inspect", (bug, ""))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["inspect", "x"])
+
+
+# -- 11. every method trains on the demo ---------------------------------------------------------------------
+
+DEMO_FLAGS = ["--max-steps", "2", "--batch-size", "4", "--max-eval-samples", "4", "--eval-generate-samples", "0",
+              "--num-generations", "0", "--eval-steps", "0", "--save-steps", "0", "--no-progress"]
+
+
+def _method_spellings():
+    from peftkit.train import method_names
+
+    names = sorted(method_names())
+    # the spellings with "_" that users type from the peft_type (p_tuning, prompt_tuning, ...)
+    return names + sorted({n.replace("-", "_") for n in names if "-" in n})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", _method_spellings())
+def test_every_method_trains_on_the_demo(tmp_path, capsys, method):
+    out = tmp_path / "run"
+    code, err = _err(capsys, ["train", "--method", method, "--output-dir", str(out), *DEMO_FLAGS])
+    if method == "bitfit":  # the bundled Llama has no bias anywhere: refused, saying what to use instead
+        assert code == 2 and "no bias" in err and "Use another method" in err, err
+        assert not out.exists()
+        return
+    assert code == 0, err
+    assert (out / "adapter" / "adapter_config.json").is_file() and _train_steps(out) == [2]
+
+
+# -- 10. a merge that fails leaves nothing behind ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tmp_path_factory):
+    import torch
+
+    model, _ = peftkit.load_model()
+    pm = peftkit.get_peft_model(model, peftkit.LoraConfig(task_type="CAUSAL_LM", r=2, init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    pm.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.mark.parametrize("where", ["verify", "write"])
+def test_failed_merge_leaves_no_output_folder(tmp_path, capsys, monkeypatch, lora_adapter, where):
+    from peftkit.cli import merge as merge_mod
+
+    def fail(*args, **kwargs):
+        if where == "write":
+            os.makedirs(args[2], exist_ok=True)
+            open(os.path.join(args[2], "model.safetensors"), "wb").write(b"half")
+        raise PeftkitError("The merged model's output differs from the adapter model's (simulated).")
+
+    monkeypatch.setattr(merge_mod, "_verify_merged" if where == "verify" else "_write_merged", fail)
+    out = tmp_path / "deep" / "merged"
+    code, err = _err(capsys, ["merge", lora_adapter, "--output-dir", str(out)])
+    assert code == 2 and "simulated" in err
+    assert os.listdir(tmp_path) == []  # no merged/, no hidden staging folder, not even deep/
+    (tmp_path / "empty").mkdir()
+    code, err = _err(capsys, ["merge", lora_adapter, "--output-dir", str(tmp_path / "empty")])
+    assert code == 2 and os.listdir(tmp_path) == ["empty"] and os.listdir(tmp_path / "empty") == []
+
+
+def test_merge_writes_the_verified_folder_in_place(tmp_path, capsys, lora_adapter, umask):
+    umask(0o022)
+    out = tmp_path / "merged"
+    assert main(["merge", lora_adapter, "--output-dir", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "verified" in stdout and f"wrote {out}" in stdout
+    assert sorted(os.listdir(tmp_path)) == ["merged"] and (out / "config.json").is_file()
+    assert _mode(out) == 0o755

@@ -377,6 +377,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} does not exist.") from None
     except IsADirectoryError:
         raise ConfigError(f"Config file {path} is a folder; pass a .yaml file.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if data is None:
@@ -386,12 +388,23 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def demo_settings() -> dict[str, Any]:
-    """The settings of the demo run (``assets/data/demo.yaml``), applied by ``peftkit train`` when
-    neither a model nor data is given, under any settings of the user."""
-    from ..assets import ASSETS_DIR
+def demo_settings(method: str = "lora") -> dict[str, Any]:
+    """The settings of the demo run for ``method`` (``assets/data/demo.yaml``), applied by ``peftkit
+    train`` when neither a model nor data is given, under any settings of the user: its sections,
+    and as ``method_args`` the file's ``methods.<method>`` entry, limited to the fields the method's
+    config has (so a preset never hands a field to a method that has none)."""
+    import dataclasses
 
-    return load_yaml(ASSETS_DIR / "data" / "demo.yaml")
+    from ..assets import ASSETS_DIR
+    from .modeling import resolve_method
+
+    data = load_yaml(ASSETS_DIR / "data" / "demo.yaml")
+    presets = data.pop("methods", None) or {}
+    name, cls, _ = resolve_method(method)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    own = presets.get(name) or {}
+    data["method_args"] = {k: v for k, v in {**(data.get("method_args") or {}), **own}.items() if k in fields}
+    return {k: v for k, v in data.items() if v}
 
 
 def dump_yaml(data: dict[str, Any]) -> str:

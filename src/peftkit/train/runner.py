@@ -73,6 +73,8 @@ def _train(run: RunConfig, info: DistInfo, train_data: Any, eval_data: Any, quie
     cfg = run.train
     method_name, _, _ = resolve_method(run.model.method)  # fail on a bad method before loading anything
     check_method_args(method_name, run.method_args)
+    # the method config's own checks (r > 0, num_virtual_tokens given, ...), before loading anything
+    build_peft_config(method_name, run.method_args, run.model.task, run.model.model or default_model_path())
     output_dir = cfg.output_dir
     if output_dir is None:
         if cfg.resume:
