@@ -674,3 +674,17 @@ def test_merge_writes_the_verified_folder_in_place(tmp_path, capsys, lora_adapte
     assert "verified" in stdout and f"wrote {out}" in stdout
     assert sorted(os.listdir(tmp_path)) == ["merged"] and (out / "config.json").is_file()
     assert _mode(out) == 0o755
+
+
+def test_resume_with_the_runs_own_run_yaml_as_config(tmp_path, data_file, capsys):
+    """What the refusal suggests: --config <its run.yaml> --resume continues the run."""
+    import shutil
+
+    out = tmp_path / "run"
+    _killed_run(data_file, out, 5, "--lr", "0.001")
+    shutil.copy(out / "run.yaml", tmp_path / "saved.yaml")
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('[1, 2]\n"x"\n{"event": "train", "step": "?"}\n{"event": "train", "st')  # junk and a cut line
+    assert main(["train", "--config", str(tmp_path / "saved.yaml"), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert _train_steps(out) == [1, 2, 3, 4, 5, 6]

@@ -368,3 +368,5 @@ def check_output_file(path: str, flag: str = "--output") -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise PeftkitError(f"{flag} {path}: the folder {parent} does not exist.")
+    if not os.access(parent, os.W_OK):
+        raise PeftkitError(f"{flag} {path}: the folder {parent} is not writable; choose another path.")

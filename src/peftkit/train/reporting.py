@@ -27,13 +27,16 @@ class MetricsLog:
         if not os.path.isfile(self.path):
             return
         events = []
-        with open(self.path, encoding="utf-8") as fh:
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 try:
                     ev = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the last line of a killed run may be cut short
-                if up_to_step is None or ev.get("step", 0) <= up_to_step:
+                step = ev.get("step", 0) if isinstance(ev, dict) else None
+                if not isinstance(step, (int, float)) or isinstance(step, bool):
+                    continue  # not an event of ours
+                if up_to_step is None or step <= up_to_step:
                     events.append(ev)
         self.events = events
         if self.enabled:
