@@ -5,6 +5,7 @@ are verified before they are used or pruned; one run per output folder at a time
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -76,6 +77,19 @@ def test_mrpc_reads_as_pandas_reads_it(split):
     assert len(recs) == {"train": 3668, "dev": 408, "test": 1725}[split]
     if split == "train":
         assert recs[0]["#1 String"].startswith('Amrozi accused his brother, whom he called "the witness"')
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mrpc" / "dev.tsv").is_file(), reason="../shared/data/mrpc is absent")
+def test_mrpc_is_classification_data_with_its_columns_mapped():
+    from peftkit.train.config import DataConfig
+    from peftkit.train.data import prepare_data
+    from peftkit.train.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(peftkit.model_path()))
+    cfg = DataConfig(columns={"text": "#1 String", "text_pair": "#2 String", "label": "Quality"}, max_length=64)
+    data = prepare_data(cfg, tok, lambda fmt: "SEQ_CLS", eval_source=str(SHARED_DATA / "mrpc" / "dev.tsv"),
+                        need_train=False)
+    assert data.format == "classification" and data.label_names == ["0", "1"] and len(data.eval) == 200
 
 
 # -- 7. atomic writes keep the umask's permissions --------------------------------------------------------
@@ -338,7 +352,7 @@ def _reseal(step_folder):
     manifest = json.loads(open(os.path.join(step_folder, ckpt.MARKER)).read())
     for rel, meta in manifest["files"].items():
         path = os.path.join(step_folder, rel)
-        meta["sha256"], meta["bytes"] = ckpt._sha256(path), os.path.getsize(path)
+        meta["sha256"], meta["bytes"] = hashlib.sha256(open(path, "rb").read()).hexdigest(), os.path.getsize(path)
     open(os.path.join(step_folder, ckpt.MARKER), "w").write(json.dumps(manifest))
     assert ckpt.verify(step_folder) is None
 
