@@ -47,6 +47,14 @@ def dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+def set_mode(path: str, mode: int) -> None:
+    """``os.chmod`` where the file system supports it (a FAT or some network mounts refuse: keep theirs)."""
+    try:
+        os.chmod(path, mode)
+    except OSError:  # pragma: no cover - file systems without POSIX modes
+        pass
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part.
 
@@ -60,7 +68,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         mode = file_mode()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
-        os.chmod(tmp, mode)
+        set_mode(tmp, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -177,4 +185,4 @@ class SafetensorsReader:
 
 
 __all__ = ["SafetensorsReader", "atomic_write_bytes", "current_umask", "dir_mode", "file_mode", "fsync_dir",
-           "load_tensors", "save_tensors", "save_tensors_pickle"]
+           "load_tensors", "save_tensors", "save_tensors_pickle", "set_mode"]

@@ -58,7 +58,7 @@ def _staging_folder(output_dir: str) -> Iterator[str]:
     import shutil
     import tempfile
 
-    from .._io import dir_mode, fsync_dir
+    from .._io import dir_mode, fsync_dir, set_mode
 
     target = os.path.abspath(output_dir)
     parent = os.path.dirname(target)
@@ -70,7 +70,7 @@ def _staging_folder(output_dir: str) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(target)}-", dir=parent)
     try:
-        os.chmod(staging, dir_mode())
+        set_mode(staging, dir_mode())
         yield staging
         if os.path.isdir(target):
             os.rmdir(target)  # empty (checked before the merge); a folder that filled up since is not replaced

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from .._io import atomic_write_bytes, dir_mode, fsync_dir
+from .._io import atomic_write_bytes, dir_mode, fsync_dir, set_mode
 from ..errors import CheckpointError, PeftkitWarning
 
 MARKER = "COMPLETE.json"
@@ -67,7 +67,7 @@ def write_checkpoint(checkpoints_dir: str, step: int, *, save_adapter: Any, opti
     final = os.path.join(checkpoints_dir, f"step-{step}")
     tmp = tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=checkpoints_dir)
     try:
-        os.chmod(tmp, dir_mode())  # mkdtemp makes 0700; a checkpoint folder gets the umask's mode
+        set_mode(tmp, dir_mode())  # mkdtemp makes 0700; a checkpoint folder gets the umask's mode
         save_adapter(os.path.join(tmp, "adapter"))
         atomic_write_bytes(os.path.join(tmp, "optimizer.pt"), torch_bytes(optimizer))
         atomic_write_bytes(os.path.join(tmp, "scheduler.pt"), torch_bytes(scheduler))
