@@ -137,8 +137,8 @@ def _write(folder, step, payload=b"w"):
         with open(os.path.join(path, "adapter_model.safetensors"), "wb") as fh:
             fh.write(payload)
 
-    return ckpt.write_checkpoint(str(folder), step, save_adapter=save_adapter, optimizer={"state": {}},
-                                 scheduler={"last_epoch": step}, rng=[ckpt.rng_state()], state={"step": step})
+    return ckpt.write_checkpoint(str(folder), step, save_adapter=save_adapter,
+                                 optimizer={"state": {}, "param_groups": []}, scheduler={"last_epoch": step}, rng=[ckpt.rng_state()], state={"step": step})
 
 
 def test_checkpoints_are_atomic_verified_and_pruned(tmp_path):

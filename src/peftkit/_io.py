@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import stat
 import tempfile
 from typing import Optional
 
@@ -21,12 +22,53 @@ import torch
 from .errors import CheckpointError
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the platform allows (Linux: /proc), else
+    with the classic set-and-restore (``os.umask`` has no getter)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (0o644 under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode ``os.mkdir`` gives a new folder under the current umask (0o755 under umask 022)."""
+    return 0o777 & ~current_umask()
+
+
+def set_mode(path: str, mode: int) -> None:
+    """``os.chmod`` where the file system supports it (a FAT or some network mounts refuse: keep theirs)."""
+    try:
+        os.chmod(path, mode)
+    except OSError:  # pragma: no cover - file systems without POSIX modes
+        pass
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
+    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part.
+
+    The file gets the permissions a plain ``open(path, "w")`` would: those of the file it replaces,
+    else the umask's; not the 0600 of the temporary file it is written as."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = file_mode()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
+        set_mode(tmp, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -142,5 +184,5 @@ class SafetensorsReader:
         self._fh.close()
 
 
-__all__ = ["SafetensorsReader", "atomic_write_bytes", "fsync_dir", "load_tensors", "save_tensors",
-           "save_tensors_pickle"]
+__all__ = ["SafetensorsReader", "atomic_write_bytes", "current_umask", "dir_mode", "file_mode", "fsync_dir",
+           "load_tensors", "save_tensors", "save_tensors_pickle", "set_mode"]

@@ -9,6 +9,7 @@ file; flags given on the command line win over the file, and the file wins over 
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Optional
 
@@ -70,9 +71,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         return COMMANDS[command][0](argv[1:]) or 0
-    except PeftkitError as exc:
-        print(f"{PROG} {command}: error: {exc}", file=sys.stderr)
+    except PeftkitError as exc:  # bad input: one line saying what is wrong and what to do
+        print(f"{PROG} {command}: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise  # anything else is a bug: its traceback is wanted
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{PROG} {command}: error: {where}{exc.strerror}; check the permissions and the free space there, or "
+              "choose another path.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG} {command}: interrupted", file=sys.stderr)
         return 130
+
+
+# file-system errors the user fixes (permissions, a read-only or full disk): one line, not a traceback
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.strip().splitlines() if part.strip())

@@ -128,7 +128,7 @@ def converter(tp: Any, name: str):
             allowed = typing.get_args(inner)
             hit = _literal_value(text, allowed)
             if hit is _NO_MATCH:
-                raise argparse.ArgumentTypeError(f"{name}: choose from {', '.join(map(str, allowed))}")
+                raise argparse.ArgumentTypeError(f"choose from {', '.join(map(str, allowed))}")
             return hit
         if str in scalars or any(isinstance(o, type) and issubclass(o, enum.Enum) for o in scalars) or Any in scalars:
             if Any in scalars or inner is Any:
@@ -137,7 +137,7 @@ def converter(tp: Any, name: str):
                 except json.JSONDecodeError:
                     return text
             return text
-        raise argparse.ArgumentTypeError(f"{name}: {text!r} is not a valid {getattr(inner, '__name__', inner)}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid {getattr(inner, '__name__', inner)}")
 
     return convert
 
@@ -210,6 +210,33 @@ def add_dataclass_flags(parser: argparse._ActionsContainer, cls: type, *, dest_p
                                 help=help_text, metavar=metavar or f.name.upper())
         added.append(f.name)
     return added
+
+
+class UsageError(PeftkitError):
+    """A command line argparse cannot parse (an unknown flag, a value of the wrong type, ...)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (a :class:`UsageError`, printed by ``main``) that
+    says what is wrong and where the flags are listed, not a usage dump and a SystemExit."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        raise UsageError(f"{message}; see `{self.prog} --help`.")
+
+
+def int_at_least(low: int, flag: str):
+    """An argparse ``type`` for integers >= ``low``."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return convert
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -308,8 +335,38 @@ def quantize_arg(value: str) -> Any:
 
 
 def resolve_device(name: Optional[str]) -> Any:
+    """``--device`` as a torch.device (default: the GPU if there is one); PeftkitError if torch cannot
+    parse it or it names a GPU torch does not see."""
     import torch
 
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ..train.config import check_device
+
+    check_device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PeftkitError(f"--device {name} asks for a GPU but torch sees none; use --device cpu.")
+    return device
+
+
+def check_output_folder(path: str, flag: str = "--output-dir") -> None:
+    """PeftkitError if ``path`` cannot become an output folder (it is a file, or lies under one)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PeftkitError(f"{flag} {path} is a file; choose a folder.")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise PeftkitError(f"{flag} {path} lies under the file {parent}; choose a folder.")
+
+
+def check_output_file(path: str, flag: str = "--output") -> None:
+    """PeftkitError if a file cannot be written at ``path`` (a folder there, or no folder to hold it)."""
+    if os.path.isdir(path):
+        raise PeftkitError(f"{flag} {path} is a folder; give a file name.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise PeftkitError(f"{flag} {path}: the folder {parent} does not exist.")
+    if not os.access(parent, os.W_OK):
+        raise PeftkitError(f"{flag} {path}: the folder {parent} is not writable; choose another path.")

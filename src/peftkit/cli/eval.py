@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import os
 from typing import Any
 
 from ..errors import PeftkitError
-from .args import PROG, Formatter, add_quantize_flag, converter, quantize_arg, resolve_device
+from .args import (PROG, Formatter, Parser, add_quantize_flag, check_output_file, converter, int_at_least, quantize_arg,
+                   resolve_device)
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -17,7 +18,7 @@ def cmd_eval(argv: list[str]) -> int:
     from ..train.loop import evaluate
     from ..train.runner import load_for_inference
 
-    p = argparse.ArgumentParser(prog=f"{PROG} eval", formatter_class=Formatter,
+    p = Parser(prog=f"{PROG} eval", formatter_class=Formatter,
                                 description="Compute the task metrics (loss/perplexity, accuracy/F1, exact match/"
                                             "ROUGE-L) of a model with an adapter on a data file.")
     p.add_argument("adapter_pos", nargs="?", metavar="ADAPTER", help="adapter folder (same as --adapter)")
@@ -27,18 +28,22 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--format", choices=["text", "instruction", "chat", "classification", "seq2seq"],
                    help="data format (default: the run's, else detected)")
     p.add_argument("--columns", type=converter(dict[str, str], "--columns"), help="field=column pairs")
-    p.add_argument("--max-length", type=int, help="longest example in tokens")
-    p.add_argument("--max-samples", type=int, help="evaluate at most this many examples")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--generate-samples", type=int, default=32,
+    p.add_argument("--max-length", type=int_at_least(1, "--max-length"), help="longest example in tokens")
+    p.add_argument("--max-samples", type=int_at_least(1, "--max-samples"), help="evaluate at most this many examples")
+    p.add_argument("--batch-size", type=int_at_least(1, "--batch-size"), default=16)
+    p.add_argument("--generate-samples", type=int_at_least(0, "--generate-samples"), default=32,
                    help="examples scored by generation for exact match and ROUGE-L (generation tasks; 0: none)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int_at_least(1, "--max-new-tokens"), default=48)
     p.add_argument("--device", help="cpu, cuda, ... (default: GPU if available)")
     p.add_argument("--output", help="also write the metrics to this JSON file")
     add_quantize_flag(p)
     args = p.parse_args(argv)
     adapter = args.adapter or args.adapter_pos
     device = resolve_device(args.device)
+    if args.output:
+        check_output_file(args.output)
+    if args.data is not None and not os.path.isfile(args.data) and not os.path.isdir(args.data):
+        raise PeftkitError(f"--data {args.data} does not exist.")
     loaded = load_for_inference([("default", adapter)] if adapter else [], args.model, device=device,
                                 quantize=quantize_arg(args.quantize))
     cfg: DataConfig = loaded.data_config
@@ -47,7 +52,7 @@ def cmd_eval(argv: list[str]) -> int:
         changes["format"] = args.format
     if args.columns:
         changes["columns"] = args.columns
-    if args.max_length:
+    if args.max_length is not None:
         changes["max_length"] = args.max_length
     changes["max_eval_samples"] = args.max_samples
     cfg = dataclasses.replace(cfg, data=None, **changes)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
+import os
 from typing import Any
 
 from ..errors import PeftkitError
-from .args import PROG, Formatter, adapter_specs, add_quantize_flag, quantize_arg, resolve_device
+from .args import PROG, Formatter, Parser, adapter_specs, add_quantize_flag, int_at_least, quantize_arg, resolve_device
 
 
 def cmd_generate(argv: list[str]) -> int:
@@ -14,7 +14,7 @@ def cmd_generate(argv: list[str]) -> int:
     from ..train.loop import generate_texts
     from ..train.runner import data_config_of, load_for_inference, read_run_file
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=f"{PROG} generate", formatter_class=Formatter,
         description="Generate completions for prompts with one or several adapters. All rows (prompt x adapter) run "
                     "as one mixed batch: each row through its own adapter.",
@@ -33,21 +33,20 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--base", action="store_true", help="also generate with the base model (no adapter)")
     p.add_argument("--raw", action="store_true", help="use the prompts as they are, not in the training data's "
                    "prompt format")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int_at_least(1, "--max-new-tokens"), default=64)
     p.add_argument("--device")
     add_quantize_flag(p)
     args = p.parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
-        try:
-            with open(args.prompts_file, encoding="utf-8") as fh:
-                prompts += [line.rstrip("\n") for line in fh if line.strip()]
-        except FileNotFoundError:
-            raise PeftkitError(f"Prompts file {args.prompts_file} does not exist.") from None
+        prompts += _read_prompts(args.prompts_file)
     if not prompts:
         raise PeftkitError("Give at least one --prompt (or --prompts-file).")
     specs = adapter_specs(args.adapter)
     device = resolve_device(args.device)
+    for _, folder in specs:
+        if not os.path.isdir(folder):
+            raise PeftkitError(f"Adapter folder {folder} does not exist.")
     loaded = load_for_inference(specs, args.model, device=device, quantize=quantize_arg(args.quantize))
     names = [n for n, _ in specs]
     from ..core.mixed import BASE_ADAPTER
@@ -84,3 +83,16 @@ def cmd_generate(argv: list[str]) -> int:
                 label = "base" if a == BASE_ADAPTER else a
                 print(f"   [{label}] {text}")
     return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    """The non-blank lines of ``--prompts-file``; PeftkitError if it is not a readable UTF-8 text file."""
+    if os.path.isdir(path):
+        raise PeftkitError(f"--prompts-file {path} is a folder; give a text file with one prompt per line.")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [line.rstrip("\r\n") for line in fh if line.strip()]
+    except FileNotFoundError:
+        raise PeftkitError(f"Prompts file {path} does not exist.") from None
+    except UnicodeDecodeError as exc:
+        raise PeftkitError(f"--prompts-file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None

@@ -3,19 +3,18 @@ vocabulary tokens of a soft prompt's virtual tokens)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any, Optional
 
 from ..errors import PeftkitError
-from .args import PROG, Formatter
+from .args import PROG, Formatter, Parser
 
 
 def cmd_inspect(argv: list[str]) -> int:
     from ..train.reporting import human_bytes
 
-    p = argparse.ArgumentParser(prog=f"{PROG} inspect", formatter_class=Formatter,
+    p = Parser(prog=f"{PROG} inspect", formatter_class=Formatter,
                                 description="Print an adapter's config, parameter counts, size on disk and tensor "
                                             "shapes (reads the files only), and for prompt tuning / P-tuning "
                                             "adapters the vocabulary tokens nearest to each virtual token (loads "
@@ -96,11 +95,7 @@ def inspect_adapter(folder: str, model: Optional[str] = None) -> dict[str, Any]:
         raise PeftkitError(f"{folder} has no {CONFIG_NAME}: it is not an adapter folder.")
     out = []
     for name, path in places:
-        with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as fh:
-            try:
-                config = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise PeftkitError(f"{path}/{CONFIG_NAME} is not valid JSON ({exc}).") from None
+        config = _read_config(os.path.join(path, CONFIG_NAME))
         tensors = _tensor_shapes(path, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
         files = {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path))
                  if os.path.isfile(os.path.join(path, f))}
@@ -111,6 +106,22 @@ def inspect_adapter(folder: str, model: Optional[str] = None) -> dict[str, Any]:
             entry["base_parameters"] = _count_base_params(base, config.get("task_type"))
         out.append(entry)
     return {"adapters": out}
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """An adapter_config.json as a dict; PeftkitError if it is not UTF-8 JSON holding an object."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except UnicodeDecodeError as exc:
+        raise PeftkitError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); it is not an adapter "
+                           "config.") from None
+    except json.JSONDecodeError as exc:
+        raise PeftkitError(f"{path} is not valid JSON ({exc}).") from None
+    if not isinstance(config, dict):
+        raise PeftkitError(f"{path} holds a JSON {type(config).__name__}, not an object of config fields; it is not "
+                           "an adapter config.")
+    return config
 
 
 def _numel(shape: list[int]) -> int:

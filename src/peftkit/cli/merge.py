@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import PeftkitError
-from .args import PROG, Formatter, add_quantize_flag, quantize_arg
+from .args import PROG, Formatter, Parser, add_quantize_flag, check_output_folder, quantize_arg
 
 
 def cmd_merge(argv: list[str]) -> int:
@@ -20,6 +22,9 @@ def cmd_merge(argv: list[str]) -> int:
     adapter = args.adapter or args.adapter_pos
     if not adapter:
         raise PeftkitError("Give the adapter folder to merge.")
+    if not os.path.isdir(adapter):
+        raise PeftkitError(f"Adapter folder {adapter} does not exist.")
+    check_output_folder(args.output_dir)
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
         raise PeftkitError(f"{args.output_dir} exists and is not empty; choose a new --output-dir.")
     loaded = load_for_inference([("default", adapter)], args.model, dtype=args.dtype,
@@ -35,14 +40,54 @@ def cmd_merge(argv: list[str]) -> int:
     with torch.no_grad():
         ref = _probe_logits(model, probe, loaded.task_type)
     merged = _merge_and_unload(model, args, quantized)
-    _write_merged(merged, tok, args, quantized)
-    if args.verify:
-        _verify_merged(merged, loaded.task_type, probe, ref, args)
+    with _staging_folder(args.output_dir) as staging:  # renamed to --output-dir only when written and verified
+        what = _write_merged(merged, tok, staging, args, quantized)
+        if args.verify:
+            _verify_merged(merged, loaded.task_type, probe, ref, staging, args)
+    from ..train.reporting import folder_bytes, human_bytes
+
+    print(f"wrote {args.output_dir} ({human_bytes(folder_bytes(args.output_dir))}): {what}")
     return 0
 
 
+@contextlib.contextmanager
+def _staging_folder(output_dir: str) -> Iterator[str]:
+    """A hidden temporary folder beside ``output_dir`` to write into; renamed to ``output_dir`` when
+    the block succeeds, removed (with any parent folders made for it) when it fails: a failed merge or
+    verification leaves nothing behind."""
+    import shutil
+    import tempfile
+
+    from .._io import dir_mode, fsync_dir, set_mode
+
+    target = os.path.abspath(output_dir)
+    parent = os.path.dirname(target)
+    made = []
+    probe = parent
+    while not os.path.isdir(probe):
+        made.append(probe)
+        probe = os.path.dirname(probe)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(target)}-", dir=parent)
+    try:
+        set_mode(staging, dir_mode())
+        yield staging
+        if os.path.isdir(target):
+            os.rmdir(target)  # empty (checked before the merge); a folder that filled up since is not replaced
+        os.rename(staging, target)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:  # innermost first
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        raise
+
+
 def _merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"{PROG} merge", formatter_class=Formatter,
+    p = Parser(prog=f"{PROG} merge", formatter_class=Formatter,
                                 description="Merge an adapter into its base model and write a standalone model folder: "
                                             "a Hugging Face model (loadable with transformers alone), or for a "
                                             "quantized base (QLoRA) either that (dequantized, exact) or a quantized "
@@ -82,24 +127,23 @@ def _merge_and_unload(model: Any, args: argparse.Namespace, quantized: bool) -> 
     return merged
 
 
-def _write_merged(merged: Any, tok: Any, args: argparse.Namespace, quantized: bool) -> None:
-    """Write the merged model (float or, with ``--export quantized``, quantized) and the tokenizer to --output-dir."""
-    from ..train.reporting import folder_bytes, human_bytes
-
+def _write_merged(merged: Any, tok: Any, folder: str, args: argparse.Namespace, quantized: bool) -> str:
+    """Write the merged model (float or, with ``--export quantized``, quantized) and the tokenizer to
+    ``folder``; what was written, in words."""
     if args.export == "quantized":
         from ..quant import save_quantized
 
-        save_quantized(merged, args.output_dir)
+        save_quantized(merged, folder)
         what = "a quantized model for peftkit.load_quantized, with the adapter merged in"
     else:
-        merged.save_pretrained(args.output_dir)
+        merged.save_pretrained(folder)
         what = f"a {type(merged).__name__} with the adapter merged in" + (" (base dequantized)" if quantized else "")
-    tok.save_pretrained(args.output_dir)
-    print(f"wrote {args.output_dir} ({human_bytes(folder_bytes(args.output_dir))}): {what}")
+    tok.save_pretrained(folder)
+    return what
 
 
-def _verify_merged(merged: Any, task_type: str, probe: Any, ref: Any, args: argparse.Namespace) -> None:
-    """Reload --output-dir and compare its logits on ``probe`` with the adapter model's (``ref``)."""
+def _verify_merged(merged: Any, task_type: str, probe: Any, ref: Any, folder: str, args: argparse.Namespace) -> None:
+    """Reload ``folder`` and compare its logits on ``probe`` with the adapter model's (``ref``)."""
     import torch
 
     from ..auto import auto_class_for
@@ -108,23 +152,26 @@ def _verify_merged(merged: Any, task_type: str, probe: Any, ref: Any, args: argp
     if args.export == "quantized":
         from ..quant import load_quantized
 
-        reloaded = load_quantized(args.output_dir, model_class=auto).eval()
+        reloaded = load_quantized(folder, model_class=auto).eval()
     else:
-        reloaded = auto.from_pretrained(args.output_dir, dtype=getattr(torch, args.dtype)).eval()
+        reloaded = auto.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     with torch.no_grad():
         out = _probe_logits(reloaded, probe, task_type)
         diff = float((out.float() - ref.float()).abs().max())
         if args.export == "quantized":  # the folder must hold exactly the merged model
             exact = float((out.float() - _probe_logits(merged.eval(), probe, task_type).float()).abs().max())
             if exact > 1e-4:
-                raise PeftkitError(f"The reloaded quantized model differs from the merged model by {exact:.3e}.")
+                raise PeftkitError(f"The reloaded quantized model differs from the merged model by {exact:.3e}, so "
+                                   "nothing was written; use --export float.")
             print(f"verified: the reloaded folder equals the merged model (max abs diff {exact:.2e}); its logits "
                   f"differ from the adapter model's by {diff:.2e} (requantization)")
             return
-    print(f"verified: the reloaded merged model's logits match the adapter model's (max abs diff {diff:.2e})")
     tol = 1e-3 if args.dtype == "float32" else 5e-2 * float(ref.float().abs().max())
     if diff > tol:
-        raise PeftkitError(f"The merged model's output differs from the adapter model's by {diff:.3e}.")
+        raise PeftkitError(f"The merged model's output differs from the adapter model's by {diff:.3e} (more than "
+                           f"{tol:.1e}), so nothing was written; use the adapter unmerged (peftkit generate / eval "
+                           "--adapter), or --no-verify to write the merged model anyway.")
+    print(f"verified: the reloaded merged model's logits match the adapter model's (max abs diff {diff:.2e})")
 
 
 def _probe_logits(model: Any, probe: Any, task_type: str) -> Any:

@@ -8,7 +8,7 @@ import os
 from typing import Any, Optional
 
 from ..errors import PeftkitError
-from .args import PROG, Formatter, add_dataclass_flags, merge_settings, nest, parse_set_values
+from .args import PROG, Formatter, Parser, add_dataclass_flags, merge_settings, nest, parse_set_values
 
 
 TRAIN_EPILOG = """\
@@ -25,7 +25,7 @@ Method fields: `peftkit train --method NAME --help` lists the flags of that meth
 
 
 def _preparse_method(argv: list[str]) -> tuple[str, Optional[dict[str, Any]]]:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False)
     pre.add_argument("--config")
     pre.add_argument("--method")
     known, _ = pre.parse_known_args(argv)
@@ -47,7 +47,7 @@ def build_train_parser(method: str = "lora") -> argparse.ArgumentParser:
     from ..train.modeling import BASE_FIELDS, method_names, resolve_method
 
     names = sorted(method_names())
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=f"{PROG} train", formatter_class=Formatter, epilog=TRAIN_EPILOG, allow_abbrev=False,
         description="Fine-tune a model with a PEFT method and save the adapter, metrics, a loss plot, the resolved "
                     "settings and resumable checkpoints into --output-dir.")
@@ -93,19 +93,20 @@ def cmd_train(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     flags, set_values = nest(args), parse_set_values(args.set_values)
     settings = merge_settings(file_values, flags, set_values)
+    shown = None
     if not settings["model"].get("model") and not settings["data"].get("data"):
         # the demo run: bundled model and data, with the demo's settings under the user's
         from ..train.config import demo_settings
 
-        preset, user = demo_settings(), settings
+        preset, user = demo_settings(settings["model"].get("method") or method), settings
         settings = merge_settings(preset, {}, None)
         for name, section in user.items():
             settings.setdefault(name, {}).update(section)
-        if _is_main():
-            shown = ", ".join(f"{k}={v}" for sec in preset.values() if isinstance(sec, dict) for k, v in sec.items())
-            print(f"== demo run: the bundled stories260k model and E2E NLG data; demo settings "
-                  f"(peftkit/assets/data/demo.yaml, under yours): {shown}")
-    run = RunConfig.from_dict(settings, source="settings")
+        shown = ", ".join(f"{k}={v}" for sec in preset.values() if isinstance(sec, dict) for k, v in sec.items())
+    run = RunConfig.from_dict(settings, source="settings")  # every value checked before anything is printed or loaded
+    if shown is not None and _is_main():
+        print(f"== demo run: the bundled stories260k model and E2E NLG data; demo settings "
+              f"(peftkit/assets/data/demo.yaml, under yours): {shown}")
     result = train(run)
     if result.output_dir and _is_main():
         after = "  ".join(f"{k}={v:.4f}" for k, v in result.metrics_after.items())

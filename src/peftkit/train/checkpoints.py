@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from .._io import atomic_write_bytes, fsync_dir
+from .._io import atomic_write_bytes, dir_mode, fsync_dir, set_mode
 from ..errors import CheckpointError, PeftkitWarning
 
 MARKER = "COMPLETE.json"
@@ -67,6 +67,7 @@ def write_checkpoint(checkpoints_dir: str, step: int, *, save_adapter: Any, opti
     final = os.path.join(checkpoints_dir, f"step-{step}")
     tmp = tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=checkpoints_dir)
     try:
+        set_mode(tmp, dir_mode())  # mkdtemp makes 0700; a checkpoint folder gets the umask's mode
         save_adapter(os.path.join(tmp, "adapter"))
         atomic_write_bytes(os.path.join(tmp, "optimizer.pt"), torch_bytes(optimizer))
         atomic_write_bytes(os.path.join(tmp, "scheduler.pt"), torch_bytes(scheduler))
@@ -141,31 +142,69 @@ def latest_checkpoint(checkpoints_dir: str) -> Optional[str]:
 
 def load_checkpoint(folder: str, verified: bool = False) -> dict[str, Any]:
     """The optimizer, scheduler, RNG and trainer states of a verified checkpoint (no code is run).
-    ``verified``: the caller has just run :func:`verify` on it (e.g. through latest_checkpoint)."""
+    ``verified``: the caller has just run :func:`verify` on it (e.g. through latest_checkpoint).
+
+    CheckpointError if it does not verify, or if a file does not hold what it should: a pickle with
+    anything but tensors and plain containers (``weights_only=True`` refuses to build it), or a value
+    of the wrong kind."""
     problem = None if verified else verify(folder)
     if problem is not None:
         raise CheckpointError(f"Checkpoint {folder} cannot be used: {problem}.")
 
-    def load(name: str) -> Any:
-        return torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+    def load(name: str, kind: type) -> Any:
+        path = os.path.join(folder, name)
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ...: all mean "not our file"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CheckpointError(f"{path} cannot be read safely ({type(exc).__name__}: {first[:200]})") from None
+        if not isinstance(value, kind):
+            raise CheckpointError(f"{path} holds a {type(value).__name__}, not a {kind.__name__}")
+        return value
 
-    with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as fh:
-        state = json.load(fh)
-    return {"optimizer": load("optimizer.pt"), "scheduler": load("scheduler.pt"), "rng": load("rng.pt"),
+    try:
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as fh:
+            state = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}/trainer_state.json cannot be read ({exc})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{folder}/trainer_state.json holds no step")
+    optimizer = load("optimizer.pt", dict)
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"]):
+        raise CheckpointError(f"{folder}/optimizer.pt is not an optimizer state (state, param_groups)")
+    rng = load("rng.pt", list)
+    if not all(isinstance(r, dict) for r in rng):
+        raise CheckpointError(f"{folder}/rng.pt is not a list of RNG states")
+    return {"optimizer": optimizer, "scheduler": load("scheduler.pt", dict), "rng": rng,
             "state": state, "adapter": os.path.join(folder, "adapter")}
 
 
-def prune(checkpoints_dir: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and leftovers of interrupted writes."""
+def prune(checkpoints_dir: str, keep: int, protect: Optional[str] = None) -> None:
+    """Keep the newest ``keep`` checkpoints that verify (and ``protect``, the one just written, always);
+    delete every checkpoint older than the oldest kept one, and leftovers of interrupted writes.
+
+    Checkpoints are verified newest first, so a corrupt or unfinished folder never counts toward
+    ``keep`` and never pushes a good one out; one newer than the kept ones is left where it is (a
+    resumed run overwrites it when it reaches that step) and is skipped by :func:`latest_checkpoint`.
+    """
     if not os.path.isdir(checkpoints_dir):
         return
     for name in os.listdir(checkpoints_dir):
         if name.startswith((".tmp-step-", ".trash-step-")):
             shutil.rmtree(os.path.join(checkpoints_dir, name), ignore_errors=True)
-    complete = [(s, f) for s, f in list_checkpoints(checkpoints_dir) if os.path.isfile(os.path.join(f, MARKER))]
-    for _, folder in complete[max(keep, 1):]:
+    protect = os.path.abspath(protect) if protect else None
+    kept = 0
+    doomed = []
+    for _, folder in list_checkpoints(checkpoints_dir):
+        if kept >= max(keep, 1):
+            if os.path.abspath(folder) != protect:
+                doomed.append(folder)
+        elif verify(folder) is None:
+            kept += 1
+    for folder in doomed:
         # rename first, so that a crash mid-delete never leaves a step-N that looks complete
-        trash = folder.replace(os.sep + "step-", os.sep + ".trash-step-") + f"-{os.getpid()}"
+        trash = os.path.join(checkpoints_dir, ".trash-" + os.path.basename(folder) + f"-{os.getpid()}")
         os.rename(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
 

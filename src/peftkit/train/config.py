@@ -50,6 +50,16 @@ class ModelArgs:
     double_quant: bool = False
     quant_skip_modules: Optional[list[str]] = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ConfigError on a value of the wrong type or out of range (run on construction)."""
+        check_types(self, "ModelArgs")
+        _at_least(self, "quant_block_size", 1)
+        if not str(self.adapter_name).strip():
+            raise ConfigError("adapter_name must not be empty.")
+
 
 @dataclass
 class DataConfig:
@@ -82,6 +92,18 @@ class DataConfig:
     separator: str = "\n"
     prompt_template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
     prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ConfigError on a value of the wrong type or out of range (run on construction)."""
+        check_types(self, "DataConfig")
+        _at_least(self, "max_length", 1)
+        _at_least(self, "max_eval_samples", 1)
+        _number_in(self, "eval_fraction", 0.0, 1.0, high_open=True)
+        for name in ("prompt_template", "prompt_template_no_input"):
+            check_template(getattr(self, name), name, TEMPLATE_FIELDS)
 
 
 @dataclass
@@ -145,6 +167,25 @@ class TrainConfig:
     progress: bool = True
     device: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ConfigError on a value of the wrong type or out of range (run on construction)."""
+        check_types(self, "TrainConfig")
+        for name in ("lr", "weight_decay", "max_grad_norm"):
+            _number_in(self, name, 0.0, None)
+        _number_in(self, "warmup_ratio", 0.0, 1.0)
+        for name in ("max_steps", "epochs", "batch_size", "micro_batch_size", "logging_steps", "save_total_limit",
+                     "early_stopping_patience", "max_new_tokens"):
+            _at_least(self, name, 1)
+        for name in ("warmup_steps", "eval_steps", "save_steps", "num_generations", "eval_generate_samples"):
+            _at_least(self, name, 0)
+        if self.device is not None:
+            check_device(self.device)
+        if self.output_dir is not None and os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise ConfigError(f"--output-dir {self.output_dir} is a file; choose a folder (new, or a run's to --resume).")
+
 
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": TrainConfig}
 
@@ -157,6 +198,13 @@ class RunConfig:
     method_args: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Check every section again (they may have been changed since they were built)."""
+        for section in (self.model, self.data, self.train):
+            section.validate()
+        if not isinstance(self.method_args, dict):
+            raise ConfigError("method_args must be a mapping of the method's fields.")
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -230,9 +278,76 @@ def make_section(cls: type, values: dict[str, Any], source: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}.")
-    obj = cls(**values)
-    check_types(obj, source)
-    return obj
+    try:
+        return cls(**values)  # validated on construction
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# value checks of the sections
+
+TEMPLATE_FIELDS = ("instruction", "input")
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _at_least(obj: Any, name: str, low: int) -> None:
+    value = getattr(obj, name)
+    if value is not None and value < low:
+        raise ConfigError(f"{name} ({_flag_name(name)}) must be >= {low}, got {value}.")
+
+
+def _number_in(obj: Any, name: str, low: float, high: Optional[float], high_open: bool = False) -> None:
+    import math
+
+    value = getattr(obj, name)
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} ({_flag_name(name)}) must be a finite number, got {value}.")
+    above = high is not None and (value >= high if high_open else value > high)
+    if value < low or above:
+        where = f">= {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} ({_flag_name(name)}) must be {where}, got {value}.")
+
+
+def check_template(template: str, name: str, fields: tuple[str, ...]) -> None:
+    """ConfigError unless ``template`` is a valid ``str.format`` template using only ``{field}``
+    names from ``fields`` (no positional ``{}`` / ``{0}``, no attribute or index access)."""
+    import string
+
+    flag = _flag_name(name)
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"{name} ({flag}) is not a valid template ({exc}); write literal braces as {{{{ and }}}}.") \
+            from None
+    allowed = ", ".join("{" + f + "}" for f in fields)
+    for _, field_name, spec, _ in parsed:
+        if field_name is None:
+            continue
+        if field_name == "" or field_name.isdigit():
+            raise ConfigError(f"{name} ({flag}) has a positional field {{{field_name}}}; use the named fields "
+                              f"{allowed} (literal braces: {{{{ and }}}}).")
+        if field_name not in fields:
+            raise ConfigError(f"{name} ({flag}) has the unknown field {{{field_name}}}; its fields are {allowed} "
+                              "(literal braces: {{ and }}).")
+        if spec and "{" in spec:
+            raise ConfigError(f"{name} ({flag}) nests a field in a format spec; use plain {allowed}.")
+
+
+def check_device(device: str) -> None:
+    """ConfigError unless torch can parse ``device`` (cpu, cuda, cuda:1, mps, ...)."""
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N (or another torch device "
+                          "type such as mps).") from None
 
 
 def check_types(obj: Any, source: str) -> None:
@@ -262,6 +377,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} does not exist.") from None
     except IsADirectoryError:
         raise ConfigError(f"Config file {path} is a folder; pass a .yaml file.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if data is None:
@@ -271,12 +388,23 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def demo_settings() -> dict[str, Any]:
-    """The settings of the demo run (``assets/data/demo.yaml``), applied by ``peftkit train`` when
-    neither a model nor data is given, under any settings of the user."""
-    from ..assets import ASSETS_DIR
+def demo_settings(method: str = "lora") -> dict[str, Any]:
+    """The settings of the demo run for ``method`` (``assets/data/demo.yaml``), applied by ``peftkit
+    train`` when neither a model nor data is given, under any settings of the user: its sections,
+    and as ``method_args`` the file's ``methods.<method>`` entry, limited to the fields the method's
+    config has (so a preset never hands a field to a method that has none)."""
+    import dataclasses
 
-    return load_yaml(ASSETS_DIR / "data" / "demo.yaml")
+    from ..assets import ASSETS_DIR
+    from .modeling import resolve_method
+
+    data = load_yaml(ASSETS_DIR / "data" / "demo.yaml")
+    presets = data.pop("methods", None) or {}
+    name, cls, _ = resolve_method(method)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    own = presets.get(name) or {}
+    data["method_args"] = {k: v for k, v in {**(data.get("method_args") or {}), **own}.items() if k in fields}
+    return {k: v for k, v in data.items() if v}
 
 
 def dump_yaml(data: dict[str, Any]) -> str:
@@ -326,10 +454,13 @@ def _docstring_args(text: str) -> dict[str, str]:
 
 __all__ = [
     "FORMATS",
+    "TEMPLATE_FIELDS",
     "DataConfig",
     "ModelArgs",
     "RunConfig",
     "TrainConfig",
+    "check_device",
+    "check_template",
     "docstring_args",
     "dump_yaml",
     "load_yaml",

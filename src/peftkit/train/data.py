@@ -98,7 +98,7 @@ def _read_path(path: str) -> list[dict[str, Any]]:
     if os.path.isdir(path):
         return _read_saved_dataset(path)
     ext = os.path.splitext(path)[1].lower()
-    readers = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".tsv": _read_csv,
+    readers = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_delimited, ".tsv": _read_delimited,
                ".txt": _read_text, ".text": _read_text}
     if ext not in readers:
         raise DataError(f"{path}: unsupported file type {ext or '(none)'}; use .json, .jsonl, .csv, .tsv or .txt.")
@@ -106,6 +106,8 @@ def _read_path(path: str) -> list[dict[str, Any]]:
         records = readers[ext](path)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text ({exc}).") from None
+    except csv.Error as exc:
+        raise DataError(f"{path} cannot be read as {ext[1:].upper()} ({exc}).") from None
     if not records:
         raise DataError(f"{path} holds no records (the file is empty).")
     return records
@@ -169,17 +171,25 @@ def _parse_jsonl(lines: list[str], path: str) -> list[dict[str, Any]]:
     return out
 
 
-def _read_csv(path: str) -> list[dict[str, Any]]:
-    delimiter = "\t" if path.lower().endswith(".tsv") else ","
+def _read_delimited(path: str) -> list[dict[str, Any]]:
+    """A header line, then one record per row; blank lines skipped, short rows padded with None.
+    ``.csv``: comma separated with RFC 4180 quoting (a quoted field may hold commas and newlines).
+    ``.tsv``: as GLUE and ``pandas.read_csv(sep="\\t", quoting=csv.QUOTE_NONE)`` read it: one record per
+    line, fields split at tabs, quotes ordinary characters (``"the witness"`` stays as written)."""
     with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        if reader.fieldnames is None:
-            return []
-        rows = []
-        for n, row in enumerate(reader, 2):
-            if None in row:
-                raise DataError(f"{path}, line {n}: more fields than the header has ({len(reader.fieldnames)}).")
-            rows.append(dict(row))
+        tsv = path.lower().endswith(".tsv")
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(fh)
+        header, rows = None, []
+        for row in reader:
+            if not row:
+                continue
+            if header is None:
+                header = row
+            elif len(row) > len(header):
+                raise DataError(f"{path}, line {reader.line_num}: {len(row)} fields, more than the header's "
+                                f"{len(header)}; check the separator (and, in a .csv, the quoting).")
+            else:
+                rows.append({name: (row[i] if i < len(row) else None) for i, name in enumerate(header)})
     return rows
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import PeftkitError
 from . import checkpoints as ckpt
+from . import resume as resume_mod
 from .collate import check_packing, collate, pack
 from .config import TrainConfig
 from .data import Dataset
@@ -214,7 +215,7 @@ class Trainer:
                                          save_adapter=lambda folder: save_trainable(self.model, folder),
                                          optimizer=self.optimizer.state_dict(), scheduler=sched,
                                          rng=rngs, state=self._trainer_state())
-            ckpt.prune(self.checkpoints_dir, self.config.save_total_limit)
+            ckpt.prune(self.checkpoints_dir, self.config.save_total_limit, protect=path)
         barrier(self.info)
         return path
 
@@ -225,29 +226,46 @@ class Trainer:
                 "world_size": self.info.world_size, "batch_size": self.config.batch_size,
                 "total_steps": self.total_steps, "seed": self.config.seed}
 
-    def resume(self, folder: Optional[str] = None) -> bool:
-        """Load the newest complete checkpoint (or ``folder``); False if there is none."""
-        verified = folder is None  # latest_checkpoint returns only folders it has verified
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint of this run must agree on (the rest of _trainer_state may differ)."""
+        return {"batch_size": self.config.batch_size, "seed": self.config.seed, "total_steps": self.total_steps}
+
+    def find_checkpoint(self, folder: Optional[str] = None, check_fit: bool = True) -> Optional[dict[str, Any]]:
+        """The newest checkpoint that verifies, reads and fits this run (or ``folder``), read into
+        memory and applied to nothing; None if there is none. Checkpoints that fail to verify or read
+        are skipped with a warning; one that does not fit this run raises CheckpointError (unless
+        ``check_fit`` is False: then :meth:`check_checkpoint` is the caller's)."""
         if folder is None:
             if not self.checkpoints_dir:
                 raise PeftkitError("Resuming needs the output_dir of the run to continue.")
-            folder = ckpt.latest_checkpoint(self.checkpoints_dir)
-            if folder is None:
-                return False
-        data = ckpt.load_checkpoint(folder, verified=verified)
-        state = data["state"]
-        if state.get("batch_size") != self.config.batch_size or state.get("seed") != self.config.seed:
-            raise PeftkitError(f"Checkpoint {folder} was written with batch_size={state.get('batch_size')} and "
-                               f"seed={state.get('seed')}; resume with the same settings.")
+            data = resume_mod.newest_usable(self.checkpoints_dir, self.model)
+            if data is None:
+                return None
+        else:
+            data = resume_mod.read_checkpoint(folder, self.model)
+        if check_fit:
+            self.check_checkpoint(data)
+        return data
+
+    def check_checkpoint(self, data: dict[str, Any]) -> None:
+        """CheckpointError unless the checkpoint ``data`` fits this run's model, optimizer and batches."""
+        resume_mod.check_fits(data, self.model, self.optimizer, self._checkpoint_state())
+
+    def resume(self, folder: Optional[str] = None, checkpoint: Optional[dict[str, Any]] = None) -> bool:
+        """Load the newest usable checkpoint (or ``folder``, or ``checkpoint`` from
+        :meth:`find_checkpoint`); False if there is none. Nothing is changed unless it all fits."""
+        data = checkpoint if checkpoint is not None else self.find_checkpoint(folder)
+        if data is None:
+            return False
         self._restore(data)
-        self.resumed_from = folder
+        self.resumed_from = data["folder"]
         self.log.load(up_to_step=self.step)
         return True
 
     def _restore(self, data: dict[str, Any]) -> None:
         """Weights, optimizer, schedule, RNG states and counters from a loaded checkpoint."""
         state = data["state"]
-        load_trainable(self.model, data["adapter"])
+        load_trainable(self.model, data["adapter"], data.get("adapter_tensors"))
         self.optimizer.load_state_dict(data["optimizer"])
         sched = self.scheduler.state_dict()
         sched.update(data["scheduler"])
@@ -391,21 +409,24 @@ class Trainer:
         self.tokens_seen_run += tokens
 
     # the loop -------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> TrainResult:
-        """Train to ``total_steps`` (or until early stopping), first resuming if ``resume``."""
-        self._start(resume)
+    def fit(self, resume: bool = False, checkpoint: Optional[dict[str, Any]] = None) -> TrainResult:
+        """Train to ``total_steps`` (or until early stopping), first resuming if ``resume`` (from
+        ``checkpoint``, found by :meth:`find_checkpoint`, when given). A run that starts at step 0
+        starts its metrics log over."""
+        self._start(resume, checkpoint)
         before = self._before_training()
         stopped = self._train_steps()
         after = self._after_training()
         return TrainResult(output_dir=self.output_dir, steps=self.step, metrics_before=before, metrics_after=after,
                            report=self.report_numbers, stopped_early=stopped, resumed_from=self.resumed_from)
 
-    def _start(self, resume: bool) -> None:
+    def _start(self, resume: bool, checkpoint: Optional[dict[str, Any]] = None) -> None:
         """Resume (if asked) and print the resources at start."""
-        if resume:
-            found = self.resume()
-            if not found and not self.quiet:
-                print("note: --resume found no complete checkpoint; starting from step 0.")
+        found = (resume or checkpoint is not None) and self.resume(checkpoint=checkpoint)
+        if not found:
+            if resume and not self.quiet:
+                print("note: --resume found no usable checkpoint; starting from step 0.")
+            self.log.reset()
         report = self.start_report()
         if not self.quiet:
             print_report("resources at start", report)

@@ -27,17 +27,26 @@ class MetricsLog:
         if not os.path.isfile(self.path):
             return
         events = []
-        with open(self.path, encoding="utf-8") as fh:
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 try:
                     ev = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the last line of a killed run may be cut short
-                if up_to_step is None or ev.get("step", 0) <= up_to_step:
+                step = ev.get("step", 0) if isinstance(ev, dict) else None
+                if not isinstance(step, (int, float)) or isinstance(step, bool):
+                    continue  # not an event of ours
+                if up_to_step is None or step <= up_to_step:
                     events.append(ev)
         self.events = events
         if self.enabled:
             atomic_write_bytes(self.path, "".join(json.dumps(e) + "\n" for e in events).encode())
+
+    def reset(self) -> None:
+        """Start the log over (a run from step 0): no event of an earlier run in this folder stays."""
+        self.events = []
+        if self.enabled and os.path.exists(self.path):
+            atomic_write_bytes(self.path, b"")
 
     def log(self, event: dict[str, Any]) -> None:
         event = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in event.items()}

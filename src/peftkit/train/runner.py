@@ -8,15 +8,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
 from typing import Any, Optional
 
 from ..errors import PeftkitError
 from .config import DataConfig, RunConfig, dump_yaml, field_names, load_yaml, plain
 from .data import DataError, prepare_data
 from .distributed import DistInfo, broadcast_object, setup, teardown
+from .lock import RunLock
 from .loop import Trainer, TrainResult
 from .modeling import (
     build_peft_config,
@@ -29,11 +32,10 @@ from .modeling import (
     resolve_method,
     task_for,
 )
+from .resume import check_resume_settings
 from .step import set_seed
 
 RUN_FILE = "run.yaml"
-# settings that may change between a run and its resumption
-_RESUME_FREE = {("train", "resume"), ("train", "progress"), ("train", "device"), ("train", "output_dir")}
 
 
 def _default_output_dir() -> str:
@@ -53,7 +55,12 @@ def train(run: RunConfig, *, train_data: Any = None, eval_data: Any = None, quie
     ``train_data`` / ``eval_data`` may be records, a ``datasets.Dataset``, or file paths (they
     replace ``run.data.data`` / ``run.data.eval_data``). Under torchrun every process calls this;
     only the main process writes and prints. ``callbacks``: see :class:`~peftkit.train.Trainer`.
+
+    The output folder is locked for the run (a second run into it fails at once, naming the first),
+    and every check (settings, data, model, the checkpoint to resume and whether it fits) is done
+    before anything is written into it.
     """
+    run.validate()
     info = setup(run.train.device)
     try:
         return _train(run, info, train_data, eval_data, quiet, callbacks)
@@ -64,17 +71,48 @@ def train(run: RunConfig, *, train_data: Any = None, eval_data: Any = None, quie
 def _train(run: RunConfig, info: DistInfo, train_data: Any, eval_data: Any, quiet: bool,
            callbacks: Optional[list[Any]]) -> TrainResult:
     cfg = run.train
-    model_path = run.model.model or default_model_path()
     method_name, _, _ = resolve_method(run.model.method)  # fail on a bad method before loading anything
     check_method_args(method_name, run.method_args)
+    # the method config's own checks (r > 0, num_virtual_tokens given, ...), before loading anything
+    build_peft_config(method_name, run.method_args, run.model.task, run.model.model or default_model_path())
     output_dir = cfg.output_dir
     if output_dir is None:
         if cfg.resume:
             raise PeftkitError("--resume continues a run: pass the run's --output-dir.")
         output_dir = broadcast_object(_default_output_dir(), info)
-    if not cfg.resume and _holds_run(output_dir):
-        raise PeftkitError(f"{output_dir} already holds a run (adapter/ or checkpoints/); pass --resume to continue "
-                           "it, or choose another --output-dir.")
+    with _output_lock(output_dir, info):
+        if not cfg.resume and _holds_run(output_dir):
+            raise PeftkitError(f"{output_dir} already holds a run (adapter/ or checkpoints/); pass --resume to "
+                               "continue it, or choose another --output-dir.")
+        return _train_locked(run, info, method_name, output_dir, train_data, eval_data, quiet, callbacks)
+
+
+@contextlib.contextmanager
+def _output_lock(output_dir: str, info: DistInfo) -> Iterator[None]:
+    """Hold the output folder's :class:`RunLock` (taken by the main process; every process fails alike)."""
+    lock = RunLock(output_dir) if info.is_main else None
+    error: Optional[str] = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except PeftkitError as exc:
+            error = str(exc)
+            if not info.enabled:
+                raise
+    error = broadcast_object(error, info)
+    if error is not None:
+        raise PeftkitError(error)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(run: RunConfig, info: DistInfo, method_name: str, output_dir: str, train_data: Any,
+                  eval_data: Any, quiet: bool, callbacks: Optional[list[Any]]) -> TrainResult:
+    cfg = run.train
+    model_path = run.model.model or default_model_path()
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(model_path, run.model.trust_remote_code)
     data = prepare_data(run.data, tokenizer, lambda fmt: run.model.task or task_for(fmt, model_path,
@@ -91,15 +129,17 @@ def _train(run: RunConfig, info: DistInfo, train_data: Any, eval_data: Any, quie
 
     set_seed(cfg.seed)  # the adapter's init depends on the seed only
     peft_model = get_peft_model(model, peft_config, adapter_name=run.model.adapter_name)
-    if info.is_main:
-        os.makedirs(output_dir, exist_ok=True)
     trainer = Trainer(peft_model, tokenizer, data.train, data.eval, dataclasses.replace(cfg, output_dir=output_dir),
                       task_type=data.task_type, dist_info=info, output_dir=output_dir, packing=run.data.packing,
                       max_length=run.data.max_length, quiet=quiet, callbacks=callbacks)
     resolved = _resolved_settings(run, model_path, method_name, peft_model, data, trainer, output_dir,
                                   train_data, eval_data)
-    if info.is_main:
-        _write_run_file(output_dir, resolved, cfg.resume, quiet)
+    checkpoint = _checkpoint_to_resume(trainer, output_dir, resolved, quiet) if cfg.resume else None
+    if info.is_main:  # every check is done: from here on the run writes
+        os.makedirs(output_dir, exist_ok=True)
+        from .._io import atomic_write_bytes
+
+        atomic_write_bytes(os.path.join(output_dir, RUN_FILE), dump_yaml(resolved).encode("utf-8"))
     if not quiet and info.is_main:
         if data.train is not None and data.train.dropped:
             print(f"note: {data.train.dropped} training examples were dropped: max_length "
@@ -109,7 +149,27 @@ def _train(run: RunConfig, info: DistInfo, train_data: Any, eval_data: Any, quie
                                          + (", double quant" if quant["double_quant"] else "")) + ")")
         print(f"== peftkit train: {method_name} on {model_path}{base} ({data.task_type}), data format {data.format}, "
               f"writing to {output_dir}")
-    return trainer.fit(resume=cfg.resume)
+    return trainer.fit(checkpoint=checkpoint)
+
+
+def _checkpoint_to_resume(trainer: Trainer, output_dir: str, resolved: dict[str, Any],
+                          quiet: bool) -> Optional[dict[str, Any]]:
+    """The checkpoint ``--resume`` continues from, checked against the run's settings (run.yaml: see
+    :mod:`peftkit.train.resume` for the rule) and against this run's model and optimizer; None (a
+    note) if there is no usable one: the run starts over."""
+    import yaml
+
+    checkpoint = trainer.find_checkpoint(check_fit=False)
+    if checkpoint is None:
+        if not quiet and trainer.info.is_main:
+            print("note: --resume found no usable checkpoint; starting from step 0.")
+        return None
+    allowed = check_resume_settings(os.path.join(output_dir, RUN_FILE), yaml.safe_load(dump_yaml(resolved)),
+                                    load_yaml)
+    trainer.check_checkpoint(checkpoint)
+    if allowed and not quiet and trainer.info.is_main:
+        print("note: resuming with changed settings that do not change what is trained: " + "; ".join(allowed))
+    return checkpoint
 
 
 def _resolved_settings(run: RunConfig, model_path: str, method_name: str, peft_model: Any, data: Any,
@@ -156,23 +216,6 @@ def _resolved_settings(run: RunConfig, model_path: str, method_name: str, peft_m
                      "transformers": str(transformers.__version__)},
     }
     return out
-
-
-def _write_run_file(output_dir: str, resolved: dict[str, Any], resume: bool, quiet: bool) -> None:
-    from .._io import atomic_write_bytes
-
-    path = os.path.join(output_dir, RUN_FILE)
-    if resume and os.path.isfile(path) and not quiet:
-        old = load_yaml(path)
-        changed = []
-        for section in ("model", "method_args", "data", "train"):
-            a, b = old.get(section) or {}, resolved.get(section) or {}
-            for key in sorted(set(a) | set(b)):
-                if (section, key) not in _RESUME_FREE and a.get(key) != b.get(key):
-                    changed.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
-        if changed:
-            print("warning: resuming with settings that differ from the run's run.yaml: " + "; ".join(changed))
-    atomic_write_bytes(path, dump_yaml(resolved).encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ trainable weights (a PeftModel's adapter folder; for any other model, its traina
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 from torch import nn
@@ -36,22 +37,61 @@ def save_trainable(model: nn.Module, folder: str) -> None:
     save_tensors({n: p for n, p in m.named_parameters() if p.requires_grad}, os.path.join(folder, "trainable.safetensors"))
 
 
-def load_trainable(model: nn.Module, folder: str) -> None:
+def _adapter_folder(m: nn.Module, folder: str) -> tuple[str, str]:
+    name = m.active_adapters[0]
+    return name, (folder if name == "default" else os.path.join(folder, name))
+
+
+def expected_trainable(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """File key -> shape of every tensor :func:`save_trainable` writes for ``model``."""
+    import warnings
+
     m = unwrap(model)
     if is_peft_model(m):
-        from ..checkpoint import load_peft_weights, set_peft_model_state_dict
+        from ..checkpoint import get_peft_model_state_dict
 
-        name = m.active_adapters[0]
-        sub = folder if name == "default" else os.path.join(folder, name)
-        set_peft_model_state_dict(m, load_peft_weights(sub), name, source=sub)
-        return
+        with warnings.catch_warnings():  # "auto" embedding saving says so once, when saving
+            warnings.simplefilter("ignore")
+            tensors = get_peft_model_state_dict(m, adapter_name=m.active_adapters[0])
+        return {k: tuple(v.shape) for k, v in tensors.items()}
+    return {n: tuple(p.shape) for n, p in m.named_parameters() if p.requires_grad}
+
+
+def read_trainable(model: nn.Module, folder: str) -> dict[str, torch.Tensor]:
+    """The tensors :func:`save_trainable` wrote into ``folder`` (CheckpointError if unreadable)."""
+    m = unwrap(model)
+    if is_peft_model(m):
+        from ..checkpoint import load_peft_weights
+
+        return load_peft_weights(_adapter_folder(m, folder)[1])
     from .._io import load_tensors
 
-    tensors = load_tensors(os.path.join(folder, "trainable.safetensors"))
-    params = dict(m.named_parameters())
+    return load_tensors(os.path.join(folder, "trainable.safetensors"))
+
+
+def load_trainable(model: nn.Module, folder: str, tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Load what :func:`save_trainable` wrote (or its ``tensors``, already read) into ``model``;
+    every tensor is checked before any is copied."""
+    from ..errors import CheckpointError
+
+    m = unwrap(model)
+    tensors = read_trainable(m, folder) if tensors is None else tensors
+    if is_peft_model(m):
+        from ..checkpoint import set_peft_model_state_dict
+
+        name, sub = _adapter_folder(m, folder)
+        set_peft_model_state_dict(m, tensors, name, source=sub)
+        return
+    params = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    bad = sorted(k for k in tensors if k not in params or tensors[k].shape != params[k].shape)
+    missing = sorted(set(params) - set(tensors))
+    if bad or missing:
+        raise CheckpointError(f"{folder} does not match the model's trainable parameters ("
+                              + (f"{bad[0]!r} unknown or of another shape" if bad else f"{missing[0]!r} missing") + ").")
     with torch.no_grad():
         for k, v in tensors.items():
             params[k].copy_(v)
 
 
-__all__ = ["is_peft_model", "is_prompt_learning", "load_trainable", "save_trainable", "unwrap"]
+__all__ = ["expected_trainable", "is_peft_model", "is_prompt_learning", "load_trainable", "read_trainable",
+           "save_trainable", "unwrap"]
