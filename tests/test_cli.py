@@ -333,3 +333,9 @@ def test_quantize_flag_bad_block_size_says_what_to_do(tmp_path, capsys):
     code, err = _err(capsys, ["train", "--output-dir", str(tmp_path / "r"), "--quantize", "4", "--max-steps", "1",
                               "--no-progress"])
     assert code == 2 and "--quant-block-size" in err and "--quant-skip-modules" in err
+
+
+def test_generate_beyond_the_models_context_is_refused(capsys):
+    """The bundled model's context is 512 tokens: a prompt plus --max-new-tokens beyond it is one line."""
+    code, err = _err(capsys, ["generate", "--prompt", "Once upon a time", "--max-new-tokens", "100000"])
+    assert code == 2 and "more than the model's context of 512 tokens" in err and "Traceback" not in err

@@ -246,3 +246,24 @@ def test_save_into_a_file_path_is_refused(tmp_path):
     f.write_text("x")
     with pytest.raises(PeftkitError, match="is a file"):
         pm.save_pretrained(f)
+
+
+def test_type_errors_name_the_expected_type_readably():
+    from peftkit import LoraConfig
+
+    with pytest.raises(ConfigError, match=r"alpha_pattern must be of type dict\[str, int or float\] or None"):
+        LoraConfig(alpha_pattern={"q": "x"})
+    # (the order of a Union's members is typing's: a cached equal Union may list them the other way)
+    with pytest.raises(ConfigError, match=r"target_modules must be of type (list\[str\] or str|str or list\[str\]) or None, got int"):
+        LoraConfig(target_modules=3)
+
+
+def test_svd_rank_beyond_the_weights_rank_is_refused_and_adds_nothing():
+    from peftkit import LoraConfig, PeftkitError, get_peft_model
+
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin0", "lin1"]))
+    with pytest.raises(PeftkitError, match="svd_rank=1000 is larger than the rank"):
+        pm.add_weighted_adapter(["default"], [1.0], "combined", svd_rank=1000)
+    assert list(pm.peft_config) == ["default"]
+    pm.add_weighted_adapter(["default"], [1.0], "combined", svd_rank=10)  # lin0 is 10 -> 20: rank 10 at most
+    assert "combined" in pm.peft_config

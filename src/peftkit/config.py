@@ -82,6 +82,15 @@ class TaskType(str, enum.Enum):
 
 
 def type_name(tp: Any) -> str:
+    """A readable name of a type hint: ``int``, ``list[str] or str or None``, ``dict[str, int | float]``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        parts = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(parts + (["None"] if type(None) in args else []))
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

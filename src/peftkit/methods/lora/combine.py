@@ -72,7 +72,20 @@ def _target_ranks(model: nn.Module, adapters: Sequence[str], combination_type: s
         if combination_type == "linear" and len(set(rs)) > 1:
             raise PeftkitError(f"'linear' needs adapters of equal rank; {key} has ranks {rs}. Use 'cat' or 'svd'.")
         ranks[key] = sum(rs) if combination_type == "cat" else (svd_rank or max(rs)) if combination_type == "svd" else rs[0]
+        if combination_type == "svd" and svd_rank is not None and svd_rank > _full_rank(layer, adapters):
+            raise PeftkitError(f"svd_rank={svd_rank} is larger than the rank any update of {key} can have "
+                               f"({_full_rank(layer, adapters)}: the smaller side of its weight); use at most that.")
     return ranks
+
+
+def _full_rank(layer: LoraLayer, adapters: Sequence[str]) -> int:
+    """The largest rank of a weight update of ``layer``: the smaller side of ``B A`` (out x in·kernel)."""
+    name = next(a for a in adapters if a in layer.r)
+    if name in layer.lora_embedding_A:
+        a, b = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    else:
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    return min(b.shape[0], a.flatten(1).shape[1])
 
 
 def combine_layer(layer: LoraLayer, adapters: Sequence[str], weights: Sequence[float], new: str,
