@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PeftkitError
 
 
 def current_umask() -> int:
@@ -130,6 +130,40 @@ def load_tensors(path: str | os.PathLike, device: Optional[str | torch.device] =
     if not isinstance(out, dict) or not all(isinstance(v, torch.Tensor) for v in out.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors.")
     return out
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes as ``"512 B"``, ``"1.5 KB"``, ... (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def check_output_folder(path: str | os.PathLike, what: str = "--output-dir",
+                        error: type[PeftkitError] = PeftkitError) -> None:
+    """``error`` if ``path`` cannot become a folder: it is a file, or lies under one."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise error(f"{what} {path} is a file; choose a folder.")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise error(f"{what} {path} lies under the file {parent}; choose a folder.")
+
+
+def make_folder(path: str | os.PathLike) -> None:
+    """``os.makedirs(path, exist_ok=True)``, or a CheckpointError saying why it cannot be (the path is a
+    file, one of its parents is, no permission, ...)."""
+    if os.path.isfile(path):
+        raise CheckpointError(f"{os.fspath(path)} is a file; pass a directory to save into.")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"Cannot create the folder {os.fspath(path)}: {exc.strerror or exc}. Pass a directory "
+                              "path whose parents are directories you can write to.") from None
 
 
 _ST_DTYPES = {

@@ -24,8 +24,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from ._io import atomic_write_bytes, load_tensors, save_tensors, save_tensors_pickle
-from .config import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig, make_folder
+from ._io import atomic_write_bytes, load_tensors, make_folder, save_tensors, save_tensors_pickle
+from .config import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig
 from .core.layer import AdapterLayer
 from .core.names import check_plain_name
 from .core.modules_to_save import ModulesToSaveWrapper

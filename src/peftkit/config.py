@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from ._io import atomic_write_bytes
+from ._io import atomic_write_bytes, make_folder
 from .errors import CheckpointError, ConfigError, PeftkitWarning
 from .hub import resolve_file
 from .registry import config_class_for
@@ -322,18 +322,6 @@ class PeftConfig:
         return cls.from_dict(data, source=str(path))
 
 
-def make_folder(path: str | os.PathLike) -> None:
-    """``os.makedirs(path, exist_ok=True)``, or a CheckpointError saying why it cannot be (the path or
-    one of its parents is a file, no permission, ...)."""
-    if os.path.isfile(path):
-        raise CheckpointError(f"{os.fspath(path)} is a file; pass a directory to save into.")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f"Cannot create the folder {os.fspath(path)}: {exc.strerror or exc}. Pass a directory "
-                              "path whose parents are directories you can write to.") from None
-
-
 def positive_int(config: PeftConfig, name: str, value: Any, *, allow_zero: bool = False) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
         bound = ">= 0" if allow_zero else "> 0"
@@ -443,7 +431,6 @@ __all__ = [
     "as_list",
     "config_class_for",
     "enum_field",
-    "make_folder",
     "matches_type",
     "positive_int",
     "probability",

@@ -350,17 +350,6 @@ def resolve_device(name: Optional[str]) -> Any:
     return device
 
 
-def check_output_folder(path: str, flag: str = "--output-dir") -> None:
-    """PeftkitError if ``path`` cannot become an output folder (it is a file, or lies under one)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise PeftkitError(f"{flag} {path} is a file; choose a folder.")
-    parent = os.path.dirname(os.path.abspath(path))
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise PeftkitError(f"{flag} {path} lies under the file {parent}; choose a folder.")
-
-
 def check_output_file(path: str, flag: str = "--output") -> None:
     """PeftkitError if a file cannot be written at ``path`` (a folder there, or no folder to hold it)."""
     if os.path.isdir(path):

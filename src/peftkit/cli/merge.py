@@ -8,8 +8,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from .._io import check_output_folder
 from ..errors import PeftkitError
-from .args import PROG, Formatter, Parser, add_quantize_flag, check_output_folder, quantize_arg
+from .args import PROG, Formatter, Parser, add_quantize_flag, quantize_arg
 
 
 def cmd_merge(argv: list[str]) -> int:

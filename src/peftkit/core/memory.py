@@ -19,6 +19,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._io import human_bytes
 from ..errors import ConfigError
 
 MAX_TENSOR_ELEMENTS = 2**31
@@ -45,14 +46,6 @@ def free_bytes(device: Union[str, torch.device]) -> Optional[int]:
         return None
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
-
-
 def check_new_tensors(what: str, shapes: Sequence[tuple[int, ...]], device: Union[str, torch.device],
                       hint: str, element_size: int = 4) -> None:
     """ConfigError if tensors of ``shapes`` (``element_size`` bytes per element; adapters are kept in
@@ -70,8 +63,8 @@ def check_new_tensors(what: str, shapes: Sequence[tuple[int, ...]], device: Unio
         return
     free = free_bytes(device)
     if free is not None and total > free:
-        raise ConfigError(f"{what} needs {_size(total)} for its tensors, but {torch.device(device)} has "
-                          f"{_size(free)} free. {hint}.")
+        raise ConfigError(f"{what} needs {human_bytes(total)} for its tensors, but {torch.device(device)} has "
+                          f"{human_bytes(free)} free. {hint}.")
 
 
 __all__ = ["CHECK_FREE_ABOVE", "MAX_TENSOR_ELEMENTS", "check_new_tensors", "free_bytes"]

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from .._io import check_output_folder
 from ..errors import ConfigError
 
 FORMATS = ("text", "instruction", "chat", "classification", "seq2seq")
@@ -183,8 +184,8 @@ class TrainConfig:
             _at_least(self, name, 0)
         if self.device is not None:
             check_device(self.device)
-        if self.output_dir is not None and os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
-            raise ConfigError(f"--output-dir {self.output_dir} is a file; choose a folder (new, or a run's to --resume).")
+        if self.output_dir is not None:
+            check_output_folder(self.output_dir, "--output-dir", ConfigError)
 
 
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": TrainConfig}

@@ -17,6 +17,7 @@ import socket
 import time
 from typing import Any, Optional
 
+from .._io import check_output_folder
 from ..errors import PeftkitError
 
 LOCK_NAME = ".peftkit-lock"
@@ -78,8 +79,7 @@ class RunLock:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode()
 
     def acquire(self) -> None:
-        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
-            raise PeftkitError(f"--output-dir {self.folder} is a file; choose a folder.")
+        check_output_folder(self.folder)
         if not os.path.isdir(self.folder):
             try:
                 os.makedirs(self.folder)

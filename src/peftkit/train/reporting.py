@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any, Optional
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, human_bytes
 
 
 class MetricsLog:
@@ -90,14 +90,6 @@ def plot_losses(events: list[dict[str, Any]], path: str, title: str = "") -> boo
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return True
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def folder_bytes(folder: str) -> int:
