@@ -116,10 +116,6 @@ class CopyLayer(AdapterLayer):
             )
         super().check_merge(adapter_names, safe_merge)
 
-    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        self.check_merge(adapter_names)
-        super().merge(adapter_names, safe_merge)
-
     @staticmethod
     def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
         out = dict(module.named_parameters())

@@ -19,7 +19,7 @@ from ..config import TASK_HEADS
 from ..errors import ConfigError, MergeError, TargetError
 from ..registry import lookup, method_for
 from .layer import AdapterLayer
-from .merging import check_merges, layers_to_merge, untie_config, untie_shared_weights
+from .merging import prepare_merge, untie_config
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import find_targets, get_submodule_parent, model_type_of
 
@@ -131,9 +131,7 @@ def unload(model: nn.Module, *, merge: bool, safe_merge: bool = False,
     layers = list(adapter_layers(model))
     if merge:
         check_mergeable(layers)
-        todo = layers_to_merge(layers, adapter_names)
-        check_merges(todo, adapter_names, safe_merge)
-        untie_shared_weights(model, todo)
+        prepare_merge(model, layers, adapter_names, safe_merge)
     for key, layer in layers:
         if isinstance(layer, ModulesToSaveWrapper):
             new = layer.unwrap(merge)

@@ -156,8 +156,9 @@ class AdapterLayer(nn.Module):
                                      "Nothing was merged.")
 
     def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        if not self.mergeable:
-            raise MergeError(f"{type(self).__name__} adapters cannot be merged into the base weights.{self.merge_hint}")
+        """Merge the given (default: active) adapters into the base weights. The structural checks of
+        :meth:`check_merge` run first; ``safe_merge`` checks each merged weight before it is written."""
+        self.check_merge(adapter_names)
         for name in self.adapters_to_merge(adapter_names):
             self._merge_one(name, safe_merge)
             self.merged_adapters.append(name)

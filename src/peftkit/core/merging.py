@@ -91,15 +91,23 @@ def untie_config(model: nn.Module) -> None:
             cfg.tie_word_embeddings = False
 
 
+def prepare_merge(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer]],
+                  adapter_names: Optional[Sequence[str]], safe_merge: bool) -> list[tuple[str, AdapterLayer]]:
+    """The first two steps of a merge (see the module doc): every layer of ``layers`` that has something
+    to merge is checked, then its shared weights are untied. Returns those layers."""
+    todo = layers_to_merge(layers, adapter_names)
+    check_merges(todo, adapter_names, safe_merge)
+    untie_shared_weights(model, todo)
+    return todo
+
+
 def merge_layers(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer]],
                  adapter_names: Optional[Sequence[str]], safe_merge: bool) -> None:
     """Merge ``adapter_names`` (None: each layer's active adapters) into ``layers`` of ``model``: all
     checked first, shared weights untied, then merged (see the module doc)."""
-    todo = layers_to_merge(layers, adapter_names)
-    check_merges(todo, adapter_names, safe_merge)
-    untie_shared_weights(model, todo)
-    for _, layer in todo:
+    for _, layer in prepare_merge(model, layers, adapter_names, safe_merge):
         layer.merge(adapter_names, safe_merge=safe_merge)
 
 
-__all__ = ["check_merges", "layers_to_merge", "merge_layers", "untie_config", "untie_shared_weights"]
+__all__ = ["check_merges", "layers_to_merge", "merge_layers", "prepare_merge", "untie_config",
+           "untie_shared_weights"]

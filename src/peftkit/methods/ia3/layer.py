@@ -153,8 +153,6 @@ class IA3Layer(AdapterLayer):
 
     def _merge_one(self, name: str, safe_merge: bool) -> None:
         base = self.get_base_layer()
-        if getattr(base, "is_quantized_linear", False):
-            raise MergeError("(IA)³ vectors cannot be merged into a quantized base layer.")
         weight, bias = self._merged(name, base.weight.detach().float(), self._float_bias())
         if safe_merge:
             self._check_finite(name, weight, bias)

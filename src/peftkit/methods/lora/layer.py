@@ -179,8 +179,6 @@ class LoraLayer(AdapterLayer):
 
     def _merge_one(self, name: str, safe_merge: bool) -> None:
         base = self.get_base_layer()
-        if is_quantized_module(base) and not getattr(base, "is_quantized_linear", False):
-            requantize_weight_(base, None)  # raises before anything changes: bitsandbytes weights cannot be requantized
         with torch.no_grad():
             new = self._merged_weight(name, dequantize_weight(base).float())
             if safe_merge:
