@@ -93,11 +93,21 @@ def finite_weights(weights: Any) -> list[float]:
     return values
 
 
-def _local_subfolder(model_id: str | os.PathLike, subfolder: Optional[str]) -> tuple[str | os.PathLike, Optional[str]]:
-    """A local ``model_id/subfolder`` as one path (so files saved beside the adapter are found there)."""
+def _read_adapter(model_id: str | os.PathLike, subfolder: Optional[str], revision: Optional[str], is_trainable: bool,
+                  config: Optional[PeftConfig], hub_kwargs: dict[str, Any]) -> tuple[str, PeftConfig, dict[str, torch.Tensor]]:
+    """Where an adapter is read from (for messages and files beside it), its config (a copy of ``config`` if given, else the folder's; ``inference_mode`` unless
+    trainable) and the tensors of an adapter folder or Hub repository. A local ``model_id/subfolder``
+    is read as one path, so that files saved beside the adapter (a prompt encoder's) are found."""
     if subfolder and os.path.isdir(os.path.join(os.fspath(model_id), subfolder)):
-        return os.path.join(os.fspath(model_id), subfolder), None
-    return model_id, subfolder
+        model_id, subfolder = os.path.join(os.fspath(model_id), subfolder), None
+    if config is None:
+        config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, revision=revision, **hub_kwargs)
+    elif not isinstance(config, PeftConfig):
+        raise ConfigError(f"config must be a PeftConfig, got {type(config).__name__}.")
+    config = copy.deepcopy(config)
+    config.inference_mode = not is_trainable
+    weights = load_peft_weights(model_id, subfolder=subfolder, revision=revision, **hub_kwargs)
+    return os.fspath(model_id), config, weights
 
 
 class PeftModel(nn.Module):
@@ -439,14 +449,7 @@ class PeftModel(nn.Module):
         adapters to one with :meth:`load_adapter`). On any error the model is left unchanged."""
         check_clean_base(model)
         check_plain_name(adapter_name)
-        model_id, subfolder = _local_subfolder(model_id, subfolder)
-        if config is None:
-            config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, revision=revision, **kwargs)
-        elif not isinstance(config, PeftConfig):
-            raise ConfigError(f"config must be a PeftConfig, got {type(config).__name__}.")
-        config = copy.deepcopy(config)
-        config.inference_mode = not is_trainable
-        weights = load_peft_weights(model_id, subfolder=subfolder, revision=revision, **kwargs)
+        source, config, weights = _read_adapter(model_id, subfolder, revision, is_trainable, config, kwargs)
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
             target_cls = MODEL_TYPE_TO_PEFT_MODEL[str(config.task_type)]
@@ -454,7 +457,7 @@ class PeftModel(nn.Module):
         with undo_base_edits_on_error():  # base weights an init rewrote (PiSSA) are restored on error
             peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             try:
-                set_peft_model_state_dict(peft_model, weights, adapter_name, source=os.fspath(model_id))
+                set_peft_model_state_dict(peft_model, weights, adapter_name, source=source)
             except Exception:
                 peft_model._remove_adapter_tensors(adapter_name)
                 raise
@@ -464,14 +467,11 @@ class PeftModel(nn.Module):
                      subfolder: Optional[str] = None, revision: Optional[str] = None, **kwargs: Any) -> None:
         """Load another adapter folder under ``adapter_name`` (not activated). Nothing changes on error."""
         check_new_name(adapter_name, list(self.peft_config))
-        model_id, subfolder = _local_subfolder(model_id, subfolder)
-        config = copy.deepcopy(PeftConfig.from_pretrained(model_id, subfolder=subfolder, revision=revision, **kwargs))
-        config.inference_mode = not is_trainable
-        weights = load_peft_weights(model_id, subfolder=subfolder, revision=revision, **kwargs)
+        source, config, weights = _read_adapter(model_id, subfolder, revision, is_trainable, None, kwargs)
         with undo_base_edits_on_error():  # base weights an init rewrote (PiSSA) are restored on error
             self.add_adapter(adapter_name, config)
             try:
-                set_peft_model_state_dict(self, weights, adapter_name, source=os.fspath(model_id))
+                set_peft_model_state_dict(self, weights, adapter_name, source=source)
             except Exception:
                 self.delete_adapter(adapter_name)
                 raise
