@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
+from .._io import atomic_write_bytes
 from ..errors import PeftkitError
 from .config import DataConfig, RunConfig, dump_yaml, field_names, load_yaml, plain
 from .data import DataError, prepare_data
@@ -137,8 +138,6 @@ def _train_locked(run: RunConfig, info: DistInfo, method_name: str, output_dir: 
     checkpoint = _checkpoint_to_resume(trainer, output_dir, resolved, quiet) if cfg.resume else None
     if info.is_main:  # every check is done: from here on the run writes
         os.makedirs(output_dir, exist_ok=True)
-        from .._io import atomic_write_bytes
-
         atomic_write_bytes(os.path.join(output_dir, RUN_FILE), dump_yaml(resolved).encode("utf-8"))
     if not quiet and info.is_main:
         if data.train is not None and data.train.dropped:

@@ -4,10 +4,16 @@ trainable weights (a PeftModel's adapter folder; for any other model, its traina
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
+
+from .._io import load_tensors, save_tensors
+from ..checkpoint import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from ..errors import CheckpointError
+from ..model import PeftModel
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -15,8 +21,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    from ..model import PeftModel
-
     return isinstance(unwrap(model), PeftModel)
 
 
@@ -31,8 +35,6 @@ def save_trainable(model: nn.Module, folder: str) -> None:
     if is_peft_model(m):
         m.save_pretrained(folder)
         return
-    from .._io import save_tensors
-
     os.makedirs(folder, exist_ok=True)
     save_tensors({n: p for n, p in m.named_parameters() if p.requires_grad}, os.path.join(folder, "trainable.safetensors"))
 
@@ -44,12 +46,8 @@ def _adapter_folder(m: nn.Module, folder: str) -> tuple[str, str]:
 
 def expected_trainable(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """File key -> shape of every tensor :func:`save_trainable` writes for ``model``."""
-    import warnings
-
     m = unwrap(model)
     if is_peft_model(m):
-        from ..checkpoint import get_peft_model_state_dict
-
         with warnings.catch_warnings():  # "auto" embedding saving says so once, when saving
             warnings.simplefilter("ignore")
             tensors = get_peft_model_state_dict(m, adapter_name=m.active_adapters[0])
@@ -61,24 +59,16 @@ def read_trainable(model: nn.Module, folder: str) -> dict[str, torch.Tensor]:
     """The tensors :func:`save_trainable` wrote into ``folder`` (CheckpointError if unreadable)."""
     m = unwrap(model)
     if is_peft_model(m):
-        from ..checkpoint import load_peft_weights
-
         return load_peft_weights(_adapter_folder(m, folder)[1])
-    from .._io import load_tensors
-
     return load_tensors(os.path.join(folder, "trainable.safetensors"))
 
 
 def load_trainable(model: nn.Module, folder: str, tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Load what :func:`save_trainable` wrote (or its ``tensors``, already read) into ``model``;
     every tensor is checked before any is copied."""
-    from ..errors import CheckpointError
-
     m = unwrap(model)
     tensors = read_trainable(m, folder) if tensors is None else tensors
     if is_peft_model(m):
-        from ..checkpoint import set_peft_model_state_dict
-
         name, sub = _adapter_folder(m, folder)
         set_peft_model_state_dict(m, tensors, name, source=sub)
         return
