@@ -74,7 +74,6 @@ def cmd_generate(argv: list[str]) -> int:
         fmt, dcfg = formats.get(a, first)
         ids.append(format_prompt(prompts[i], None if args.raw else fmt, loaded.tokenizer, dcfg, loaded.task_type))
     adapter_names = [a for _, a in rows] if names else None
-    _check_context(loaded.model, ids, args.max_new_tokens, loaded.task_type)
     texts = generate_texts(loaded.model, loaded.tokenizer, ids, loaded.task_type, device,
                            max_new_tokens=args.max_new_tokens, adapter_names=adapter_names)
     for i, prompt in enumerate(prompts):
@@ -97,15 +96,3 @@ def _read_prompts(path: str) -> list[str]:
         raise PeftkitError(f"Prompts file {path} does not exist.") from None
     except UnicodeDecodeError as exc:
         raise PeftkitError(f"--prompts-file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
-
-
-def _check_context(model: Any, ids: list[list[int]], max_new_tokens: int, task_type: str) -> None:
-    """PeftkitError when the longest prompt plus ``max_new_tokens`` is more than a decoder's context
-    (``max_position_embeddings``): generating past it would run long and degrade or fail."""
-    config = getattr(model, "config", None)
-    context = getattr(config, "max_position_embeddings", None) if task_type == "CAUSAL_LM" else None
-    longest = max((len(i) for i in ids), default=0)
-    if isinstance(context, int) and longest + max_new_tokens > context:
-        raise PeftkitError(f"a prompt of {longest} tokens plus --max-new-tokens {max_new_tokens} is more than the "
-                           f"model's context of {context} tokens; use --max-new-tokens {max(1, context - longest)} "
-                           "or less.")

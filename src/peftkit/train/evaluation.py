@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..errors import PeftkitError
 from .collate import collate, generation_batch
 from .data import Dataset
 from .distributed import DistInfo, all_reduce_sum
@@ -23,6 +24,7 @@ def generate_texts(model: nn.Module, tokenizer: Any, prompts: list[list[int]], t
                    precision: str = "fp32") -> list[str]:
     """Greedy completions of tokenized prompts (left-padded for decoder-only models)."""
     m = unwrap(model)
+    check_context(m, prompts, max_new_tokens, task_type)
     was = m.training
     m.eval()
     out: list[str] = []
@@ -43,6 +45,18 @@ def generate_texts(model: nn.Module, tokenizer: Any, prompts: list[list[int]], t
     finally:
         m.train(was)
     return out
+
+
+def check_context(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, task_type: str) -> None:
+    """PeftkitError when the longest prompt plus ``max_new_tokens`` is more than a decoder's context
+    (``max_position_embeddings``): generating past it would run long and degrade or fail."""
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) if task_type == "CAUSAL_LM" else None
+    longest = max((len(p) for p in prompts), default=0)
+    if isinstance(context, int) and longest + max_new_tokens > context:
+        raise PeftkitError(f"a prompt of {longest} tokens plus --max-new-tokens {max_new_tokens} is more than the "
+                           f"model's context of {context} tokens; use --max-new-tokens {max(1, context - longest)} "
+                           "or less.")
 
 
 @torch.no_grad()
