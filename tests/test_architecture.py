@@ -30,6 +30,7 @@ RANKS = {
     "peftkit.core": 3,
     "peftkit.quant": 4,
     "peftkit.checkpoint": 5,
+    "peftkit.tuner": 5, "peftkit.status": 5,
     "peftkit.model": 6,
     "peftkit.auto": 7, "peftkit.prompt": 7,
     "peftkit.methods": 8,

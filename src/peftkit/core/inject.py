@@ -137,7 +137,7 @@ def unload(model: nn.Module, *, merge: bool, safe_merge: bool = False,
             new = layer.unwrap(merge)
         else:
             if merge:
-                layer.merge(adapter_names, safe_merge=safe_merge)
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
             elif layer.merged:
                 layer.unmerge()
             new = layer.get_base_layer()

@@ -12,6 +12,7 @@ Files: :mod:`.config` (LoraConfig), :mod:`.layer` (the shared bookkeeping), :mod
 
 from ...config import PeftType
 from ...registry import Method, register_method
+from ...tuner import BaseTuner
 from .combine import add_weighted_adapter, combine_layer
 from .config import DEFAULT_TARGETS, LoraConfig
 from .conv import ConvNd
@@ -21,7 +22,14 @@ from .embedding import Embedding
 from .layer import LoraLayer
 from .linear import Linear
 
+class LoraModel(BaseTuner):
+    """``PeftModel.base_model`` of LoRA adapters (Hugging Face PEFT's name)."""
+
+    prefix = "lora_"
+
+
 register_method(Method(
+    tuner_cls=LoraModel,
     peft_type=PeftType.LORA,
     config_cls=LoraConfig,
     layer_types=(LoraLayer,),
@@ -32,5 +40,5 @@ register_method(Method(
     aliases={"dora": {"use_dora": True}},
 ))
 
-__all__ = ["DEFAULT_TARGETS", "ConvNd", "DoraConv", "DoraEmbedding", "DoraLinear", "DoraMagnitude", "DoraVariant",
+__all__ = ["LoraModel", "DEFAULT_TARGETS", "ConvNd", "DoraConv", "DoraEmbedding", "DoraLinear", "DoraMagnitude", "DoraVariant",
            "Embedding", "Linear", "LoraConfig", "LoraLayer", "add_weighted_adapter", "combine_layer", "make_layer"]
