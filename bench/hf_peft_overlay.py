@@ -46,13 +46,22 @@ def _overlay_module(mod) -> None:
                 setattr(mod, attr, getattr(kit, attr))
 
 
-def overlay() -> None:
-    import peft  # noqa: F401
+_BUSY: list[bool] = []
 
-    for name, mod in list(sys.modules.items()):
-        if (name == "peft" or name.startswith("peft.")) and name not in _DONE and mod is not None:
-            _DONE.add(name)
-            _overlay_module(mod)
+
+def overlay() -> None:
+    if _BUSY:
+        return
+    _BUSY.append(True)
+    try:
+        import peft  # noqa: F401
+
+        for name, mod in list(sys.modules.items()):
+            if (name == "peft" or name.startswith("peft.")) and name not in _DONE and mod is not None:
+                _DONE.add(name)
+                _overlay_module(mod)
+    finally:
+        _BUSY.clear()
 
 
 def pytest_configure(config):

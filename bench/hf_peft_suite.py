@@ -34,15 +34,34 @@ FILES = [
 ]
 
 
+def _env(args: argparse.Namespace) -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(p for p in [str(HERE), args.extra_path, os.environ.get("PYTHONPATH")] if p))
+
+
+def sample_ids(args: argparse.Namespace, tests: Path) -> list[str]:
+    """``args.sample`` test ids drawn with ``args.seed`` from the tests PEFT's files collect (overlay off)."""
+    import random
+
+    env = dict(_env(args), PEFTKIT_OVERLAY_OFF="1")
+    files = [str(tests / f) for f in FILES if (tests / f).exists()]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                          "-p", "hf_peft_overlay", "--collect-only", *files], cwd=tests.parent, env=env,
+                         capture_output=True, text=True).stdout
+    ids = sorted(line for line in out.splitlines() if "::" in line)
+    return sorted(random.Random(args.seed).sample(ids, min(args.sample, len(ids))))
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     tests = Path(args.tests).resolve()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(p for p in [str(HERE), args.extra_path, os.environ.get("PYTHONPATH")] if p))
+    env = _env(args)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--timeout", str(args.timeout),
            f"--junitxml={Path(args.out).resolve()}", "-n", str(args.workers), "-p", "hf_peft_overlay"]
     if args.mode == "peft":
         env["PEFTKIT_OVERLAY_OFF"] = "1"
     files = [str(tests / f) for f in FILES if (tests / f).exists()] if not extra else []
+    if args.sample:
+        files = sample_ids(args, tests)
     return subprocess.call(cmd + files + extra, cwd=tests.parent, env=env)
 
 
@@ -87,6 +106,8 @@ def main() -> int:
     p.add_argument("--workers", default="2")
     p.add_argument("--timeout", default="300")
     p.add_argument("--extra-path", default="", help="a folder added to PYTHONPATH (e.g. parameterized, scipy)")
+    p.add_argument("--sample", type=int, default=0, help="run a random sample of this many tests (same for both modes)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", nargs=2, metavar=("BASE_XML", "KIT_XML"))
     p.add_argument("--show", type=int, default=60)
     args = p.parse_args(argv)

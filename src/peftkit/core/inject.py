@@ -49,7 +49,7 @@ def prepare_config(config: "PeftConfig", model: nn.Module) -> "PeftConfig":
                 f"target_modules is not set and peftkit has no default for model type {model_type!r}; pass "
                 "target_modules (module names, a regex, or 'all-linear')."
             )
-        config.target_modules = list(method.default_targets[model_type])
+        config.target_modules = set(method.default_targets[model_type])
     heads = TASK_HEADS.get(str(config.task_type)) if config.task_type else None
     if heads and hasattr(config, "modules_to_save"):
         present = [h for h in heads if any(k == h or k.endswith("." + h) for k, _ in model.named_modules())]
