@@ -11,10 +11,13 @@ from .conv import ConvNd
 from .embedding import Embedding
 from .layer import LoraLayer
 from .linear import Linear
+from .mha import make_mha_layer
 
 
 def make_layer(target: nn.Module, config: LoraConfig, adapter_name: str, key: str) -> LoraLayer:
     """The LoRA layer for ``target`` holding adapter ``adapter_name``; TargetError for other module types."""
+    if isinstance(target, nn.MultiheadAttention):
+        return make_mha_layer(target, config, adapter_name, key)  # also adapts its out_proj
     if isinstance(target, nn.Embedding):
         layer: LoraLayer = Embedding(target)
     elif isinstance(target, CONV_TYPES):
@@ -24,8 +27,8 @@ def make_layer(target: nn.Module, config: LoraConfig, adapter_name: str, key: st
         if fan_in_fan_out is None:
             raise TargetError(
                 f"Target module {key} ({type(target).__name__}) is not supported by LoRA. Supported: nn.Linear, "
-                "nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D and peftkit quantized linears; target its "
-                "linear submodules instead."
+                "nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention, transformers Conv1D and peftkit quantized "
+                "linears; target its linear submodules instead."
             )
         layer = Linear(target, fan_in_fan_out=fan_in_fan_out)
     layer.update_layer(adapter_name, config, key)
