@@ -2,14 +2,22 @@
 
 Outputs are compared with a reference computed by ``F.multi_head_attention_forward`` on the adapted
 weights ``W_in + s B A`` and ``W_out + s B_o A_o``. Adapter tensors are randomized (non-zero B), so a
-no-op cannot pass merge, disable or load checks. Interop with Hugging Face PEFT is in
-tests/test_interop_lora_mha.py.
+no-op cannot pass merge, disable or load checks. The last section cross-loads adapter folders with
+Hugging Face PEFT (skipped when it is not installed).
+
+Hugging Face PEFT 0.21.2 adds the out_proj delta twice (its ``merge`` writes ``W_out + s B_o A_o``
+and then calls ``out_proj.merge``, which adds it again; its forward merges, so unmerged outputs
+are affected too; huggingface/peft#3774). peftkit computes the LoRA definition, ``W_out + s B_o A_o``.
+The interop tests therefore check outputs identical with a zero out_proj ``B_o`` and, in general, that
+PEFT's output is peftkit's with ``B_o`` doubled (or equal, once PEFT is fixed).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -445,3 +453,111 @@ def test_failing_second_adapter_leaves_the_first_intact():
     assert layer.adapter_names == ["a"] and layer.base_layer.out_proj.adapter_names == ["a"]
     with torch.no_grad():
         torch.testing.assert_close(pm(x), want, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# interop with Hugging Face PEFT (test-only dependency)
+
+
+def _hf():
+    return pytest.importorskip("peft", minversion="0.21")
+
+
+def _zero_out_proj_b(model: nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "out_proj.lora_B" in name:
+                p.zero_()
+
+
+def _double_out_proj_b(model: nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "out_proj.lora_B" in name:
+                p.mul_(2)
+
+
+def _lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def _hf_load(hf, folder):
+    """peft.PeftModel.from_pretrained, failing on Hugging Face's "missing adapter keys" warning."""
+    with warnings.catch_warnings(record=True) as log:
+        warnings.simplefilter("always")
+        model = hf.PeftModel.from_pretrained(build(), folder).eval()
+    assert not [str(w.message) for w in log if "missing adapter keys" in str(w.message)]
+    return model
+
+
+@pytest.mark.parametrize("zero_out_proj", [True, False])
+def test_peftkit_folder_loads_in_hugging_face(tmp_path, zero_out_proj):
+    hf = _hf()
+    pm = peft(build(), r=3, lora_alpha=5, rank_pattern={"mha": 4})
+    if zero_out_proj:
+        _zero_out_proj_b(pm)
+    x = inputs()
+    with torch.no_grad():
+        want = pm(x)
+    pm.save_pretrained(tmp_path)
+    loaded = _hf_load(hf, tmp_path)
+    assert _lora_tensors(loaded).keys() == _lora_tensors(pm).keys()
+    for k, v in _lora_tensors(pm).items():
+        assert torch.equal(_lora_tensors(loaded)[k], v), k
+    with torch.no_grad():
+        got = loaded(x)
+        if zero_out_proj:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            return
+        _double_out_proj_b(pm)  # Hugging Face PEFT 0.21.2 adds the out_proj delta twice (module doc)
+        doubled = pm(x)
+    assert torch.allclose(got, doubled, atol=1e-5) or torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("zero_out_proj", [True, False])
+def test_hugging_face_folder_loads_in_peftkit(tmp_path, zero_out_proj):
+    hf = _hf()
+    torch.manual_seed(3)
+    hf_model = hf.get_peft_model(build(), hf.LoraConfig(target_modules=["mha"], r=2, lora_alpha=6, init_lora_weights=False))
+    hf_model.add_adapter("other", hf.LoraConfig(target_modules=["mha"], r=4, lora_alpha=4, init_lora_weights=False))
+    if zero_out_proj:
+        _zero_out_proj_b(hf_model)
+    hf_model.eval()
+    x = inputs()
+    with torch.no_grad():
+        want = {n: (hf_model.set_adapter(n), hf_model(x))[1] for n in ("default", "other")}
+    hf_model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", peftkit.PeftkitWarning)  # no tensor ignored
+        loaded = PeftModel.from_pretrained(build(), tmp_path)
+        loaded.load_adapter(tmp_path / "other", "other")
+    hf_tensors = _lora_tensors(hf_model)
+    assert _lora_tensors(loaded).keys() == hf_tensors.keys()
+    for k, v in _lora_tensors(loaded).items():
+        assert torch.equal(hf_tensors[k], v), k
+    loaded.eval()
+    with torch.no_grad():
+        for n in ("default", "other"):
+            loaded.set_adapter(n)
+            got = loaded(x)
+            if zero_out_proj:
+                torch.testing.assert_close(got, want[n], atol=1e-5, rtol=1e-5)
+    if not zero_out_proj:
+        _double_out_proj_b(loaded)  # Hugging Face PEFT 0.21.2 adds the out_proj delta twice (module doc)
+        with torch.no_grad():
+            for n in ("default", "other"):
+                loaded.set_adapter(n)
+                assert torch.allclose(loaded(x), want[n], atol=1e-5)
+
+
+def test_adapter_config_matches_hugging_face(tmp_path):
+    hf = _hf()
+    pm = peft(build())
+    pm.save_pretrained(tmp_path / "kit")
+    hf_model = hf.get_peft_model(build(), hf.LoraConfig(target_modules=["mha"], r=2, lora_alpha=4))
+    hf_model.save_pretrained(tmp_path / "hf")
+    kit_cfg = json.loads((tmp_path / "kit" / "adapter_config.json").read_text())
+    hf_cfg = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+    assert kit_cfg.keys() == hf_cfg.keys()
+    for key in ("r", "lora_alpha", "target_modules", "peft_type", "lora_bias", "use_dora"):
+        assert kit_cfg[key] == hf_cfg[key], key
