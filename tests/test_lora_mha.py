@@ -561,3 +561,17 @@ def test_adapter_config_matches_hugging_face(tmp_path):
     assert kit_cfg.keys() == hf_cfg.keys()
     for key in ("r", "lora_alpha", "target_modules", "peft_type", "lora_bias", "use_dora"):
         assert kit_cfg[key] == hf_cfg[key], key
+
+
+def test_targeting_out_proj_alone_warns():
+    """The attention never calls its out_proj, so an adapter there alone would be dead weight."""
+    model = build()
+    with pytest.warns(peftkit.PeftkitWarning, match="never calls"):
+        get_peft_model(model, LoraConfig(target_modules=["out_proj"]))
+
+
+def test_targeting_mha_and_its_out_proj_adapts_once():
+    pm = get_peft_model(build(), LoraConfig(target_modules=["mha", "out_proj"], r=2))
+    keys = sorted(k for k in pm.state_dict() if "lora_A" in k)
+    assert keys == ["base_model.model.mha.base_layer.out_proj.lora_A.default.weight",
+                    "base_model.model.mha.lora_A.default.weight"]
