@@ -575,3 +575,11 @@ def test_targeting_mha_and_its_out_proj_adapts_once():
     keys = sorted(k for k in pm.state_dict() if "lora_A" in k)
     assert keys == ["base_model.model.mha.base_layer.out_proj.lora_A.default.weight",
                     "base_model.model.mha.lora_A.default.weight"]
+
+
+def test_get_delta_weight_in_the_base_dtype():
+    pm = peft(build().to(torch.bfloat16))
+    layer = pm.base_model.model.mha
+    delta = layer.get_delta_weight("default")
+    assert delta.dtype == torch.bfloat16 and delta.shape == (3 * E, E)
+    torch.testing.assert_close(delta.float(), layer.delta_weight("default"), atol=1e-2, rtol=1e-2)

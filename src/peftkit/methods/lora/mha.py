@@ -133,6 +133,10 @@ class MultiheadAttention(LoraLayer):
         """``s · B A`` (3E x E), fp32."""
         return (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
 
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """Hugging Face PEFT's name: :meth:`delta_weight` in the dtype of the base ``in_proj_weight``."""
+        return self.delta_weight(adapter).to(self.get_base_layer().in_proj_weight.dtype)
+
     def _bias_delta(self, name: str) -> Optional[torch.Tensor]:
         """``s · b_B`` (3E,) fp32 with ``lora_bias``, else None."""
         bias = self.lora_B[name].bias
