@@ -132,7 +132,7 @@ def unload(model: nn.Module, *, merge: bool, safe_merge: bool = False,
     if merge:
         check_mergeable(layers)
         prepare_merge(model, layers, adapter_names, safe_merge)
-    for key, layer in layers:
+    for key, layer in reversed(layers):  # innermost first: a layer may hold another inside its base (LoRA on MHA)
         if isinstance(layer, ModulesToSaveWrapper):
             new = layer.unwrap(merge)
         else:

@@ -5,7 +5,7 @@ For a frozen weight ``W`` (out x in) LoRA learns ``A`` (r x in) and ``B`` (out x
     y = W x + b + s · B A dropout(x),      s = lora_alpha / r   (rsLoRA: lora_alpha / sqrt(r))
 
 Files: :mod:`.config` (LoraConfig), :mod:`.layer` (the shared bookkeeping), :mod:`.linear`,
-:mod:`.embedding`, :mod:`.conv` (the layer types), :mod:`.dora` (DoRA as a variant object),
+:mod:`.embedding`, :mod:`.conv`, :mod:`.mha` (the layer types), :mod:`.dora` (DoRA as a variant object),
 :mod:`.fast_path` (the no-grad road of Linear), :mod:`.dispatch` (which layer wraps a module),
 :mod:`.combine` (``add_weighted_adapter``).
 """
@@ -21,6 +21,7 @@ from .dora import DoraConv, DoraEmbedding, DoraLinear, DoraMagnitude, DoraVarian
 from .embedding import Embedding
 from .layer import LoraLayer
 from .linear import Linear
+from .mha import MixedBatchUnsupportedError, MultiheadAttention
 
 class LoraModel(BaseTuner):
     """``PeftModel.base_model`` of LoRA adapters (Hugging Face PEFT's name)."""
@@ -41,4 +42,5 @@ register_method(Method(
 ))
 
 __all__ = ["LoraModel", "DEFAULT_TARGETS", "ConvNd", "DoraConv", "DoraEmbedding", "DoraLinear", "DoraMagnitude", "DoraVariant",
-           "Embedding", "Linear", "LoraConfig", "LoraLayer", "add_weighted_adapter", "combine_layer", "make_layer"]
+           "Embedding", "Linear", "LoraConfig", "LoraLayer", "MixedBatchUnsupportedError",
+           "MultiheadAttention", "add_weighted_adapter", "combine_layer", "make_layer"]
