@@ -31,6 +31,7 @@ from .core.names import check_plain_name
 from .core.modules_to_save import ModulesToSaveWrapper
 from .errors import CheckpointError, PeftkitWarning
 from .hub import resolve_file
+from .model_card import write_model_card
 from .registry import Method, method_for
 
 PREFIX = "base_model.model."
@@ -346,31 +347,6 @@ def _check_tensors(expected: dict[str, tuple[str, torch.Tensor]], given: dict[st
 # folders
 
 
-def write_model_card(folder: str, base_model: Optional[str], peft_type: str, task_type: Optional[str]) -> None:
-    """A README.md with the Hugging Face front matter; an existing README keeps its text."""
-    path = os.path.join(folder, "README.md")
-    tags = [f"base_model:adapter:{base_model}"] if base_model else []
-    tags += [peft_type.lower(), "peftkit", "transformers"]
-    front = ["---", "library_name: peft"]
-    if base_model:
-        front.append(f"base_model: {base_model}")
-    if task_type == "CAUSAL_LM":
-        front.append("pipeline_tag: text-generation")
-    front.append("tags:")
-    front += [f"- {t}" for t in tags]
-    front.append("---")
-    body = (f"\n# Adapter\n\nA {peft_type} adapter written by peftkit in the Hugging Face PEFT format.\n\n"
-            "### Framework versions\n\n- PEFT 0.21.2 (format)\n")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        if text.startswith("---"):
-            return
-        atomic_write_bytes(path, ("\n".join(front) + "\n" + text).encode())
-        return
-    atomic_write_bytes(path, ("\n".join(front) + "\n" + body).encode())
-
-
 def save_adapter_folder(folder: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
                         safe_serialization: bool = True, extra_files: Optional[dict[str, dict]] = None,
                         config_overrides: Optional[dict] = None) -> None:
@@ -416,4 +392,4 @@ def save_adapters(model: nn.Module, save_directory: str | os.PathLike, names: li
     if names:  # one model card, at the top (as Hugging Face PEFT)
         first = model.peft_config[names[0]]
         write_model_card(save_directory, first.base_model_name_or_path, str(first.peft_type),
-                         str(first.task_type) if first.task_type else None)
+                         str(first.task_type) if first.task_type else None, first.to_dict())

@@ -32,6 +32,7 @@ from .core.names import check_new_name, check_plain_name, name_list
 from .core.undo import undo_base_edits_on_error
 from .errors import AdapterNameError, ConfigError, PeftkitError
 from .quant import dequantized, requantization_report
+from .model_api import PeftModelApi
 from .registry import all_methods, lookup, method_for
 from .tuner import BaseTuner
 
@@ -95,7 +96,7 @@ def _read_adapter(model_id: str | os.PathLike, subfolder: Optional[str], revisio
     return os.fspath(model_id), config, weights
 
 
-class PeftModel(nn.Module):
+class PeftModel(PeftModelApi, nn.Module):
     """A model with named adapters. Use :func:`get_peft_model` or :meth:`from_pretrained` to build one.
 
     Args:
@@ -206,8 +207,11 @@ class PeftModel(nn.Module):
     def _layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         return adapter_layers(self.get_base_model())
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new adapter (inactive unless it is the first); the model is unchanged on error."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: Optional[bool] = None) -> None:
+        """Add a new adapter (inactive unless it is the first); the model is unchanged on error.
+        ``autocast_adapter_dtype`` (default: the model's setting) keeps its tensors in float32 over a
+        float16/bfloat16 base."""
         check_new_name(adapter_name, list(self.peft_config))
         if not isinstance(peft_config, PeftConfig):
             raise ConfigError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}.")
@@ -217,7 +221,7 @@ class PeftModel(nn.Module):
         with undo_base_edits_on_error():  # an init that rewrites base weights (PiSSA) is undone on error
             config = self._create_adapter(adapter_name, peft_config)
         self.peft_config[adapter_name] = config
-        if self.autocast_adapter_dtype:
+        if self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype:
             self._upcast_adapter(adapter_name)
         if not self._active:
             self._active = [adapter_name]
@@ -365,21 +369,6 @@ class PeftModel(nn.Module):
             raise PeftkitError(f"{type(model).__name__} has no generate().")
         with self._mixed(adapter_names, expand=True):
             return model.generate(*args, **kwargs)
-
-    # -- parameters ---------------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = total = 0
-        for p in self.parameters():
-            n = p.numel()
-            total += n
-            if p.requires_grad:
-                trainable += n
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        pct = 100 * trainable / total if total else 0.0
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
 
     # -- combining ----------------------------------------------------------------------------
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
