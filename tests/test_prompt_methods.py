@@ -503,7 +503,7 @@ def test_loading_a_mismatched_file_fails_cleanly(tmp_path):
 
 
 def test_bad_configs_raise():
-    for n in (0, -3, None, 2.5):
+    for n in (0, -3, 2.5):  # None is allowed until the config is used (tests/test_peft_parity.py)
         with pytest.raises(ConfigError, match="num_virtual_tokens"):
             PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
     with pytest.raises(ConfigError, match="tokenizer_name_or_path"):

@@ -346,10 +346,12 @@ class PeftConfig:
         path = resolve_file(
             pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, **hub_kwargs
         )
-        return cls.from_json_file(path)
+        return cls.from_dict(cls.from_json_file(path), source=str(path))
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "PeftConfig":
+    def from_json_file(cls, path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The fields stored in a config file, as a dict (Hugging Face PEFT's contract; build the config
+        with :meth:`from_dict` or :meth:`from_pretrained`). A stray ``runtime_config`` entry is dropped."""
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
@@ -360,7 +362,10 @@ class PeftConfig:
         except RecursionError:
             raise CheckpointError(f"{path} nests JSON values too deeply to read; it is not an adapter config "
                                   "(corrupt or hostile file).") from None
-        return cls.from_dict(data, source=str(path))
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+        data.pop("runtime_config", None)
+        return data
 
 
 def positive_int(config: PeftConfig, name: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -396,7 +401,7 @@ class PromptLearningConfig(PeftConfig):
     """Fields shared by the soft-prompt methods (Hugging Face ``PromptLearningConfig``).
 
     Args:
-        num_virtual_tokens: the prompt length ``n`` (required, > 0).
+        num_virtual_tokens: the prompt length ``n`` (> 0; may be left None until the config is used).
         token_dim: the width of a virtual token; filled from the model (its hidden size; for prefix
             tuning ``num_kv_heads·head_dim``).
         num_transformer_submodules: 2 for ``SEQ_2_SEQ_LM``, else 1 (filled from ``task_type``).
@@ -419,9 +424,8 @@ class PromptLearningConfig(PeftConfig):
 
     def validate(self) -> None:
         name = type(self).__name__
-        if self.num_virtual_tokens is None:
-            raise ConfigError(f"{name}.num_virtual_tokens is required: the number of virtual tokens (an integer > 0).")
-        positive_int(self, "num_virtual_tokens", self.num_virtual_tokens)
+        if self.num_virtual_tokens is not None:  # None until used, as in Hugging Face PEFT (check_ready)
+            positive_int(self, "num_virtual_tokens", self.num_virtual_tokens)
         for field_name in ("token_dim", "num_attention_heads", "num_layers"):
             value = getattr(self, field_name)
             if value is not None:
@@ -432,6 +436,12 @@ class PromptLearningConfig(PeftConfig):
         if self.task_type is not None and str(self.task_type) not in PROMPT_TASKS:
             raise ConfigError(f"{name}: task_type {self.task_type} is not supported by prompt-learning methods; use "
                               f"one of {', '.join(PROMPT_TASKS)}.")
+
+    def check_ready(self) -> None:
+        """ConfigError unless the fields a model needs are set (``num_virtual_tokens``)."""
+        if self.num_virtual_tokens is None:
+            raise ConfigError(f"{type(self).__name__}.num_virtual_tokens is required: the number of virtual tokens (an "
+                              "integer > 0).")
 
     @property
     def uses_kv_prefix(self) -> bool:

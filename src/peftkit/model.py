@@ -221,8 +221,8 @@ class PeftModel(PeftModelApi, nn.Module):
         with undo_base_edits_on_error():  # an init that rewrites base weights (PiSSA) is undone on error
             config = self._create_adapter(adapter_name, peft_config)
         self.peft_config[adapter_name] = config
-        if self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype:
-            self._upcast_adapter(adapter_name)
+        self._cast_adapter(adapter_name, self.autocast_adapter_dtype if autocast_adapter_dtype is None
+                           else autocast_adapter_dtype)
         if not self._active:
             self._active = [adapter_name]
         self._apply_active()
@@ -239,15 +239,23 @@ class PeftModel(PeftModelApi, nn.Module):
         if first.task_type is not None and peft_config.task_type is not None and first.task_type != peft_config.task_type:
             raise ConfigError(f"Adapter task_type {peft_config.task_type} differs from the model's {first.task_type}.")
 
-    def _upcast_adapter(self, name: str) -> None:
+    def _cast_adapter(self, name: str, autocast: bool) -> None:
+        """``autocast``: float16/bfloat16 adapter tensors to float32. Otherwise, as Hugging Face PEFT, the
+        adapter takes the dtype of the (floating) base weight it sits on."""
         if not method_for(self.peft_config[name]).autocast_adapter_dtype:
             return  # the adapter's tensors are copies of base modules and keep the base dtype
         for _, layer in self._layers():
             if isinstance(layer, (CopyLayer, ModulesToSaveWrapper)):  # trainable copies of base modules keep their dtype
                 continue
+            base_dtype = getattr(getattr(layer.get_base_layer(), "weight", None), "dtype", None)
             for _, t in layer.adapter_param_items(name):
-                if t.dtype in (torch.float16, torch.bfloat16) and isinstance(t, nn.Parameter):
+                if not isinstance(t, nn.Parameter) or not t.dtype.is_floating_point:
+                    continue
+                if autocast and t.dtype in (torch.float16, torch.bfloat16):
                     t.data = t.data.float()
+                elif not autocast and base_dtype is not None and base_dtype.is_floating_point and t.dtype != base_dtype:
+                    t.data = t.data.to(base_dtype)
+            layer.clear_cache()
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
         """Make ``adapter_name`` (or several names) the active adapter(s); only they train."""

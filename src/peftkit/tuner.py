@@ -40,8 +40,8 @@ class BaseTuner(nn.Module):
 
     prefix: str = ""
 
-    def __init__(self, model: nn.Module, owner: Any = None) -> None:
-        if owner is None or isinstance(owner, (PeftConfig, dict)):
+    def __init__(self, model: nn.Module, owner: Any = None, *args: Any, **kwargs: Any) -> None:
+        if owner is None or isinstance(owner, (PeftConfig, dict)) or args or kwargs:
             raise PeftkitError(f"{type(self).__name__} is made by a PeftModel; use peftkit.get_peft_model(model, config) "
                                "(its .base_model is this tuner) or peftkit.inject_adapter_in_model(config, model).")
         super().__init__()

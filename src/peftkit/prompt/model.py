@@ -71,7 +71,7 @@ class PromptLearningModel(PeftModel):
         self.prompt_encoder[adapter_name] = encoder
         return config
 
-    def _upcast_adapter(self, name: str) -> None:
+    def _cast_adapter(self, name: str, autocast: bool) -> None:
         """The encoder is kept in float32 by :meth:`_create_adapter`; head copies keep the base dtype."""
 
     def _remove_adapter_tensors(self, name: str) -> None:

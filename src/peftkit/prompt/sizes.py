@@ -21,6 +21,7 @@ def fill_sizes(base: nn.Module, task: str, config: PromptLearningConfig,
                input_embeddings: Optional[nn.Module]) -> PromptLearningConfig:
     """Fill ``config``'s model-derived fields in place (as Hugging Face PEFT) and check them against
     ``base``, the transformers model of a ``task`` model. Returns ``config``."""
+    config.check_ready()
     cfg = text_config(base)
     if cfg is None:
         raise PeftkitError(f"{type(base).__name__} has no config; prompt-learning methods need a "

@@ -3,9 +3,9 @@
 :class:`~peftkit.core.layer.AdapterLayer`: ``isinstance(module, BaseTunerLayer)`` finds every adapter
 layer), ``check_target_module_exists``."""
 
-from ...core.layer import AdapterLayer
-from ...core.targets import check_target_module_exists
-from ...tuner import BaseTuner
+from ..core.layer import AdapterLayer
+from ..core.targets import check_target_module_exists
+from ..tuner import BaseTuner
 
 BaseTunerLayer = AdapterLayer
 
