@@ -78,7 +78,7 @@ def test_config_of_another_method_or_without_type(tmp_path):
 def test_no_module_matched_lists_close_names():
     model = tiny_llama()
     before = state(model)
-    with pytest.raises(TargetError, match=r"No module of the model matched.*q_proj") as info:
+    with pytest.raises(TargetError, match=r"Target modules .* not found in the base model: no module of the model matched.*q_proj") as info:
         get_peft_model(model, LoraConfig(target_modules=["q_prj"]))
     assert "Closest module names" in str(info.value)
     assert_unchanged(model, before)

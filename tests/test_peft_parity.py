@@ -381,3 +381,13 @@ def test_torch_utilities():
     peftkit.cast_mixed_precision_params(model, torch.bfloat16)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_lora_bias_on_a_layer_without_bias_warns_and_refuses_to_merge():
+    with pytest.warns(UserWarning, match="has no bias. This means that merging LoRA weights won't be possible"):
+        pm = get_peft_model(MLP(bias=False), LoraConfig(target_modules=["lin0"], lora_bias=True))
+    randomize_adapters(pm)
+    before = pm(X)
+    with pytest.raises(peftkit.MergeError, match="no bias to merge it into"):
+        pm.merge_adapter()
+    assert torch.equal(pm(X), before) and not pm.base_model.model.lin0.merged

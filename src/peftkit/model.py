@@ -265,14 +265,16 @@ class PeftModel(PeftModelApi, nn.Module):
         self._check_active(names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise AdapterNameError(f"Unknown adapter {unknown[0]!r}; loaded adapters: {list(self.peft_config)}.")
+            raise AdapterNameError(f"Unknown adapter {unknown[0]!r} (Adapter {unknown[0]} not found.); loaded adapters: "
+                                   f"{list(self.peft_config)}.")
         self._active = names
         self._apply_active()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and all of its tensors; wrappers left with no adapter are unwrapped."""
         if not isinstance(adapter_name, str) or adapter_name not in self.peft_config:
-            raise AdapterNameError(f"Unknown adapter {adapter_name!r}; loaded adapters: {list(self.peft_config)}.")
+            raise AdapterNameError(f"Unknown adapter {adapter_name!r} (Adapter {adapter_name} does not exist); loaded "
+                                   f"adapters: {list(self.peft_config)}.")
         merged = [k for k, layer in self._layers() if adapter_name in layer.merged_adapters]
         if merged:
             raise PeftkitError(f"Adapter {adapter_name!r} is merged (e.g. in {merged[0]}); unmerge_adapter() first.")

@@ -126,7 +126,8 @@ class CopyLayer(AdapterLayer):
         base = self._tensors(self.get_base_layer())
         tuned = self._tensors(self.copies[name])
         if safe_merge and any(t.is_floating_point() and not torch.isfinite(t).all() for t in tuned.values()):
-            raise MergeError(f"Adapter {name!r} has NaN/inf weights; the adapter is broken. Nothing was merged.")
+            raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken (NaN/inf "
+                             "weights). Nothing was merged.")
         self._stash = {k: t.detach().clone() for k, t in base.items()}
         with torch.no_grad():
             for k, t in base.items():

@@ -175,7 +175,8 @@ class AdapterLayer(nn.Module):
         for name in self.adapters_to_merge(adapter_names):
             for key, tensor in self.adapter_param_items(name):
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise MergeError(f"Adapter {name!r} has NaN/inf values in {key}; the adapter is broken. "
+                    raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken: it has "
+                                     f"NaN/inf values in {key}. "
                                      "Nothing was merged.")
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:

@@ -158,7 +158,7 @@ def no_match_message(model: nn.Module, config: "PeftConfig") -> str:
     targets = config.target_modules
     hints = closest_module_names(model, targets)
     leafs = sorted({k.rsplit(".", 1)[-1] for k, m in model.named_modules() if k and not list(m.children())})
-    msg = f"No module of the model matched target_modules={targets!r}"
+    msg = f"Target modules {targets} not found in the base model: no module of the model matched target_modules={targets!r}"
     if getattr(config, "layers_to_transform", None) is not None:
         msg += f" with layers_to_transform={config.layers_to_transform!r}"
     msg += "."

@@ -132,7 +132,8 @@ class IA3Layer(AdapterLayer):
         if bias is not None:
             bad = bad or not torch.isfinite(bias.to(base.bias.dtype)).all()
         if bad:
-            raise MergeError(f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken. Nothing was merged.")
+            raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken: merging adapter "
+                             f"{name!r} gives NaN/inf weights. Nothing was merged.")
 
     def _float_bias(self) -> Optional[torch.Tensor]:
         bias = getattr(self.get_base_layer(), "bias", None)

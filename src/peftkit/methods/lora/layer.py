@@ -13,6 +13,7 @@ and add an adapter's contribution; this base class does the rest.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -23,7 +24,7 @@ from ...core.base_call import call_base
 from ...core.layer import AdapterLayer
 from ...core.memory import check_new_tensors
 from ...core.mixed import MixedBatch, current_mixed_batch
-from ...errors import ConfigError, MergeError, PeftkitError, TargetError
+from ...errors import ConfigError, MergeError, PeftkitError, PeftkitWarning, TargetError
 from ...quant import dequantize_weight, is_quantized_module, requantize_weight_
 from .dora import DoraVariant
 
@@ -87,6 +88,10 @@ class LoraLayer(AdapterLayer):
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         self.use_dora[adapter_name] = config.use_dora
         self.lora_bias[adapter_name] = config.lora_bias
+        if config.lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
+                          "has no bias. This means that merging LoRA weights won't be possible.", PeftkitWarning,
+                          stacklevel=2)
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self._create(adapter_name, r, config)
         try:
@@ -162,7 +167,8 @@ class LoraLayer(AdapterLayer):
         base = self.get_base_layer()
         stored = weight if is_quantized_module(base) else weight.to(base.weight.dtype)
         if not torch.isfinite(stored).all() or (bias is not None and not torch.isfinite(bias.to(base.bias.dtype)).all()):
-            raise MergeError(f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken. Nothing was merged.")
+            raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken: merging adapter "
+                             f"{name!r} gives NaN/inf weights. Nothing was merged.")
 
     def check_merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         """As :meth:`AdapterLayer.check_merge`; with ``safe_merge`` the merged weights are computed
@@ -172,6 +178,10 @@ class LoraLayer(AdapterLayer):
         base = self.get_base_layer()
         if names and is_quantized_module(base) and not getattr(base, "is_quantized_linear", False):
             requantize_weight_(base, None)  # raises: bitsandbytes weights cannot be requantized
+        biased = [n for n in names if self.lora_bias.get(n) and getattr(base, "bias", None) is None]
+        if biased:
+            raise MergeError(f"Adapter {biased[0]!r} has lora_bias=True but the base {type(base).__name__} has no bias "
+                             "to merge it into; keep the adapter unmerged. Nothing was merged.")
         if not safe_merge or not names:
             return
         with torch.no_grad():

@@ -161,7 +161,8 @@ class MultiheadAttention(LoraLayer):
     def _check_in_proj(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         dtype = self.get_base_layer().in_proj_weight.dtype
         if not torch.isfinite(weight.to(dtype)).all() or (bias is not None and not torch.isfinite(bias.to(dtype)).all()):
-            raise MergeError(f"Merging adapter {name!r} gives NaN/inf weights; the adapter is broken. Nothing was merged.")
+            raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken: merging adapter "
+                             f"{name!r} gives NaN/inf weights. Nothing was merged.")
 
     def _merge_one(self, name: str, safe_merge: bool) -> None:
         self._shift_in_proj(name, +1.0, check=safe_merge)
