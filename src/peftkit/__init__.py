@@ -31,6 +31,7 @@ from .methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizati
 from .methods.partial import PartialConfig
 from .methods.prefix_tuning import PrefixTuningConfig, p_tuning_v2_config
 from .methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer, TrainableTokensWrapper
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -79,6 +80,9 @@ __all__ = [
     "BottleneckConfig",
     "BitFitConfig",
     "PartialConfig",
+    "TrainableTokensConfig",
+    "TrainableTokensLayer",
+    "TrainableTokensWrapper",
     "MergeError",
     "PeftConfig",
     "PeftModel",

@@ -50,6 +50,7 @@ class PeftType(str, enum.Enum):
     BOTTLENECK = "BOTTLENECK"
     BITFIT = "BITFIT"
     PARTIAL = "PARTIAL"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
 
     def __str__(self) -> str:
         return self.value
