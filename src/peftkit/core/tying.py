@@ -162,8 +162,11 @@ def _wrap_tokens(model: nn.Module, name: str, token_ids: list[int], adapter_name
 
 def _tie_wrapper(model: nn.Module, key: str, source: TrainableTokensWrapper, adapter_name: str) -> str:
     module = model.get_submodule(key)
-    if isinstance(module, TrainableTokensWrapper) and module.tied_adapter is source:
-        return key  # tied by an earlier adapter: shares the new one already
+    if isinstance(module, TrainableTokensWrapper):
+        if module.tied_adapter is None and module.adapter_names == [adapter_name] \
+                and module.token_indices[adapter_name] == source.token_indices[adapter_name]:
+            module.tie_to(source)  # named separately (e.g. by a short name) with the same tokens: follows
+        return key  # tied by an earlier adapter (shares the new one already), or other tokens: kept apart
     if isinstance(module, AdapterLayer):
         raise TargetError(f"{key} (tied to the input embedding) already holds a {type(module).__name__}; its trainable "
                           "tokens cannot follow the embedding's.")
