@@ -30,17 +30,23 @@ RANKS = {
     "peftkit.core": 3,
     "peftkit.quant": 4,
     "peftkit.checkpoint": 5,
+    "peftkit.tuner": 5, "peftkit.status": 5, "peftkit.model_api": 5.5, "peftkit.base_state": 6,
     "peftkit.model": 6,
     "peftkit.auto": 7, "peftkit.prompt": 7,
     "peftkit.methods": 8,
-    "peftkit": 9, "peftkit.inject": 9, "peftkit.prompt_model": 9,
+    "peftkit": 9, "peftkit.inject": 9, "peftkit.prompt_model": 9, "peftkit.torch_utils": 1, "peftkit.model_card": 2,
     "peftkit.train": 10,
     "peftkit.cli": 11,
     "peftkit.__main__": 12,
 }
 TOOLKIT = ("peftkit.train", "peftkit.cli", "peftkit.__main__")
+MODULES_FOUND = [".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
+                 for p in SRC.rglob("*.py")]
 # modules that only re-export names for old imports (nothing in the library imports them)
-COMPAT = {"peftkit.inject", "peftkit.prompt_model", "peftkit.methods.prompt", "peftkit.methods.selective"}
+COMPAT = {"peftkit.inject", "peftkit.prompt_model", "peftkit.methods.prompt", "peftkit.methods.selective",
+          # Hugging Face PEFT's import paths (peft.tuners.lora, peft.utils, peft.mapping, ...)
+          *(m for m in MODULES_FOUND if m.startswith(("peftkit.tuners", "peftkit.utils"))),
+          "peftkit.peft_model", "peftkit.mapping", "peftkit.mapping_func"}
 
 
 def _modules() -> dict[str, Path]:

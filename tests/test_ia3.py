@@ -134,7 +134,7 @@ def test_keys_shapes_and_file_names_as_hugging_face(tmp_path):
 
     pm = get_peft_model(tiny_llama(), IA3Config(task_type="CAUSAL_LM"))
     cfg = pm.peft_config["default"]
-    assert sorted(cfg.target_modules) == ["down_proj", "k_proj", "v_proj"] and cfg.feedforward_modules == ["down_proj"]
+    assert sorted(cfg.target_modules) == ["down_proj", "k_proj", "v_proj"] and cfg.feedforward_modules == {"down_proj"}
     pm.save_pretrained(tmp_path)
     saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
     p = "base_model.model.model.layers.0."

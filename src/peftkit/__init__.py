@@ -22,15 +22,19 @@ from .errors import (
     PeftkitWarning,
     TargetError,
 )
+from .base_state import get_base_model_state_dict, set_base_model_state_dict
+from .errors import PeftkitError as PeftError
+from .errors import PeftkitWarning as PeftWarning
+from .errors import TargetError as NoMatchingPeftModuleError
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
-from .methods.ia3 import IA3Config
-from .methods.ln_tuning import LNTuningConfig
-from .methods.lora import LoraConfig
-from .methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from .methods.ia3 import IA3Config, IA3Model
+from .methods.ln_tuning import LNTuningConfig, LNTuningModel
+from .methods.lora import LoraConfig, LoraModel
+from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.partial import PartialConfig
-from .methods.prefix_tuning import PrefixTuningConfig, p_tuning_v2_config
-from .methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig, p_tuning_v2_config
+from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer, TrainableTokensWrapper
 from .model import (
     PeftModel,
@@ -43,6 +47,15 @@ from .model import (
     get_peft_model,
     inject_adapter_in_model,
 )
+from .mapping import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    get_peft_config,
+)
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from .torch_utils import cast_mixed_precision_params, shift_tokens_right
 from .quant import (
     Int8Linear,
     NF4Linear,
@@ -104,6 +117,29 @@ __all__ = [
     "load_peft_weights",
     "model_path",
     "set_peft_model_state_dict",
+    # Hugging Face PEFT names (docs/compat.md)
+    "IA3Model",
+    "LNTuningModel",
+    "LoraModel",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "NoMatchingPeftModuleError",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_PREFIX_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
+    "PeftError",
+    "PeftWarning",
+    "PrefixEncoder",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "cast_mixed_precision_params",
+    "get_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
+    "get_peft_config",
+    "set_base_model_state_dict",
+    "shift_tokens_right",
     # QLoRA (peftkit.quant)
     "Int8Linear",
     "NF4Linear",

@@ -19,7 +19,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from .core.names import check_plain_name
 from .core.modules_to_save import ModulesToSaveWrapper
 from .errors import CheckpointError, PeftkitWarning
 from .hub import resolve_file
+from .model_card import write_model_card
 from .registry import Method, method_for
 
 PREFIX = "base_model.model."
@@ -71,20 +72,20 @@ def adapter_entries(root: nn.Module, adapter_name: str, bias: str = "none",
             layers.append((key, module))
             for local, tensor in module.adapter_param_items(adapter_name):
                 seen.add(id(tensor))
-                yield prefix + f"{key}.{local}", prefix + f"{key}.{module.file_key(local, adapter_name)}", tensor
+                yield prefix + f"{key}.{local}", prefix + strip_wrappers(f"{key}.{module.file_key(local, adapter_name)}"), tensor
     if bias == "all":
         wrapped = {id(p) for _, m in layers if isinstance(m, ModulesToSaveWrapper) for p in m.parameters()}
         adapter_ids = {id(p) for _, m in layers for attr in m.adapter_layer_names for p in getattr(m, attr).parameters()}
         for key, p in root.named_parameters():
             if key.endswith("bias") and id(p) not in seen and id(p) not in wrapped and id(p) not in adapter_ids:
-                yield prefix + key, prefix + key, p
+                yield prefix + key, prefix + strip_wrappers(key), p
     elif bias == "lora_only":
         for key, module in layers:
             if isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.adapter_names:
                 continue
             b = getattr(module.get_base_layer(), "bias", None)
             if isinstance(b, nn.Parameter):
-                yield prefix + f"{key}.base_layer.bias", prefix + f"{key}.base_layer.bias", b
+                yield prefix + f"{key}.base_layer.bias", prefix + strip_wrappers(f"{key}.base_layer.bias"), b
 
 
 def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = None, adapter_name: str = "default",
@@ -114,8 +115,9 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
             out.update(method.extra_state.save(model, adapter_name))
         if method.is_layer_method:
             entries += [(k, k, t) for k, t in _embeddings_to_save(model, config, method, save_embedding_layers)]
-    for mem_key, file_key, tensor in entries:
-        out[file_key] = state_dict[mem_key] if state_dict is not None and mem_key in state_dict else tensor
+    given = {strip_wrappers(k): v for k, v in state_dict.items()} if state_dict is not None else {}
+    for mem_key, file_key, tensor in entries:  # an FSDP state dict names the tensors without the wrapper segments
+        out[file_key] = given.get(strip_wrappers(mem_key), tensor)
     return out
 
 
@@ -216,24 +218,49 @@ def embedding_entries(model: nn.Module, wrapped_only: bool = False) -> Iterator[
                     yield f"{name}.{key}", p
 
 
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def strip_wrappers(key: str) -> str:
+    """``key`` without the module-name segments that FSDP and activation-checkpoint wrappers insert, so
+    that a state dict of the unwrapped model and one of the wrapped model name the same tensors."""
+    for segment in WRAPPER_SEGMENTS:
+        key = key.replace(segment, "")
+    return key
+
+
 def _normalise(key: str) -> str:
     """A file key without the PeftModel prefix (``base_model.model.`` for layer methods, ``base_model.``
-    for prompt models), so that keys written with or without it match."""
+    for prompt models) and without FSDP wrapper segments, so that keys written with or without them match."""
+    key = strip_wrappers(key)
     for prefix in (PREFIX, "base_model."):
         if key.startswith(prefix):
             return key[len(prefix):]
     return key
 
 
+class IncompatibleKeys(NamedTuple):
+    """What :func:`set_peft_model_state_dict` did not match (the shape of ``torch``'s load_state_dict
+    result, which Hugging Face PEFT returns): adapter tensors the state dict lacked (in-memory names, with
+    the adapter name) and state-dict keys that matched no adapter tensor."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
-                              adapter_name: str = "default", *, source: str = "state dict",
-                              strict: bool = True) -> list[str]:
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False, *, source: str = "state dict",
+                              strict: bool = True) -> IncompatibleKeys:
     """Copy file-keyed tensors into adapter ``adapter_name``; validate everything first.
 
     Raises :class:`CheckpointError` naming the offending key on a shape mismatch or a missing tensor
-    (if ``strict``), before any tensor is copied. Returns the file keys that matched nothing (ignored,
-    with a warning). State a method keeps outside its layers (a prompt encoder) is checked and loaded
-    by the method's :class:`~peftkit.registry.ExtraState`, in the same all-or-nothing way.
+    (if ``strict``), before any tensor is copied; ``ignore_mismatched_sizes=True`` skips misshapen
+    tensors instead (a warning names them). Returns :class:`IncompatibleKeys`: the tensors not loaded
+    (``strict=False``) and the file keys that matched nothing (ignored, with a warning). State a method
+    keeps outside its layers (a prompt encoder) is checked and loaded by the method's
+    :class:`~peftkit.registry.ExtraState`, in the same all-or-nothing way. ``low_cpu_mem_usage`` is
+    accepted for Hugging Face PEFT's signature.
     """
     check_state_dict(peft_model_state_dict, source)
     config = peft_config_of(model, adapter_name)
@@ -243,7 +270,9 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     if method is not None and method.extra_state is not None:
         commit_extra = method.extra_state.load(model, adapter_name, given, source)  # takes its own keys
     bias = getattr(config, "bias", "none") if config is not None else "none"
-    expected = {_normalise(fk): (fk, t) for _, fk, t in adapter_entries(model, adapter_name, bias)}
+    entries = list(adapter_entries(model, adapter_name, bias))
+    expected = {_normalise(fk): (fk, t) for _, fk, t in entries}
+    memory_keys = {_normalise(fk): mk for mk, fk, _ in entries}
     given = {_normalise(k): v for k, v in given.items()}
     # base embedding weights saved with save_embedding_layers, among the keys no adapter tensor takes:
     # loaded into the base model
@@ -258,6 +287,12 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
             f"None of the {len(given)} tensors in {source} matches the model (e.g. {unexpected[0]!r}); the adapter was "
             f"saved for a different model or method. The model expects keys like {next(iter(expected))!r}."
         )
+    if ignore_mismatched_sizes:
+        skipped = [k for k, (_, t) in expected.items() if k in given and tuple(given[k].shape) != tuple(t.shape)]
+        if skipped:
+            warnings.warn(f"{source}: ignore_mismatched_sizes skips {len(skipped)} tensors whose shapes differ from the "
+                          f"model's: {skipped[:5]}", PeftkitWarning, stacklevel=2)
+        given = {k: v for k, v in given.items() if k not in skipped}
     _check_tensors(expected, given, set(optional), source, strict)
     if unexpected:
         warnings.warn(f"{source}: ignoring {len(unexpected)} tensors that match no adapter tensor: "
@@ -271,7 +306,8 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     for _, module in model.named_modules():
         if isinstance(module, AdapterLayer):
             module.clear_cache()
-    return unexpected
+    missing = [memory_keys[k] for k in expected if k in memory_keys and k not in given]
+    return IncompatibleKeys(missing, unexpected)
 
 
 def check_state_dict(state_dict: Any, source: str = "state dict") -> None:
@@ -309,31 +345,6 @@ def _check_tensors(expected: dict[str, tuple[str, torch.Tensor]], given: dict[st
 
 # ---------------------------------------------------------------------------------------------
 # folders
-
-
-def write_model_card(folder: str, base_model: Optional[str], peft_type: str, task_type: Optional[str]) -> None:
-    """A README.md with the Hugging Face front matter; an existing README keeps its text."""
-    path = os.path.join(folder, "README.md")
-    tags = [f"base_model:adapter:{base_model}"] if base_model else []
-    tags += [peft_type.lower(), "peftkit", "transformers"]
-    front = ["---", "library_name: peft"]
-    if base_model:
-        front.append(f"base_model: {base_model}")
-    if task_type == "CAUSAL_LM":
-        front.append("pipeline_tag: text-generation")
-    front.append("tags:")
-    front += [f"- {t}" for t in tags]
-    front.append("---")
-    body = (f"\n# Adapter\n\nA {peft_type} adapter written by peftkit in the Hugging Face PEFT format.\n\n"
-            "### Framework versions\n\n- PEFT 0.21.2 (format)\n")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        if text.startswith("---"):
-            return
-        atomic_write_bytes(path, ("\n".join(front) + "\n" + text).encode())
-        return
-    atomic_write_bytes(path, ("\n".join(front) + "\n" + body).encode())
 
 
 def save_adapter_folder(folder: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
@@ -381,4 +392,4 @@ def save_adapters(model: nn.Module, save_directory: str | os.PathLike, names: li
     if names:  # one model card, at the top (as Hugging Face PEFT)
         first = model.peft_config[names[0]]
         write_model_card(save_directory, first.base_model_name_or_path, str(first.peft_type),
-                         str(first.task_type) if first.task_type else None)
+                         str(first.task_type) if first.task_type else None, first.to_dict())

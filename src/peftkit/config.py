@@ -50,7 +50,47 @@ class PeftType(str, enum.Enum):
     BOTTLENECK = "BOTTLENECK"
     BITFIT = "BITFIT"
     PARTIAL = "PARTIAL"
+    # Hugging Face PEFT's other methods: named so that code and files mentioning them read, but a config
+    # of one of these is refused with a clear error until peftkit implements it (docs/compat.md)
+    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
+    ADALORA = "ADALORA"
+    ADAMSS = "ADAMSS"
+    BOFT = "BOFT"
+    ADAPTION_PROMPT = "ADAPTION_PROMPT"
+    BEFT = "BEFT"
+    LILY = "LILY"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    OFT = "OFT"
+    POLY = "POLY"
+    VERA = "VERA"
+    FROD = "FROD"
+    PVERA = "PVERA"
+    FOURIERFT = "FOURIERFT"
+    GLORA = "GLORA"
+    XLORA = "XLORA"
+    HRA = "HRA"
+    VBLORA = "VBLORA"
+    UNILORA = "UNILORA"
+    CPT = "CPT"
+    MISS = "MISS"
+    RANDLORA = "RANDLORA"
+    ROAD = "ROAD"
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    HIRA = "HIRA"
+    SHIRA = "SHIRA"
+    C3A = "C3A"
+    WAVEFT = "WAVEFT"
+    OSF = "OSF"
+    DELORA = "DELORA"
+    GRALORA = "GRALORA"
+    CARTRIDGE = "CARTRIDGE"
+    TINYLORA = "TINYLORA"
+    PSOFT = "PSOFT"
+    PEANUT = "PEANUT"
+    SHADOW = "SHADOW"
+    SUPERTUNING = "SUPERTUNING"
+    DEFT = "DEFT"
 
     def __str__(self) -> str:
         return self.value
@@ -407,6 +447,14 @@ def enum_field(config: PeftConfig, name: str, enum_cls: type[enum.Enum]) -> None
     except ValueError:
         choices = ", ".join(m.value for m in enum_cls)
         raise ConfigError(f"{type(config).__name__}.{name} must be one of {choices}, got {value!r}.") from None
+
+
+def as_set(value: Any) -> Any:
+    """Lists, tuples and sets as a set (Hugging Face PEFT's form of ``target_modules``); else as is.
+    JSON stores the set as a sorted list (:meth:`PeftConfig.to_dict`)."""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return set(value)
+    return value
 
 
 def as_list(value: Any) -> Any:

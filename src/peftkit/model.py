@@ -1,6 +1,6 @@
 """PeftModel and its task subclasses, get_peft_model: the adapters of a model, switching, merging, saving.
 
-``PeftModel.base_model`` is an :class:`AdapterModel` (the tuner object) whose ``.model`` is the user's
+``PeftModel.base_model`` is the tuner object (:class:`peftkit.tuner.BaseTuner`) whose ``.model`` is the user's
 model, so that in-memory keys read ``base_model.model.<module path>...`` exactly as in Hugging Face
 PEFT. :class:`PeftModel` runs layer methods (LoRA, IA3, ...); methods whose adapters live outside
 the layers name their own class in the registry (``Method.model_class``: the soft-prompt models of
@@ -20,38 +20,24 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import adapter_entries, load_peft_weights, save_adapters, set_peft_model_state_dict
+from .checkpoint import IncompatibleKeys, adapter_entries, load_peft_weights, save_adapters, set_peft_model_state_dict
 from .config import TASK_HEADS, PeftConfig
 from .core.inject import adapter_layers, check_mergeable, inject, prepare_config, remove_adapter, unload
+from .core.copy_layer import CopyLayer
 from .core.layer import AdapterLayer
 from .core.merging import merge_layers
 from .core.mixed import check_adapter_names, mixed_batch
-from .core.modules_to_save import wrap_modules_to_save
+from .core.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from .core.names import check_new_name, check_plain_name, name_list
 from .core.tying import tie_modules_to_save, wrap_trainable_tokens
 from .core.undo import undo_base_edits_on_error
 from .errors import AdapterNameError, ConfigError, PeftkitError
 from .quant import dequantized, requantization_report
+from .model_api import PeftModelApi
 from .registry import all_methods, lookup, method_for
+from .tuner import BaseTuner
 
-
-class AdapterModel(nn.Module):
-    """Holds the adapted model as ``.model``; attribute access falls through to it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+AdapterModel = BaseTuner  # the name of the tuner class before it offered Hugging Face PEFT's API
 
 
 def name_or_path(model: nn.Module) -> Optional[str]:
@@ -111,7 +97,7 @@ def _read_adapter(model_id: str | os.PathLike, subfolder: Optional[str], revisio
     return os.fspath(model_id), config, weights
 
 
-class PeftModel(nn.Module):
+class PeftModel(PeftModelApi, nn.Module):
     """A model with named adapters. Use :func:`get_peft_model` or :meth:`from_pretrained` to build one.
 
     Args:
@@ -131,14 +117,14 @@ class PeftModel(nn.Module):
         self._active: list[str] = []
         self._disabled = False
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self.base_model = self._wrap_base(model)
+        self.base_model = self._wrap_base(model, peft_config)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 
     # -- hooks for PeftModels of methods outside the layers --------------------------------------
-    def _wrap_base(self, model: nn.Module) -> nn.Module:
-        """What ``base_model`` holds: the tuner object around ``model``."""
-        return AdapterModel(model)
+    def _wrap_base(self, model: nn.Module, peft_config: PeftConfig) -> nn.Module:
+        """``base_model``: the method's tuner (``Method.tuner_cls``, e.g. ``LoraModel``) holding ``model``."""
+        return (method_for(peft_config).tuner_cls or BaseTuner)(model, self)
 
     def _check_kind(self, config: PeftConfig) -> None:
         """ConfigError if this class cannot run ``config``'s method."""
@@ -224,8 +210,11 @@ class PeftModel(nn.Module):
     def _layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         return adapter_layers(self.get_base_model())
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new adapter (inactive unless it is the first); the model is unchanged on error."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: Optional[bool] = None) -> None:
+        """Add a new adapter (inactive unless it is the first); the model is unchanged on error.
+        ``autocast_adapter_dtype`` (default: the model's setting) keeps its tensors in float32 over a
+        float16/bfloat16 base."""
         check_new_name(adapter_name, list(self.peft_config))
         if not isinstance(peft_config, PeftConfig):
             raise ConfigError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}.")
@@ -235,7 +224,7 @@ class PeftModel(nn.Module):
         with undo_base_edits_on_error():  # an init that rewrites base weights (PiSSA) is undone on error
             config = self._create_adapter(adapter_name, peft_config)
         self.peft_config[adapter_name] = config
-        if self.autocast_adapter_dtype:
+        if self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype:
             self._upcast_adapter(adapter_name)
         if not self._active:
             self._active = [adapter_name]
@@ -256,9 +245,12 @@ class PeftModel(nn.Module):
     def _upcast_adapter(self, name: str) -> None:
         if not method_for(self.peft_config[name]).autocast_adapter_dtype:
             return  # the adapter's tensors are copies of base modules and keep the base dtype
-        for _, _, t in adapter_entries(self.get_base_model(), name):
-            if t.dtype in (torch.float16, torch.bfloat16) and isinstance(t, nn.Parameter):
-                t.data = t.data.float()
+        for _, layer in self._layers():
+            if isinstance(layer, (CopyLayer, ModulesToSaveWrapper)):  # trainable copies of base modules keep their dtype
+                continue
+            for _, t in layer.adapter_param_items(name):
+                if t.dtype in (torch.float16, torch.bfloat16) and isinstance(t, nn.Parameter):
+                    t.data = t.data.float()
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
         """Make ``adapter_name`` (or several names) the active adapter(s); only they train."""
@@ -290,10 +282,14 @@ class PeftModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Inside the context the model computes its base output (merged adapters are unmerged)."""
         layers = [layer for _, layer in self._layers()]
+        frozen = [t for layer in layers for name in layer.adapter_names for _, t in layer.adapter_param_items(name)
+                  if t.requires_grad]  # disabled adapters do not train (as in Hugging Face PEFT)
         for layer in layers:
             if layer.merged:
                 layer.unmerge()
             layer.disabled = True
+        for t in frozen:
+            t.requires_grad_(False)
         self._disabled = True
         try:
             yield
@@ -301,6 +297,8 @@ class PeftModel(nn.Module):
             self._disabled = False
             for layer in layers:
                 layer.disabled = False
+            for t in frozen:
+                t.requires_grad_(True)
 
     # -- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
@@ -374,21 +372,6 @@ class PeftModel(nn.Module):
             raise PeftkitError(f"{type(model).__name__} has no generate().")
         with self._mixed(adapter_names, expand=True):
             return model.generate(*args, **kwargs)
-
-    # -- parameters ---------------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = total = 0
-        for p in self.parameters():
-            n = p.numel()
-            total += n
-            if p.requires_grad:
-                trainable += n
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        pct = 100 * trainable / total if total else 0.0
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
 
     # -- combining ----------------------------------------------------------------------------
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
@@ -464,21 +447,29 @@ class PeftModel(nn.Module):
             except Exception:
                 peft_model._remove_adapter_tensors(adapter_name)
                 raise
+        if not is_trainable:
+            peft_model.eval()  # as Hugging Face PEFT: a model loaded for inference runs without dropout
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     subfolder: Optional[str] = None, revision: Optional[str] = None, **kwargs: Any) -> None:
-        """Load another adapter folder under ``adapter_name`` (not activated). Nothing changes on error."""
+                     subfolder: Optional[str] = None, revision: Optional[str] = None,
+                     **kwargs: Any) -> IncompatibleKeys:
+        """Load another adapter folder under ``adapter_name`` (not activated); returns the keys not matched
+        (``missing_keys`` / ``unexpected_keys``). Nothing changes on error; without ``is_trainable`` the model
+        is put in eval mode."""
         check_new_name(adapter_name, list(self.peft_config))
         source, config, weights = _read_adapter(model_id, subfolder, revision, is_trainable, None, kwargs)
         with undo_base_edits_on_error():  # base weights an init rewrote (PiSSA) are restored on error
             self.add_adapter(adapter_name, config)
             try:
-                set_peft_model_state_dict(self, weights, adapter_name, source=source)
+                result = set_peft_model_state_dict(self, weights, adapter_name, source=source)
             except Exception:
                 self.delete_adapter(adapter_name)
                 raise
         self._apply_active()
+        if not is_trainable:
+            self.eval()
+        return result
 
 
 class PeftModelForCausalLM(PeftModel):

@@ -76,6 +76,8 @@ class Method:
             adapter tensors are copies of base modules and keep their dtype).
         saves_embedding_layers: ``save_embedding_layers="auto"`` applies to its adapters.
         aliases: extra toolkit method names -> config field overrides.
+        tuner_cls: the class of ``PeftModel.base_model`` for a layer method (a
+            :class:`peftkit.tuner.BaseTuner` subclass named as Hugging Face PEFT's, e.g. ``LoraModel``).
     """
 
     peft_type: str
@@ -93,6 +95,7 @@ class Method:
     autocast_adapter_dtype: bool = True
     saves_embedding_layers: bool = False
     aliases: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    tuner_cls: Optional[type] = None
 
     @property
     def is_layer_method(self) -> bool:

@@ -50,7 +50,7 @@ def prepare_config(config: "PeftConfig", model: nn.Module) -> "PeftConfig":
                 f"target_modules is not set and peftkit has no default for model type {model_type!r}; pass "
                 "target_modules (module names, a regex, or 'all-linear')."
             )
-        config.target_modules = list(method.default_targets[model_type])
+        config.target_modules = set(method.default_targets[model_type])
     heads = TASK_HEADS.get(str(config.task_type)) if config.task_type else None
     if heads and hasattr(config, "modules_to_save"):
         present = [h for h in heads if any(k == h or k.endswith("." + h) for k, _ in model.named_modules())]
@@ -138,12 +138,12 @@ def unload(model: nn.Module, *, merge: bool, safe_merge: bool = False,
     if merge:
         check_mergeable(layers)
         prepare_merge(model, layers, adapter_names, safe_merge)
-    for key, layer in layers:
+    for key, layer in reversed(layers):  # innermost first: a layer may hold another inside its base (LoRA on MHA)
         if isinstance(layer, ModulesToSaveWrapper):
             new = layer.unwrap(merge)
         else:
             if merge:
-                layer.merge(adapter_names, safe_merge=safe_merge)
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
             elif layer.merged:
                 layer.unmerge()
             new = layer.get_base_layer()

@@ -84,9 +84,32 @@ class AdapterLayer(nn.Module):
         """Create (or re-create) the tensors of ``adapter_name`` for this layer."""
         raise NotImplementedError
 
-    def set_adapter(self, names: Sequence[str], trainable: bool = True) -> None:
+    # -- Hugging Face PEFT's BaseTunerLayer names ------------------------------------------------
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active), as Hugging Face PEFT's layers."""
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while the layer computes its base output only (Hugging Face PEFT's name)."""
+        return self.disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn the layer's adapters on (the active ones train again) or off (base output, nothing trains)."""
+        if enabled:
+            self.disabled = False
+            self.set_adapter(self.active_adapters)
+            return
+        self.disabled = True
+        for name in self.adapter_names:
+            for _, tensor in self.adapter_param_items(name):
+                tensor.requires_grad_(False)
+
+    def set_adapter(self, names: str | Sequence[str], trainable: bool = True) -> None:
         """Activate ``names`` (those this layer has); their tensors train if ``trainable``. Drops the
         layer's caches (so this is also how to make it see weights replaced through ``.data``)."""
+        names = [names] if isinstance(names, str) else list(names)
         self.active_adapters = [n for n in names if n in self.adapter_names]
         self.clear_cache()
         for attr in self.adapter_layer_names:
@@ -160,9 +183,14 @@ class AdapterLayer(nn.Module):
                     raise MergeError(f"Adapter {name!r} has NaN/inf values in {key}; the adapter is broken. "
                                      "Nothing was merged.")
 
-    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        """Merge the given (default: active) adapters into the base weights. The structural checks of
-        :meth:`check_merge` run first; ``safe_merge`` checks each merged weight before it is written."""
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
+        """Merge the given (default: active) adapters into the base weights (Hugging Face PEFT's
+        signature). The structural checks of :meth:`check_merge` run first; ``safe_merge`` checks each
+        merged weight before it is written."""
+        if adapter_names is None and not isinstance(safe_merge, bool):  # merge(["a", "b"]): names first
+            safe_merge, adapter_names = False, safe_merge
+        if isinstance(adapter_names, str):
+            raise MergeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
         self.check_merge(adapter_names)
         for name in self.adapters_to_merge(adapter_names):
             self._merge_one(name, safe_merge)

@@ -34,6 +34,19 @@ def layers_to_merge(layers: Sequence[tuple[str, AdapterLayer]], adapter_names: O
             if not isinstance(layer, ModulesToSaveWrapper) and layer.adapters_to_merge(adapter_names)]
 
 
+def warn_merged_already(layers: Sequence[tuple[str, AdapterLayer]], adapter_names: Optional[Sequence[str]]) -> None:
+    """A warning when a layer to merge holds merged adapters already (Hugging Face PEFT's phrases)."""
+    merged = list(dict.fromkeys(n for _, layer in layers for n in layer.merged_adapters))
+    if not merged:
+        return
+    todo = list(dict.fromkeys(n for _, layer in layers for n in layer.adapters_to_merge(adapter_names)))
+    if todo:
+        warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally merging "
+                      f"{','.join(todo)}.", PeftkitWarning, stacklevel=3)
+    else:
+        warnings.warn("All adapters are already merged, nothing to do.", PeftkitWarning, stacklevel=3)
+
+
 def check_merges(layers: Sequence[tuple[str, AdapterLayer]], adapter_names: Optional[Sequence[str]],
                  safe_merge: bool) -> None:
     """MergeError naming the layer if any of ``layers`` cannot merge ``adapter_names``; changes nothing."""
@@ -106,9 +119,11 @@ def prepare_merge(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer]],
 def merge_layers(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer]],
                  adapter_names: Optional[Sequence[str]], safe_merge: bool) -> None:
     """Merge ``adapter_names`` (None: each layer's active adapters) into ``layers`` of ``model``: all
-    checked first, shared weights untied, then merged (see the module doc)."""
+    checked first, shared weights untied, then merged (see the module doc). Warns, as Hugging Face PEFT
+    does, when adapters are merged already."""
+    warn_merged_already(layers, adapter_names)
     for _, layer in prepare_merge(model, layers, adapter_names, safe_merge):
-        layer.merge(adapter_names, safe_merge=safe_merge)
+        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
 
 __all__ = ["check_merges", "layers_to_merge", "merge_layers", "prepare_merge", "untie_config",

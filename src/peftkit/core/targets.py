@@ -97,6 +97,14 @@ def is_target(config: "PeftConfig", key: str, module: nn.Module, all_linear: Opt
     return True
 
 
+def check_target_module_exists(config: "PeftConfig", key: str) -> bool:
+    """Whether module ``key`` would be targeted by ``config`` by its name alone (Hugging Face PEFT's
+    helper; ``"all-linear"`` needs the model, so it answers False here)."""
+    if getattr(config, "target_modules", None) == "all-linear":
+        return False
+    return is_target(config, key, nn.Identity())
+
+
 def linear_module_names(model: nn.Module) -> set[str]:
     """Every linear layer (nn.Linear, transformers Conv1D, quantized linears) except the output head."""
     from transformers.pytorch_utils import Conv1D
@@ -185,7 +193,7 @@ def no_match(model: nn.Module, what: str, targets: Any) -> str:
     return msg
 
 
-__all__ = ["DEFAULT_LAYERS_PATTERN", "LAYER_INDEX_REGEX", "closest_module_names", "excluded", "find_targets",
+__all__ = ["DEFAULT_LAYERS_PATTERN", "LAYER_INDEX_REGEX", "check_target_module_exists", "closest_module_names", "excluded", "find_targets",
            "get_submodule_parent",
            "in_modules_to_save", "is_target", "layer_index", "linear_module_names", "matches_names", "model_type_of",
            "no_match", "no_match_message", "outer_modules", "outermost"]

@@ -47,7 +47,7 @@ class PromptLearningModel(PeftModel):
     task: str = ""
 
     # -- PeftModel's hooks ----------------------------------------------------------------------
-    def _wrap_base(self, model: nn.Module) -> nn.Module:
+    def _wrap_base(self, model: nn.Module, peft_config: PeftConfig) -> nn.Module:
         """``base_model`` is the model itself; the encoders sit beside it in ``prompt_encoder``."""
         self.is_causal = is_causal(model)
         self.prompt_encoder = nn.ModuleDict()

@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 from torch import nn
 
-from ...config import PeftConfig, PeftType, as_list
+from ...config import PeftConfig, PeftType, as_list, as_set
 from ...core.targets import model_type_of
 from ...errors import ConfigError
 
@@ -101,17 +101,17 @@ class IA3Config(PeftConfig):
     init_ia3_weights: bool = True
 
     def validate(self) -> None:
-        self.target_modules = as_list(self.target_modules)
-        self.exclude_modules = as_list(self.exclude_modules)
-        self.feedforward_modules = as_list(self.feedforward_modules)
+        self.target_modules = as_set(self.target_modules)  # sets, as in Hugging Face PEFT
+        self.exclude_modules = as_set(self.exclude_modules)
+        self.feedforward_modules = as_set(self.feedforward_modules)
         if isinstance(self.modules_to_save, (set, frozenset, tuple)):
             self.modules_to_save = as_list(self.modules_to_save)
-        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
-            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+        if isinstance(self.feedforward_modules, set) and isinstance(self.target_modules, set):
+            extra = sorted(self.feedforward_modules - self.target_modules)
             if extra:
                 raise ConfigError(
                     f"IA3Config.feedforward_modules must be a subset of target_modules; {extra} are not in "
-                    f"target_modules={self.target_modules}. Add them to target_modules or remove them."
+                    f"target_modules={sorted(self.target_modules)}. Add them to target_modules or remove them."
                 )
 
 
@@ -131,7 +131,7 @@ def prepare(config: IA3Config, model: nn.Module) -> None:
         return
     model_type = model_type_of(model)
     if model_type in DEFAULT_FEEDFORWARD:
-        config.feedforward_modules = list(DEFAULT_FEEDFORWARD[model_type])
+        config.feedforward_modules = set(DEFAULT_FEEDFORWARD[model_type])
     elif config.target_modules is not None:
         raise ConfigError(
             f"IA3Config.feedforward_modules is not set and peftkit has no default for model type {model_type!r}; "

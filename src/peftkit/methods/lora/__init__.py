@@ -5,13 +5,14 @@ For a frozen weight ``W`` (out x in) LoRA learns ``A`` (r x in) and ``B`` (out x
     y = W x + b + s · B A dropout(x),      s = lora_alpha / r   (rsLoRA: lora_alpha / sqrt(r))
 
 Files: :mod:`.config` (LoraConfig), :mod:`.layer` (the shared bookkeeping), :mod:`.linear`,
-:mod:`.embedding`, :mod:`.conv` (the layer types), :mod:`.dora` (DoRA as a variant object),
+:mod:`.embedding`, :mod:`.conv`, :mod:`.mha` (the layer types), :mod:`.dora` (DoRA as a variant object),
 :mod:`.fast_path` (the no-grad road of Linear), :mod:`.dispatch` (which layer wraps a module),
 :mod:`.combine` (``add_weighted_adapter``).
 """
 
 from ...config import PeftType
 from ...registry import Method, register_method
+from ...tuner import BaseTuner
 from .combine import add_weighted_adapter, combine_layer
 from .config import DEFAULT_TARGETS, LoraConfig
 from .conv import ConvNd
@@ -20,8 +21,16 @@ from .dora import DoraConv, DoraEmbedding, DoraLinear, DoraMagnitude, DoraVarian
 from .embedding import Embedding
 from .layer import LoraLayer
 from .linear import Linear
+from .mha import MixedBatchUnsupportedError, MultiheadAttention
+
+class LoraModel(BaseTuner):
+    """``PeftModel.base_model`` of LoRA adapters (Hugging Face PEFT's name)."""
+
+    prefix = "lora_"
+
 
 register_method(Method(
+    tuner_cls=LoraModel,
     peft_type=PeftType.LORA,
     config_cls=LoraConfig,
     layer_types=(LoraLayer,),
@@ -32,5 +41,6 @@ register_method(Method(
     aliases={"dora": {"use_dora": True}},
 ))
 
-__all__ = ["DEFAULT_TARGETS", "ConvNd", "DoraConv", "DoraEmbedding", "DoraLinear", "DoraMagnitude", "DoraVariant",
-           "Embedding", "Linear", "LoraConfig", "LoraLayer", "add_weighted_adapter", "combine_layer", "make_layer"]
+__all__ = ["LoraModel", "DEFAULT_TARGETS", "ConvNd", "DoraConv", "DoraEmbedding", "DoraLinear", "DoraMagnitude", "DoraVariant",
+           "Embedding", "Linear", "LoraConfig", "LoraLayer", "MixedBatchUnsupportedError",
+           "MultiheadAttention", "add_weighted_adapter", "combine_layer", "make_layer"]

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from ...config import PeftConfig, PeftType, positive_int, probability, unsupported
+from ...config import PeftConfig, PeftType, as_set, positive_int, probability, unsupported
 from ...core.targets import LAYER_INDEX_REGEX
 from ...errors import ConfigError
 
@@ -122,10 +122,8 @@ class LoraConfig(PeftConfig):
     def validate(self) -> None:
         positive_int(self, "r", self.r)
         probability(self, "lora_dropout", self.lora_dropout)
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = list(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple, set)):
-            self.exclude_modules = list(self.exclude_modules)
+        self.target_modules = as_set(self.target_modules)  # a set, as in Hugging Face PEFT
+        self.exclude_modules = as_set(self.exclude_modules)
         for name, value in (self.rank_pattern or {}).items():
             positive_int(self, f"rank_pattern[{name!r}]", value)
         self.rank_pattern = self.rank_pattern or {}

@@ -137,6 +137,12 @@ class LoraLayer(AdapterLayer):
         """``s · B A`` in the layout of the base weight, fp32."""
         raise NotImplementedError
 
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """Hugging Face PEFT's name: :meth:`delta_weight` in the base weight's (floating) dtype."""
+        delta = self.delta_weight(adapter)
+        dtype = getattr(self.get_base_layer(), "weight", delta).dtype
+        return delta.to(dtype) if dtype.is_floating_point else delta
+
     def _merged_weight(self, name: str, weight: torch.Tensor, remember: bool = True) -> torch.Tensor:
         """``weight`` (the base weight, float) with adapter ``name`` merged in: ``W + s B A``, DoRA-rescaled."""
         new = weight + self.delta_weight(name)

@@ -1,0 +1,103 @@
+"""Hugging Face PEFT's conveniences on a PeftModel that code written against PEFT calls: parameter
+counts, ``has_active_enabled_adapter``, ``set_requires_grad``, the status reports, the model card.
+
+A mixin of :class:`peftkit.PeftModel` (kept apart so that model.py holds the adapter bookkeeping
+only); it reads ``peft_config``, ``active_adapters``, ``base_model`` and the layers of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .core.inject import adapter_layers
+from .core.names import name_list
+from .errors import AdapterNameError
+from .model_card import write_model_card
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a packed 4-bit tensor counts its unpacked values."""
+    trainable = total = 0
+    for p in module.parameters():
+        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+class PeftModelApi:
+    """The Hugging Face PEFT names of a PeftModel that are not adapter bookkeeping."""
+
+    peft_config: dict[str, PeftConfig]
+    base_model: nn.Module
+    _disabled: bool
+
+    # -- parameters ---------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return count_parameters(self)  # type: ignore[arg-type]
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        pct = 100 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn training of the given adapters' tensors on or off (layer methods only)."""
+        names = name_list(adapter_names, "set_requires_grad")
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterNameError(f"Adapter {unknown[0]} does not exist; loaded adapters: {list(self.peft_config)}.")
+        if any(self.peft_config[n].is_prompt_learning for n in names):
+            raise TypeError("Setting `requires_grad` is not supported for prompt learning methods; their encoder "
+                            "trains while its adapter is active.")
+        for _, layer in adapter_layers(self.base_model):
+            for name in names:
+                for _, tensor in layer.adapter_param_items(name):
+                    tensor.requires_grad_(requires_grad)
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def peft_type(self) -> Any:
+        """The method of the active adapter (``PeftType.LORA``, ...)."""
+        return self.active_peft_config.peft_type  # type: ignore[attr-defined]
+
+    @property
+    def _is_prompt_learning(self) -> bool:
+        return bool(self.peft_config) and self.active_peft_config.is_prompt_learning  # type: ignore[attr-defined]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False inside ``disable_adapter()`` or when no adapter is active."""
+        return not self._disabled and bool(self.active_adapters)  # type: ignore[attr-defined]
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The module names every adapter trains in full (``modules_to_save`` of all configs), or None."""
+        names = {m for c in self.peft_config.values() for m in (getattr(c, "modules_to_save", None) or [])}
+        return names or None
+
+    @property
+    def base_model_torch_dtype(self) -> Optional[torch.dtype]:
+        return getattr(self.base_model, "dtype", None)
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        return get_layer_status(self)  # type: ignore[arg-type]
+
+    def get_model_status(self) -> TunerModelStatus:
+        return get_model_status(self)  # type: ignore[arg-type]
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write or update ``output_dir/README.md`` for the active adapter (see :mod:`peftkit.model_card`)."""
+        config = self.active_peft_config  # type: ignore[attr-defined]
+        write_model_card(output_dir, config.base_model_name_or_path, str(config.peft_type),
+                         str(config.task_type) if config.task_type else None, config.to_dict())
+
+
+__all__ = ["PeftModelApi", "count_parameters"]

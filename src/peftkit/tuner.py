@@ -1,0 +1,142 @@
+"""The tuner object: ``PeftModel.base_model`` for layer methods (Hugging Face PEFT's ``BaseTuner``).
+
+In Hugging Face PEFT, ``peft_model.base_model`` is a ``LoraModel`` (``IA3Model``, ...) whose ``.model``
+is the user's model, and third-party code reaches into it: ``model.base_model.model``,
+``.peft_config``, ``.active_adapter(s)``, ``.set_adapter``, ``.merge_adapter``,
+``.targeted_module_names``, ``.enable_adapter_layers`` ... :class:`BaseTuner` offers those names. The
+bookkeeping itself is written once, in :class:`peftkit.PeftModel`; the tuner forwards to the
+PeftModel that owns it (a plain reference kept outside the module tree, so ``state_dict`` and
+``named_modules`` do not see it and ``copy.deepcopy`` of the PeftModel points the copy's tuner at the
+copy). Each layer method names its tuner class in its registry record (``Method.tuner_cls``:
+``LoraModel``, ``IA3Model``, ...), so that ``isinstance(model.base_model, LoraModel)`` holds.
+
+A tuner is made by its PeftModel; building one directly (``LoraModel(model, config, name)``, which
+Hugging Face PEFT allows) is not supported: use :func:`peftkit.get_peft_model` or
+:func:`peftkit.inject_adapter_in_model`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from .config import PeftConfig
+from .core.inject import adapter_layers
+from .core.layer import AdapterLayer
+from .core.modules_to_save import ModulesToSaveWrapper
+from .errors import PeftkitError, PeftkitWarning
+
+
+class BaseTuner(nn.Module):
+    """Holds the adapted model as ``.model`` (attribute access falls through to it) and offers Hugging
+    Face PEFT's tuner API, forwarded to the owning PeftModel.
+
+    Attributes:
+        prefix: the prefix of the method's adapter tensor names (``"lora_"``), as in Hugging Face PEFT.
+    """
+
+    prefix: str = ""
+
+    def __init__(self, model: nn.Module, owner: Any = None) -> None:
+        if owner is None or isinstance(owner, (PeftConfig, dict)):
+            raise PeftkitError(f"{type(self).__name__} is made by a PeftModel; use peftkit.get_peft_model(model, config) "
+                               "(its .base_model is this tuner) or peftkit.inject_adapter_in_model(config, model).")
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_owner", owner)  # not a submodule: no cycle in the module tree
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "_owner"):
+                raise
+            return getattr(self.model, name)
+
+    # -- the owner's state --------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self._owner.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self._owner.active_adapters
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self._owner.active_adapter
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """The keys (relative to ``.model``) of the modules wrapped by adapter layers (modules_to_save
+        copies not included), as Hugging Face PEFT records them."""
+        return targeted_module_names(self.model)
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """The parameters adapted through ``target_parameters`` (none unless a method adapts bare parameters)."""
+        return [f"{key}.{name}" for key, layer in adapter_layers(self.model)
+                for name in getattr(layer, "parameter_names", ())]
+
+    # -- forwarded operations -----------------------------------------------------------------
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        self._owner.set_adapter(adapter_name)
+        if inference_mode:
+            for _, layer in adapter_layers(self.model):
+                layer.set_adapter(layer.active_adapters, trainable=False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._owner.delete_adapter(adapter_name)
+
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        self._owner.merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self._owner.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+        return self._owner.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self._owner.unload()
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        self._owner.add_weighted_adapter(*args, **kwargs)
+
+    def enable_adapter_layers(self) -> None:
+        """Turn every adapter layer back on (the active adapters train again)."""
+        for _, layer in adapter_layers(self.model):
+            layer.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter layer off until :meth:`enable_adapter_layers` (the base output; nothing
+        trains). Merged adapters are unmerged first. See ``PeftModel.disable_adapter`` for a context."""
+        biased = [n for n in self.active_adapters if getattr(self.peft_config.get(n), "bias", "none") != "none"]
+        if biased:
+            bias = self.peft_config[biased[0]].bias
+            warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
+                          "same output as the base model would without adaption.", PeftkitWarning, stacklevel=2)
+        for _, layer in adapter_layers(self.model):
+            if layer.merged:
+                layer.unmerge()
+            layer.enable_adapters(False)
+
+    def _mark_only_adapters_as_trainable(self, model: Optional[nn.Module] = None) -> None:
+        """Freeze everything but the active adapters (Hugging Face PEFT's private name, used by integrations)."""
+        self._owner._apply_active()
+
+
+def targeted_module_names(model: nn.Module) -> list[str]:
+    """Keys of the modules of ``model`` wrapped by adapter layers, modules_to_save copies excluded."""
+    return [key for key, layer in adapter_layers(model) if isinstance(layer, AdapterLayer)
+            and not isinstance(layer, ModulesToSaveWrapper)]
+
+
+__all__ = ["BaseTuner", "targeted_module_names"]

@@ -1,0 +1,5 @@
+"""Hugging Face PEFT's ``peft.tuners.lora.model`` import path."""
+
+from ...methods.lora import LoraModel
+
+__all__ = ["LoraModel"]
