@@ -14,7 +14,6 @@ register_method(Method(
     make_layer=make_layer,
     prepare=prepare,
     after_inject=tie_output_heads,
-    autocast_adapter_dtype=False,
 ))
 
 __all__ = ["TrainableTokensConfig", "TrainableTokensLayer", "TrainableTokensWrapper", "make_layer", "prepare",
