@@ -35,6 +35,7 @@ from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderR
 from .methods.partial import PartialConfig
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig, p_tuning_v2_config
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer, TrainableTokensWrapper
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -92,6 +93,9 @@ __all__ = [
     "BottleneckConfig",
     "BitFitConfig",
     "PartialConfig",
+    "TrainableTokensConfig",
+    "TrainableTokensLayer",
+    "TrainableTokensWrapper",
     "MergeError",
     "PeftConfig",
     "PeftModel",

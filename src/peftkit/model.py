@@ -29,6 +29,7 @@ from .core.merging import merge_layers
 from .core.mixed import check_adapter_names, mixed_batch
 from .core.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from .core.names import check_new_name, check_plain_name, name_list
+from .core.tying import tie_modules_to_save, wrap_trainable_tokens
 from .core.undo import undo_base_edits_on_error
 from .errors import AdapterNameError, ConfigError, PeftkitError
 from .quant import dequantized, requantization_report
@@ -140,6 +141,8 @@ class PeftModel(PeftModelApi, nn.Module):
         try:
             heads = TASK_HEADS.get(str(config.task_type), []) if config.task_type else []
             wrap_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name, optional=heads)
+            tie_modules_to_save(model, config, adapter_name)
+            wrap_trainable_tokens(model, config, adapter_name)
         except Exception:
             self._remove_adapter_tensors(adapter_name)
             raise
@@ -557,6 +560,8 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
             if getattr(config, "modules_to_save", None):
                 wrap_modules_to_save(model, config.modules_to_save, adapter_name,
                                      optional=TASK_HEADS.get(str(config.task_type), []) if config.task_type else [])
+            tie_modules_to_save(model, config, adapter_name)
+            wrap_trainable_tokens(model, config, adapter_name)
             if state_dict is not None:
                 set_peft_model_state_dict(model, state_dict, adapter_name)
         except Exception:

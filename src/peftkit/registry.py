@@ -64,6 +64,9 @@ class Method:
             default-target lookup.
         find_targets: ``(model, config) -> module keys``, replacing name matching (raises a
             PeftkitError when nothing matches).
+        after_inject: ``(model, config, adapter name, keys)``: runs inside the all-or-nothing block of
+            injection once every target is wrapped (trainable tokens: a tied output head follows the
+            input embedding's layer).
         model_class: ``(requested PeftModel class, config) -> the class to build``.
         make_encoder: ``(config, input embeddings or None, encoded) -> nn.Module``: the prompt
             encoder of a soft-prompt method (``encoded``: loaded for inference, holds its output).
@@ -84,6 +87,7 @@ class Method:
     default_targets: Mapping[str, Sequence[str]] = field(default_factory=dict)
     prepare: Optional[Callable[..., None]] = None
     find_targets: Optional[Callable[..., list[str]]] = None
+    after_inject: Optional[Callable[..., None]] = None
     model_class: Optional[Callable[..., type]] = None
     make_encoder: Optional[Callable[..., Any]] = None
     extra_state: Optional[ExtraState] = None

@@ -22,6 +22,7 @@ from .layer import AdapterLayer
 from .merging import prepare_merge, untie_config
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import find_targets, get_submodule_parent, model_type_of
+from .tying import tie_config
 
 if TYPE_CHECKING:
     from ..config import PeftConfig
@@ -55,6 +56,8 @@ def prepare_config(config: "PeftConfig", model: nn.Module) -> "PeftConfig":
         present = [h for h in heads if any(k == h or k.endswith("." + h) for k, _ in model.named_modules())]
         if present:
             config.modules_to_save = sorted(set(config.modules_to_save or []) | set(present))
+    if hasattr(config, "ensure_weight_tying"):
+        tie_config(config, model)
     return config
 
 
@@ -93,6 +96,8 @@ def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets
             parent, child = get_submodule_parent(model, key)
             setattr(parent, child, new)
             replaced.append((parent, child, target))
+        if method.after_inject is not None:
+            method.after_inject(model, config, adapter_name, keys)
     except Exception:
         for layer in extended:
             layer.delete_adapter(adapter_name)
@@ -105,12 +110,13 @@ def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Drop every tensor of adapter ``name``; wrappers left with no adapter give their place back to
     the module they wrap."""
-    for key, layer in reversed(list(adapter_layers(model))):  # innermost first
-        if name in layer.adapter_names:
-            layer.delete_adapter(name)
-            if not layer.adapter_names:
-                parent, child = get_submodule_parent(model, key)
-                setattr(parent, child, layer.base_layer)
+    holding = [(key, layer) for key, layer in reversed(list(adapter_layers(model))) if name in layer.adapter_names]
+    for _, layer in holding:  # innermost first; layers sharing tensors (tied embeddings) all see the deletion
+        layer.delete_adapter(name)
+    for key, layer in holding:
+        if not layer.adapter_names:
+            parent, child = get_submodule_parent(model, key)
+            setattr(parent, child, layer.base_layer)
 
 
 def check_mergeable(layers: Iterable[tuple[str, nn.Module]]) -> None:

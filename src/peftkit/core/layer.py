@@ -133,6 +133,11 @@ class AdapterLayer(nn.Module):
     def clear_cache(self) -> None:
         """Drop tensors cached from adapter weights (subclasses with caches override)."""
 
+    def tied_layers(self) -> list["AdapterLayer"]:
+        """Layers that write the same values into a base weight this layer shares with them (trainable
+        tokens over tied embeddings): merging need not untie a weight shared only with them."""
+        return []
+
     def adapter_param_items(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
         """(local in-memory key, tensor) for every tensor of adapter ``name``."""
         for attr in self.adapter_layer_names:

@@ -64,10 +64,12 @@ def untie_shared_weights(model: nn.Module, layers: Sequence[tuple[str, AdapterLa
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
     untied = []
+    key_of = {id(layer): key for key, layer in layers}
     for key, layer in layers:
         base = layer.get_base_layer()
+        own = [key + "."] + [key_of[id(t)] + "." for t in layer.tied_layers() if id(t) in key_of]
         for name, p in list(base.named_parameters(remove_duplicate=False)):
-            if all(n.startswith(key + ".") for n in owners.get(id(p), [])):
+            if all(n.startswith(tuple(own)) for n in owners.get(id(p), [])):
                 continue
             module_path, _, attr = name.rpartition(".")
             module = base.get_submodule(module_path) if module_path else base

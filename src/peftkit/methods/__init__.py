@@ -14,3 +14,4 @@ from . import ln_tuning  # noqa: F401
 from . import prompt_tuning  # noqa: F401
 from . import p_tuning  # noqa: F401
 from . import prefix_tuning  # noqa: F401
+from . import trainable_tokens  # noqa: F401

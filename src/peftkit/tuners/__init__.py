@@ -7,7 +7,8 @@ from ..methods.lora import LoraConfig, LoraModel
 from ..methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from ..methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from ..methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from ..methods.trainable_tokens import TrainableTokensConfig
 
 __all__ = ["IA3Config", "IA3Model", "LNTuningConfig", "LNTuningModel", "LoraConfig", "LoraModel", "PrefixEncoder",
            "PrefixTuningConfig", "PromptEmbedding", "PromptEncoder", "PromptEncoderConfig",
-           "PromptEncoderReparameterizationType", "PromptTuningConfig", "PromptTuningInit"]
+           "PromptEncoderReparameterizationType", "PromptTuningConfig", "PromptTuningInit", "TrainableTokensConfig"]

@@ -5,6 +5,7 @@ from ..base_state import get_base_model_state_dict, set_base_model_state_dict
 from ..checkpoint import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from ..config import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType, TaskType
 from ..core.modules_to_save import ModulesToSaveWrapper
+from ..core.trainable_tokens import TrainableTokensWrapper
 from ..errors import PeftkitError as PeftError
 from ..errors import PeftkitWarning as PeftWarning
 from ..errors import TargetError as NoMatchingPeftModuleError
@@ -19,6 +20,7 @@ INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
 AuxiliaryTrainingWrapper = ModulesToSaveWrapper  # the base of trainable copies of whole modules
 
 __all__ = [
+    "TrainableTokensWrapper",
     "CONFIG_NAME", "INCLUDE_LINEAR_LAYERS_SHORTHAND", "SAFETENSORS_WEIGHTS_NAME",
     "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING", "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING", "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",

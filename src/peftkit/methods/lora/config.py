@@ -71,6 +71,12 @@ class LoraConfig(PeftConfig):
             the module name.
         use_dora: weight-decomposed LoRA.
         lora_bias: give B a trainable bias.
+        trainable_token_indices: also train these rows of the input embedding (a list), or of the
+            named embedding layers (``{"embed_tokens": [...]}``), as trainable tokens; a tied output
+            head follows the embedding's rows.
+        ensure_weight_tying: keep tied embeddings tied in what the adapter trains: an embedding in
+            ``modules_to_save`` is trained once for both (the head's copy shares the weight), and tied
+            layers in ``trainable_token_indices`` must get the same indices.
     """
 
     PEFT_TYPE = PeftType.LORA
@@ -108,7 +114,7 @@ class LoraConfig(PeftConfig):
     use_qalora: bool = False
     qalora_group_size: int = 16
     layer_replication: Optional[list] = None
-    trainable_token_indices: Optional[Any] = None
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
     alora_invocation_tokens: Optional[list[int]] = None
     ensure_weight_tying: bool = False
     use_bdlora: Optional[Any] = None
@@ -138,11 +144,19 @@ class LoraConfig(PeftConfig):
         unsupported(self, "megatron_config", self.megatron_config, None)
         unsupported(self, "loftq_config", self.loftq_config, {}, "LoftQ init")
         for name in ("eva_config", "corda_config", "kasa_config", "lora_ga_config", "monteclora_config",
-                     "arrow_config", "velora_config", "layer_replication", "trainable_token_indices",
+                     "arrow_config", "velora_config", "layer_replication",
                      "alora_invocation_tokens", "use_bdlora"):
             unsupported(self, name, getattr(self, name), None)
         unsupported(self, "use_qalora", self.use_qalora, False)
-        unsupported(self, "ensure_weight_tying", self.ensure_weight_tying, False)
+        self._check_token_indices()
+
+    def _check_token_indices(self) -> None:
+        tokens = self.trainable_token_indices
+        groups = tokens.items() if isinstance(tokens, dict) else [("", tokens)] if tokens is not None else []
+        for layer, indices in groups:
+            where = f"LoraConfig.trainable_token_indices{f'[{layer!r}]' if layer else ''}"
+            if not indices or any(i < 0 for i in indices) or len(set(indices)) != len(indices):
+                raise ConfigError(f"{where} must be a non-empty list of distinct token indices >= 0, got {indices!r}.")
 
     def rank_for(self, key: str) -> int:
         return _pattern_value(self.rank_pattern or {}, key, self.r)
