@@ -225,15 +225,31 @@ def _normalise(key: str) -> str:
     return key
 
 
+class LoadResult(list):
+    """What :func:`set_peft_model_state_dict` returns: the list of the file keys that matched nothing,
+    also as ``unexpected_keys``, and ``missing_keys``, the adapter's keys the state dict lacked (as
+    ``torch.nn.Module.load_state_dict`` and Hugging Face PEFT report them)."""
+
+    def __init__(self, unexpected: list[str], missing: list[str]) -> None:
+        super().__init__(unexpected)
+        self.unexpected_keys = list(unexpected)
+        self.missing_keys = list(missing)
+
+
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
                               adapter_name: str = "default", *, source: str = "state dict",
-                              strict: bool = True) -> list[str]:
+                              strict: bool = True, low_cpu_mem_usage: bool = False) -> LoadResult:
     """Copy file-keyed tensors into adapter ``adapter_name``; validate everything first.
 
     Raises :class:`CheckpointError` naming the offending key on a shape mismatch or a missing tensor
     (if ``strict``), before any tensor is copied. Returns the file keys that matched nothing (ignored,
-    with a warning). State a method keeps outside its layers (a prompt encoder) is checked and loaded
-    by the method's :class:`~peftkit.registry.ExtraState`, in the same all-or-nothing way.
+    with a warning) as a :class:`LoadResult`. State a method keeps outside its layers (a prompt
+    encoder) is checked and loaded by the method's :class:`~peftkit.registry.ExtraState`, in the same
+    all-or-nothing way. Adapter tensors still on the meta device (created with ``low_cpu_mem_usage``)
+    are replaced by new parameters holding the loaded values on their layer's device (assigned, as
+    ``load_state_dict(assign=True)``); every one of them must be in the state dict. Others are copied
+    into in place (``low_cpu_mem_usage`` is accepted for Hugging Face PEFT's signature: the meta
+    tensors say what to assign).
     """
     check_state_dict(peft_model_state_dict, source)
     config = peft_config_of(model, adapter_name)
@@ -262,16 +278,38 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     if unexpected:
         warnings.warn(f"{source}: ignoring {len(unexpected)} tensors that match no adapter tensor: "
                       f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}", PeftkitWarning, stacklevel=3)
+    on_meta = [fk for key, (fk, t) in expected.items() if t.is_meta and key not in given]
+    if on_meta:
+        raise CheckpointError(f"{source} has no tensor {on_meta[0]!r}, and the adapter was created on the meta device "
+                              "(low_cpu_mem_usage=True), so every adapter tensor must be loaded.")
+    assign: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for key, (_, tensor) in expected.items():
-            if key in given:
+            if key in given and tensor.is_meta:
+                assign[id(tensor)] = given[key]
+            elif key in given:
                 tensor.copy_(given[key].to(device=tensor.device, dtype=tensor.dtype))
+        assign_meta_tensors(model, assign)
         if commit_extra is not None:
             commit_extra()
     for _, module in model.named_modules():
         if isinstance(module, AdapterLayer):
             module.clear_cache()
-    return unexpected
+    return LoadResult(unexpected, [fk for key, (fk, _) in expected.items() if key not in given])
+
+
+def assign_meta_tensors(model: nn.Module, values: dict[int, torch.Tensor]) -> None:
+    """Replace each meta parameter whose ``id`` is in ``values`` by a new parameter holding that value
+    (its dtype and ``requires_grad`` kept) on the device of its adapter layer's base."""
+    if not values:
+        return
+    for layer in [m for m in model.modules() if isinstance(m, AdapterLayer)]:
+        device = layer.base_device()
+        for module in layer.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.is_meta and id(p) in values:
+                    data = torch.empty(p.shape, device=device, dtype=p.dtype).copy_(values[id(p)])
+                    module._parameters[name] = nn.Parameter(data, requires_grad=p.requires_grad)
 
 
 def check_state_dict(state_dict: Any, source: str = "state dict") -> None:
