@@ -1,0 +1,1 @@
+"""Hugging Face PEFT's ``peft.utils`` import paths for what peftkit has of them (``peftkit.utils.hotswap``)."""
