@@ -34,12 +34,13 @@ from .hotswap import lora_layers
 
 
 def _only_args_kwargs(fn: Any) -> bool:
-    """Whether ``fn``'s signature is ``(*args, **kwargs)`` (or ``(**kwargs)``) with nothing else of note."""
+    """Whether ``fn``'s signature is generic: ``(*args, **kwargs)`` or ``(**kwargs)``, keyword-only
+    extras allowed (PeftModel's ``adapter_names``)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    kinds = [p.kind for p in params.values()]
+    kinds = [p.kind for p in params.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
     return kinds in ([inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD], [inspect.Parameter.VAR_KEYWORD])
 
 
@@ -58,7 +59,7 @@ def _copy_signature(model: nn.Module, method: str) -> None:
 
 def update_forward_signature(model: nn.Module) -> None:
     """Give ``model.forward`` the base model's ``forward`` docstring and annotations, when its own
-    signature is only ``(*args, **kwargs)`` (otherwise nothing changes)."""
+    signature is generic, ``(*args, **kwargs)`` (otherwise nothing changes)."""
     if _only_args_kwargs(model.forward):
         _copy_signature(model, "forward")
 
