@@ -4,7 +4,6 @@ update_*signature) and low_cpu_mem_usage (adapters created on the meta device, a
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch

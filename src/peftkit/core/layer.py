@@ -39,6 +39,9 @@ class AdapterLayer(nn.Module):
     # in-memory key suffix -> file key suffix, applied after the adapter name is removed
     save_key_renames: dict[str, str] = {}
     mergeable: bool = True
+    # False (peftkit.helpers.disable_input_dtype_casting, per instance): inputs reach the adapter's
+    # modules in their own dtype (hooks on the modules may cast the weights), not cast to the weights'
+    cast_input_dtype_enabled: bool = True
     merge_hint: str = ""  # why a non-mergeable layer cannot be merged (appended to the error)
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -47,9 +50,6 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        # False (peftkit.helpers.disable_input_dtype_casting): inputs reach the adapter's modules in
-        # their own dtype (hooks on the modules may cast the weights), not cast to the weights' dtype
-        self.cast_input_dtype_enabled = True
 
     # -- bookkeeping --------------------------------------------------------------------------
     @property

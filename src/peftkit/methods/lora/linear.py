@@ -79,7 +79,7 @@ class Linear(LoraLayer):
         B = modules["lora_B"]._modules[name]._parameters
         dropout = modules["lora_dropout"]._modules[name]
         if x.dtype is not A.dtype:
-            if not d["cast_input_dtype_enabled"]:
+            if not self.cast_input_dtype_enabled:
                 return self._add_uncast(name, x, result)
             x = x.to(A.dtype)
         xa = x
