@@ -259,8 +259,10 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     tensors instead (a warning names them). Returns :class:`IncompatibleKeys`: the tensors not loaded
     (``strict=False``) and the file keys that matched nothing (ignored, with a warning). State a method
     keeps outside its layers (a prompt encoder) is checked and loaded by the method's
-    :class:`~peftkit.registry.ExtraState`, in the same all-or-nothing way. ``low_cpu_mem_usage`` is
-    accepted for Hugging Face PEFT's signature.
+    :class:`~peftkit.registry.ExtraState`, in the same all-or-nothing way. Adapter tensors still on the meta
+    device (created with ``low_cpu_mem_usage``) are replaced by new parameters holding the loaded values
+    on their layer's device (assigned, as ``load_state_dict(assign=True)``); every one of them must be in
+    the state dict. Others are copied into in place.
     """
     check_state_dict(peft_model_state_dict, source)
     config = peft_config_of(model, adapter_name)
@@ -297,10 +299,18 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     if unexpected:
         warnings.warn(f"{source}: ignoring {len(unexpected)} tensors that match no adapter tensor: "
                       f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}", PeftkitWarning, stacklevel=3)
+    on_meta = [fk for key, (fk, t) in expected.items() if t.is_meta and key not in given]
+    if on_meta:
+        raise CheckpointError(f"{source} has no tensor {on_meta[0]!r}, and the adapter was created on the meta device "
+                              "(low_cpu_mem_usage=True), so every adapter tensor must be loaded.")
+    assign: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for key, (_, tensor) in expected.items():
-            if key in given:
+            if key in given and tensor.is_meta:
+                assign[id(tensor)] = given[key]
+            elif key in given:
                 tensor.copy_(given[key].to(device=tensor.device, dtype=tensor.dtype))
+        assign_meta_tensors(model, assign)
         if commit_extra is not None:
             commit_extra()
     for _, module in model.named_modules():
@@ -308,6 +318,20 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
             module.clear_cache()
     missing = [memory_keys[k] for k in expected if k in memory_keys and k not in given]
     return IncompatibleKeys(missing, unexpected)
+
+
+def assign_meta_tensors(model: nn.Module, values: dict[int, torch.Tensor]) -> None:
+    """Replace each meta parameter whose ``id`` is in ``values`` by a new parameter holding that value
+    (its dtype and ``requires_grad`` kept) on the device of its adapter layer's base."""
+    if not values:
+        return
+    for layer in [m for m in model.modules() if isinstance(m, AdapterLayer)]:
+        device = layer.base_device()
+        for module in layer.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.is_meta and id(p) in values:
+                    data = torch.empty(p.shape, device=device, dtype=p.dtype).copy_(values[id(p)])
+                    module._parameters[name] = nn.Parameter(data, requires_grad=p.requires_grad)
 
 
 def check_state_dict(state_dict: Any, source: str = "state dict") -> None:

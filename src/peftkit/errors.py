@@ -37,6 +37,11 @@ class MergeError(PeftkitError):
     """A merge or unmerge cannot be done (unsupported layer, NaN weights with safe_merge, ...)."""
 
 
+class HotswapError(PeftkitError, RuntimeError):
+    """An adapter cannot be hot-swapped into another's tensors (other method or settings, other
+    targets, merged). Also a ``RuntimeError``, as Hugging Face PEFT raises for unexpected keys."""
+
+
 class PeftkitWarning(UserWarning):
     """Category of peftkit's warnings (unknown config fields, inexact operations, ...)."""
 

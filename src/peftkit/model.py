@@ -25,6 +25,7 @@ from .config import TASK_HEADS, PeftConfig
 from .core.inject import adapter_layers, check_mergeable, inject, prepare_config, remove_adapter, unload
 from .core.copy_layer import CopyLayer
 from .core.layer import AdapterLayer
+from .core.memory import adapters_on_meta
 from .core.merging import merge_layers
 from .core.mixed import check_adapter_names, mixed_batch
 from .core.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
@@ -105,6 +106,7 @@ class PeftModel(PeftModelApi, nn.Module):
         peft_config: the config of the first adapter.
         adapter_name: its name.
         autocast_adapter_dtype: keep adapter tensors in float32 over a float16/bfloat16 base.
+        low_cpu_mem_usage: create the adapter's tensors on the meta device (to be loaded: see add_adapter).
     """
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
@@ -118,7 +120,7 @@ class PeftModel(PeftModelApi, nn.Module):
         self._disabled = False
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.base_model = self._wrap_base(model, peft_config)
-        self.add_adapter(adapter_name, peft_config)
+        self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
         self.set_adapter(adapter_name)
 
     # -- hooks for PeftModels of methods outside the layers --------------------------------------
@@ -213,15 +215,16 @@ class PeftModel(PeftModelApi, nn.Module):
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: Optional[bool] = None) -> None:
         """Add a new adapter (inactive unless it is the first); the model is unchanged on error.
-        ``autocast_adapter_dtype`` (default: the model's setting) keeps its tensors in float32 over a
-        float16/bfloat16 base."""
+        ``low_cpu_mem_usage``: its layer tensors are created on the meta device, uninitialised, until a
+        state dict is loaded into them. ``autocast_adapter_dtype`` (default: the model's setting) keeps
+        its tensors in float32 over a float16/bfloat16 base."""
         check_new_name(adapter_name, list(self.peft_config))
         if not isinstance(peft_config, PeftConfig):
             raise ConfigError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}.")
         self._check_kind(peft_config)
         if self.peft_config:
             self._check_compatible(peft_config)
-        with undo_base_edits_on_error():  # an init that rewrites base weights (PiSSA) is undone on error
+        with undo_base_edits_on_error(), adapters_on_meta(low_cpu_mem_usage):  # PiSSA's base edits undone on error
             config = self._create_adapter(adapter_name, peft_config)
         self.peft_config[adapter_name] = config
         self._cast_adapter(adapter_name, self.autocast_adapter_dtype if autocast_adapter_dtype is None
@@ -451,7 +454,8 @@ class PeftModel(PeftModelApi, nn.Module):
             target_cls = MODEL_TYPE_TO_PEFT_MODEL[str(config.task_type)]
         target_cls = class_for(target_cls, config)
         with undo_base_edits_on_error():  # base weights an init rewrote (PiSSA) are restored on error
-            peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                    low_cpu_mem_usage=low_cpu_mem_usage)
             try:
                 set_peft_model_state_dict(peft_model, weights, adapter_name, source=source)
             except Exception:
@@ -468,9 +472,10 @@ class PeftModel(PeftModelApi, nn.Module):
         (``missing_keys`` / ``unexpected_keys``). Nothing changes on error; without ``is_trainable`` the model
         is put in eval mode."""
         check_new_name(adapter_name, list(self.peft_config))
+        low_cpu_mem_usage = bool(kwargs.pop("low_cpu_mem_usage", False))
         source, config, weights = _read_adapter(model_id, subfolder, revision, is_trainable, None, kwargs)
         with undo_base_edits_on_error():  # base weights an init rewrote (PiSSA) are restored on error
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
             try:
                 result = set_peft_model_state_dict(self, weights, adapter_name, source=source)
             except Exception:
@@ -539,14 +544,16 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         peft_config.base_model_name_or_path = name_or_path(model)
     cls = MODEL_TYPE_TO_PEFT_MODEL.get(str(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
     cls = class_for(cls, peft_config)
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
                             low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> nn.Module:
     """Add adapter layers to ``model`` in place (no PeftModel wrapper); the base is frozen.
 
-    Only the adapter tensors train. Save with :func:`get_peft_model_state_dict`.
+    Only the adapter tensors train. Save with :func:`get_peft_model_state_dict`. ``low_cpu_mem_usage``:
+    the adapter tensors are created on the meta device, to be loaded (``state_dict``) later.
     """
     if not isinstance(peft_config, PeftConfig):
         raise ConfigError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}.")
@@ -555,7 +562,8 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     check_new_name(adapter_name, [n for _, layer in adapter_layers(model) for n in layer.adapter_names])
     config = prepare_config(peft_config, model)
     with undo_base_edits_on_error():  # base weights an init rewrote (PiSSA) are restored on error
-        inject(model, config, adapter_name)
+        with adapters_on_meta(low_cpu_mem_usage):
+            inject(model, config, adapter_name)
         try:
             if getattr(config, "modules_to_save", None):
                 wrap_modules_to_save(model, config.modules_to_save, adapter_name,

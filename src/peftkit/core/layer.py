@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import MergeError
+from .memory import creating_on_meta
 from .mixed import MixedBatch, current_mixed_batch
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ class AdapterLayer(nn.Module):
     # in-memory key suffix -> file key suffix, applied after the adapter name is removed
     save_key_renames: dict[str, str] = {}
     mergeable: bool = True
+    # False (peftkit.helpers.disable_input_dtype_casting, per instance): inputs reach the adapter's
+    # modules in their own dtype (hooks on the modules may cast the weights), not cast to the weights'
+    cast_input_dtype_enabled: bool = True
     merge_hint: str = ""  # why a non-mergeable layer cannot be merged (appended to the error)
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -69,7 +73,14 @@ class AdapterLayer(nn.Module):
         return getattr(self.get_base_layer(), "bias", None)
 
     def _adapter_device(self) -> torch.device:
-        """Where new adapter tensors go: the device of the base layer's first parameter or buffer."""
+        """Where new adapter tensors go: the device of the base layer's first parameter or buffer
+        (``meta`` inside :func:`peftkit.core.memory.adapters_on_meta`: ``low_cpu_mem_usage``)."""
+        if creating_on_meta():
+            return torch.device("meta")
+        return self.base_device()
+
+    def base_device(self) -> torch.device:
+        """The device of the base layer's first parameter or buffer (CPU if it has none)."""
         base = self.get_base_layer()
         first = next(itertools.chain(base.parameters(), base.buffers()), None)
         return torch.device("cpu") if first is None else first.device

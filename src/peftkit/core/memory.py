@@ -8,13 +8,19 @@ ConfigError saying which setting to lower, when one tensor would have more than
 (CPU: ``MemAvailable`` of ``/proc/meminfo``; CUDA: ``torch.cuda.mem_get_info``; other devices, such
 as ``meta``, are not checked). Free memory is only looked up for tensors over
 :data:`CHECK_FREE_ABOVE` bytes, so ordinary adapters cost nothing.
+
+:func:`adapters_on_meta` is ``low_cpu_mem_usage``: inside it new adapter tensors are created on the
+``meta`` device (no memory, no initialisation); loading a state dict then puts the file's tensors
+in their place (:func:`peftkit.set_peft_model_state_dict` assigns them, on the base layer's device).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Optional, Union
 
 import torch
@@ -24,6 +30,26 @@ from ..errors import ConfigError
 
 MAX_TENSOR_ELEMENTS = 2**31
 CHECK_FREE_ABOVE = 2**26  # bytes
+_ON_META: ContextVar[bool] = ContextVar("peftkit_adapters_on_meta", default=False)
+
+
+@contextmanager
+def adapters_on_meta(active: bool = True) -> Iterator[None]:
+    """Inside: adapter layers create new adapter tensors on the ``meta`` device (``active=False``:
+    no change). Nested uses keep the outer setting when inactive."""
+    if not active:
+        yield
+        return
+    token = _ON_META.set(True)
+    try:
+        yield
+    finally:
+        _ON_META.reset(token)
+
+
+def creating_on_meta() -> bool:
+    """Whether :func:`adapters_on_meta` is active here."""
+    return _ON_META.get()
 
 
 def free_bytes(device: Union[str, torch.device]) -> Optional[int]:

@@ -55,7 +55,7 @@ class ConvNd(LoraLayer):
         return delta * self.scaling[name]
 
     def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        xa = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))
+        xa = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype) if self.cast_input_dtype_enabled else x)
         lora = self.lora_B[name](self.lora_A[name](xa))
         if name in self.dora:
             return self.dora[name].forward(self, name, xa, lora, result)

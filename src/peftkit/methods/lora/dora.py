@@ -15,6 +15,12 @@ have none. The variant changes three things of its adapter: the output (:meth:`D
 merging (``W ← f ⊙ (W + s B A)``, the norm kept for an exact unmerge) and, for linear layers, the
 per-row factors of mixed batches (:meth:`DoraLinear.row_factor`). The subclasses say how the norm is
 taken and shaped for each layer type.
+
+The norm costs a product ``B A`` and a pass over ``W`` on every forward. With weight caching on
+(:class:`peftkit.helpers.DoraCaching`) and the layer in eval mode, :meth:`DoraVariant.norm` keeps it
+in the magnitude module's ``_dora_cache`` (as Hugging Face PEFT names it), keyed by the storage and
+version of every tensor it depends on; the cache is dropped when the layer runs with caching off and
+whenever ``train()`` / ``eval()`` is called.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.caching import weight_caching_enabled
 from ...quant import dequantize_weight
 
 # ``layer`` below: the LoRA layer a variant belongs to, of the matching type (typed as a module: the
@@ -38,6 +45,11 @@ class DoraMagnitude(nn.Module):
     def __init__(self, magnitude: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(magnitude)
+        self._dora_cache: dict[str, tuple] = {}  # "norm" -> (key, norm); not part of the state dict
+
+    def train(self, mode: bool = True) -> "DoraMagnitude":
+        self._dora_cache.clear()
+        return super().train(mode)
 
 
 class DoraVariant:
@@ -50,9 +62,32 @@ class DoraVariant:
     def create(cls, layer: Layer, name: str) -> "DoraVariant":
         """Initialise ``m = ||W||_row`` (B is zero: the adapter starts as a no-op) and return the variant."""
         with torch.no_grad():
-            norm = cls.weight_norm(layer, name, dequantize_weight(layer.get_base_layer()).float())
+            weight = dequantize_weight(layer.get_base_layer()).float()
+            if any(t.is_meta for _, t in layer.adapter_param_items(name)):
+                weight = weight.to("meta")  # low_cpu_mem_usage: the loaded state dict brings m
+            norm = cls.weight_norm(layer, name, weight)
         layer.lora_magnitude_vector[name] = DoraMagnitude(norm.to(torch.float32))
         return cls()
+
+    def norm(self, layer: Layer, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight_norm(...)`` detached; cached while weight caching is on and the layer is in eval
+        mode (module doc)."""
+        cache = layer.lora_magnitude_vector[name]._dora_cache
+        if not weight_caching_enabled() or layer.training:
+            if cache:
+                cache.clear()
+            return self.weight_norm(layer, name, weight).detach()
+        base = layer.get_base_layer()
+        tensors = [t for _, t in layer.adapter_param_items(name)] + list(base.parameters(recurse=False))
+        scaling = layer.scaling[name]
+        key = (weight.dtype, weight.device, tuple((t.data_ptr(), t._version) for t in tensors),
+               (id(scaling), scaling._version) if isinstance(scaling, torch.Tensor) else scaling)
+        hit = cache.get("norm")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = self.weight_norm(layer, name, weight).detach()
+        cache["norm"] = (key, value)
+        return value
 
     @staticmethod
     def weight_norm(layer: Layer, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -103,7 +138,7 @@ class DoraLinear(DoraVariant):
         base = layer.get_base_layer()
         weight = dequantize_weight(base)
         lora = layer.lora_B[name](layer.lora_A[name](xd))
-        norm = self.weight_norm(layer, name, weight.to(lora.dtype)).detach()
+        norm = self.norm(layer, name, weight.to(lora.dtype))
         f = layer.lora_magnitude_vector[name].weight / norm
         if layer.training and not isinstance(layer.lora_dropout[name], nn.Identity):
             w = weight.T if layer.fan_in_fan_out else weight
@@ -130,7 +165,7 @@ class DoraEmbedding(DoraVariant):
     def forward(self, layer: Layer, name: str, out: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``f ⊙ (result + out)`` for the base lookup ``result`` and the adapter's lookup ``out``."""
         weight = layer.get_base_layer().weight
-        f = layer.lora_magnitude_vector[name].weight / self.weight_norm(layer, name, weight.float()).detach()
+        f = layer.lora_magnitude_vector[name].weight / self.norm(layer, name, weight.float())
         return (f * result.to(f.dtype) + f * out).to(result.dtype)
 
 
@@ -154,7 +189,7 @@ class DoraConv(DoraVariant):
         """``result + (f - 1) ⊙ conv(x, W) + f ⊙ s · lora`` (``lora`` the unscaled adapter output on
         ``xa``, the adapter input after dropout)."""
         base = layer.get_base_layer()
-        norm = self.weight_norm(layer, name, base.weight.to(lora.dtype)).detach()
+        norm = self.norm(layer, name, base.weight.to(lora.dtype))
         f = layer.lora_magnitude_vector[name].weight / norm
         if layer.training and not isinstance(layer.lora_dropout[name], nn.Identity):
             base_out = layer.conv_fn(xa, base.weight.to(xa.dtype), None, base.stride, base.padding,

@@ -16,8 +16,9 @@ drop it (``LoraLayer._apply``), as does ``clear_cache``.
 Plain means: no extra arguments, not disabled, nothing merged, no mixed batch open, no autograd, a
 plain ``torch.Tensor`` input, no autocast, not compiling or tracing, an exact ``nn.Linear`` base with
 no hooks (its own or global), no instance-level ``forward`` and no compiled wrapper, and the base
-weight and every active adapter's weights in the input's dtype with no DoRA and no ``lora_bias``;
-dropout only in eval mode. Anything else takes the general path (:meth:`LoraLayer.forward`).
+weight and every active adapter's weights in the input's dtype with no DoRA, no ``lora_bias`` and a
+number as scaling (not the tensor of ``prepare_model_for_compiled_hotswap``); dropout only in eval
+mode. Anything else takes the general path (:meth:`LoraLayer.forward`).
 
 :func:`forward` is ``Linear.forward`` itself (assigned in the class body, so the road costs no call
 level of its own): it reads the layer's state from its ``__dict__``, as ``nn.Module`` attribute
@@ -87,7 +88,7 @@ def plan_road(layer: LoraLayer) -> RoadPlan:
                 continue
             A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
             if (layer.use_dora[name] or layer.lora_bias[name] or A.dtype is not dtype or B.dtype is not dtype
-                    or type(A) not in _PLAIN or type(B) not in _PLAIN):
+                    or type(A) not in _PLAIN or type(B) not in _PLAIN or isinstance(layer.scaling[name], torch.Tensor)):
                 dtype = None
                 break
             dropout = layer.lora_dropout[name]

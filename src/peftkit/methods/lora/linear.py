@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,12 +78,18 @@ class Linear(LoraLayer):
         A = modules["lora_A"]._modules[name]._parameters["weight"]
         B = modules["lora_B"]._modules[name]._parameters
         dropout = modules["lora_dropout"]._modules[name]
-        xa = x if x.dtype is A.dtype else x.to(A.dtype)
+        if x.dtype is not A.dtype:
+            if not self.cast_input_dtype_enabled:
+                return self._add_uncast(name, x, result)
+            x = x.to(A.dtype)
+        xa = x
         if type(dropout) is not nn.Identity:
             xa = dropout(xa)
         if name in d["dora"]:
             return d["dora"][name].forward(self, name, xa, result)
         weight, bias, s = B["weight"], B["bias"], d["scaling"][name]
+        if isinstance(s, torch.Tensor):  # prepare_model_for_compiled_hotswap: a tensor, so compiled graphs keep it as an input
+            return result + F.linear(F.linear(xa, A), weight, bias).to(result.dtype) * s
         if bias is None and result.dtype is xa.dtype and result.is_contiguous():
             # ``result + s · (x Aᵀ) Bᵀ`` on 2-D views, the second product a GEMM with beta=1: no (…, out)
             # temporary and no separate add pass. (Inference in the plain case takes the no-grad
@@ -90,6 +98,14 @@ class Linear(LoraLayer):
             return torch.addmm(result.view(-1, d["out_features"]), h, weight.t(), alpha=s).view(result.shape)
         h = F.linear(xa, A)
         return torch.add(result, F.linear(h, weight, bias).to(result.dtype), alpha=s)
+
+    def _add_uncast(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``_add_adapter`` with input dtype casting disabled (:func:`peftkit.helpers.disable_input_dtype_casting`):
+        ``x`` reaches the adapter's modules as it is, called as modules so that their hooks run."""
+        xd = self.lora_dropout[name](x)
+        if name in self.dora:
+            return self.dora[name].forward(self, name, xd, result)
+        return result + (self.lora_B[name](self.lora_A[name](xd)) * self.scaling[name]).to(result.dtype)
 
     # -- mixed batches ------------------------------------------------------------------------
     def _stacked(self, names: tuple[str, ...], device: torch.device):
@@ -107,7 +123,7 @@ class Linear(LoraLayer):
         if dora:
             params.append(self.get_base_layer().weight)
         need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = (names, tuple(p._version for p in params), tuple(self.scaling[n] for n in names), device)
+        key = (names, tuple(p._version for p in params), tuple(scale_key(self.scaling[n]) for n in names), device)
         if not need_grad and self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1]
         r_pad = -(-max(self.r[n] for n in names) // 8) * 8
@@ -174,4 +190,10 @@ class Linear(LoraLayer):
         return result + ((f - 1) * base_out + f * lora).to(result.dtype)
 
 
-__all__ = ["Linear"]
+def scale_key(s: Union[float, torch.Tensor]) -> Union[float, tuple[int, int]]:
+    """What identifies a scaling's value in a cache key: the number, or a tensor's identity and
+    version (a tensor scaling is changed in place by hot-swapping)."""
+    return (id(s), s._version) if isinstance(s, torch.Tensor) else s
+
+
+__all__ = ["Linear", "scale_key"]
