@@ -7,6 +7,7 @@ For a frozen weight ``W`` (out x in) LoRA learns ``A`` (r x in) and ``B`` (out x
 Files: :mod:`.config` (LoraConfig), :mod:`.layer` (the shared bookkeeping), :mod:`.linear`,
 :mod:`.embedding`, :mod:`.conv` (the layer types), :mod:`.dora` (DoRA as a variant object),
 :mod:`.fast_path` (the no-grad road of Linear), :mod:`.dispatch` (which layer wraps a module),
+:mod:`.param` (LoRA on bare parameters, ``target_parameters``: MoE expert tensors),
 :mod:`.combine` (``add_weighted_adapter``).
 """
 
@@ -20,12 +21,14 @@ from .dora import DoraConv, DoraEmbedding, DoraLinear, DoraMagnitude, DoraVarian
 from .embedding import Embedding
 from .layer import LoraLayer
 from .linear import Linear
+from .param import ParamWrapper, make_param_layer
 
 register_method(Method(
     peft_type=PeftType.LORA,
     config_cls=LoraConfig,
     layer_types=(LoraLayer,),
     make_layer=make_layer,
+    make_param_layer=make_param_layer,
     default_targets=DEFAULT_TARGETS,
     combine=add_weighted_adapter,
     saves_embedding_layers=True,
@@ -33,4 +36,5 @@ register_method(Method(
 ))
 
 __all__ = ["DEFAULT_TARGETS", "ConvNd", "DoraConv", "DoraEmbedding", "DoraLinear", "DoraMagnitude", "DoraVariant",
-           "Embedding", "Linear", "LoraConfig", "LoraLayer", "add_weighted_adapter", "combine_layer", "make_layer"]
+           "Embedding", "Linear", "LoraConfig", "LoraLayer", "ParamWrapper", "add_weighted_adapter", "combine_layer",
+           "make_layer", "make_param_layer"]
