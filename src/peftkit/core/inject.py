@@ -46,14 +46,13 @@ def prepare_config(config: "PeftConfig", model: nn.Module) -> "PeftConfig":
     if hasattr(config, "target_modules") and config.target_modules is None and not own_targets:
         method = method or method_for(config)  # raises a clear error for an unregistered method
         model_type = model_type_of(model)
-        if model_type not in method.default_targets and getattr(config, "target_parameters", None):
-            pass  # parameters only (Hugging Face PEFT keeps target_modules None then)
-        elif model_type not in method.default_targets:
+        if model_type in method.default_targets:
+            config.target_modules = list(method.default_targets[model_type])
+        elif not getattr(config, "target_parameters", None):  # parameters only: stays None, as in HF PEFT
             raise ConfigError(
                 f"target_modules is not set and peftkit has no default for model type {model_type!r}; pass "
                 "target_modules (module names, a regex, or 'all-linear')."
             )
-        config.target_modules = list(method.default_targets[model_type])
     heads = TASK_HEADS.get(str(config.task_type)) if config.task_type else None
     if heads and hasattr(config, "modules_to_save"):
         present = [h for h in heads if any(k == h or k.endswith("." + h) for k, _ in model.named_modules())]
