@@ -12,7 +12,8 @@ A record holds only what differs between methods; every field but ``peft_type`` 
 
 * layer methods (LoRA, IA3, ...) give ``make_layer`` and the ``layer_types`` it builds, and find
   their targets by ``target_modules`` (with ``default_targets`` per model type), or through
-  ``prepare`` / ``find_targets`` hooks;
+  ``prepare`` / ``find_targets`` hooks; ``make_param_layer`` adapts single parameters named by a
+  config's ``target_parameters`` (LoRA on MoE expert tensors);
 * methods whose adapters live outside the layers (soft prompts) give ``model_class`` (which
   PeftModel class runs them), ``make_encoder`` and ``extra_state`` (how their tensors are saved);
 * ``combine`` implements ``add_weighted_adapter``; ``aliases`` adds toolkit names with config
@@ -59,6 +60,9 @@ class Method:
         layer_types: the wrapper layer classes ``make_layer`` builds; a module already wrapped by
             one of them takes a new adapter of this method instead of being wrapped again.
         make_layer: ``(target module, config, adapter name, module key) -> AdapterLayer``.
+        make_param_layer: ``(module, config, adapter name, parameter key, parameter name) ->
+            AdapterLayer`` wrapping ``module`` (or a wrapper of another of its parameters) to adapt
+            one parameter; set when the method's configs may have ``target_parameters``.
         default_targets: model type -> ``target_modules`` used when the config sets none.
         prepare: ``(config copy, model)``: fill method-specific defaults before the generic
             default-target lookup.
@@ -84,6 +88,7 @@ class Method:
     config_cls: type
     layer_types: tuple[type, ...] = ()
     make_layer: Optional[Callable[..., Any]] = None
+    make_param_layer: Optional[Callable[..., Any]] = None
     default_targets: Mapping[str, Sequence[str]] = field(default_factory=dict)
     prepare: Optional[Callable[..., None]] = None
     find_targets: Optional[Callable[..., list[str]]] = None

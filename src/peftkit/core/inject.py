@@ -1,7 +1,9 @@
 """Injection and unloading: the one place where modules of a user's model are replaced.
 
 :func:`inject` wraps every module a config targets in the method's layer (from the registry:
-:func:`peftkit.registry.method_for`) or adds the adapter to the wrapper already there;
+:func:`peftkit.registry.method_for`) or adds the adapter to the wrapper already there, then every
+parameter its ``target_parameters`` names (one wrapper per parameter; wrappers of parameters of one
+module nest, the first parameter innermost);
 :func:`unload` puts the base modules back, merging first if asked. :func:`prepare_config` fills the
 fields a config takes from the model (default targets per model type, task heads). Nothing here
 knows any method's math.
@@ -21,7 +23,7 @@ from ..registry import lookup, method_for
 from .layer import AdapterLayer
 from .merging import prepare_merge, untie_config
 from .modules_to_save import ModulesToSaveWrapper
-from .targets import find_targets, get_submodule_parent, model_type_of
+from .targets import find_targets, get_submodule_parent, logical_key, model_type_of, parameter_targets
 from .tying import tie_config
 
 if TYPE_CHECKING:
@@ -45,12 +47,13 @@ def prepare_config(config: "PeftConfig", model: nn.Module) -> "PeftConfig":
     if hasattr(config, "target_modules") and config.target_modules is None and not own_targets:
         method = method or method_for(config)  # raises a clear error for an unregistered method
         model_type = model_type_of(model)
-        if model_type not in method.default_targets:
+        if model_type in method.default_targets:
+            config.target_modules = set(method.default_targets[model_type])  # a set, as Hugging Face PEFT
+        elif not getattr(config, "target_parameters", None):  # parameters only: stays None, as in HF PEFT
             raise ConfigError(
                 f"target_modules is not set and peftkit has no default for model type {model_type!r}; pass "
                 "target_modules (module names, a regex, or 'all-linear')."
             )
-        config.target_modules = set(method.default_targets[model_type])
     heads = TASK_HEADS.get(str(config.task_type)) if config.task_type else None
     if heads and hasattr(config, "modules_to_save"):
         present = [h for h in heads if any(k == h or k.endswith("." + h) for k, _ in model.named_modules())]
@@ -70,8 +73,11 @@ def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets
     method = method_for(config)
     if method.make_layer is None:
         raise TargetError(f"{config.peft_type} adapters are not layers; they cannot be injected into a model.")
+    params_only = bool(getattr(config, "target_parameters", None)) and not getattr(config, "target_modules", None)
     if targets is not None:
         keys = targets
+    elif params_only:
+        keys = []
     elif method.find_targets is not None:  # methods that locate their targets themselves
         keys = method.find_targets(model, config)
     else:
@@ -83,6 +89,10 @@ def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets
             target = model.get_submodule(key)
             if isinstance(target, ModulesToSaveWrapper):
                 raise TargetError(f"{key} is in modules_to_save of another adapter and cannot also be adapted.")
+            if isinstance(target, AdapterLayer) and target.parameter_name is not None:
+                raise TargetError(f"{key}: its parameter {target.parameter_name!r} is adapted through "
+                                  "target_parameters by another adapter, so the module cannot also be targeted "
+                                  "with target_modules.")
             if isinstance(target, AdapterLayer):
                 if not isinstance(target, method.layer_types):
                     raise TargetError(
@@ -96,6 +106,8 @@ def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets
             parent, child = get_submodule_parent(model, key)
             setattr(parent, child, new)
             replaced.append((parent, child, target))
+        if targets is None and getattr(config, "target_parameters", None):
+            keys = keys + inject_parameters(model, config, adapter_name, replaced, extended)
         if method.after_inject is not None:
             method.after_inject(model, config, adapter_name, keys)
     except Exception:
@@ -105,6 +117,59 @@ def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets
             setattr(parent, child, original)
         raise
     return keys
+
+
+def param_layer_for(module: nn.Module, param_name: str, key: str) -> Optional[AdapterLayer]:
+    """The wrapper of parameter ``param_name`` in the chain of parameter wrappers ``module`` heads
+    (None if the parameter is not wrapped yet); TargetError if a module wrapper is in the chain."""
+    while isinstance(module, AdapterLayer):
+        if module.parameter_name is None:
+            raise TargetError(f"{key} is wrapped by a {type(module).__name__} adapter layer (target_modules), so its "
+                              f"parameter {param_name!r} cannot also be targeted with target_parameters; target "
+                              "either the module or its parameters.")
+        if module.parameter_name == param_name:
+            return module
+        module = module.base_layer
+    return None
+
+
+def wrapped_parameters(model: nn.Module) -> set[tuple[str, str]]:
+    """(module key, parameter name) of every parameter a parameter wrapper of ``model`` adapts."""
+    return {(logical_key(key), layer.parameter_name) for key, layer in adapter_layers(model)
+            if layer.parameter_name is not None and layer.adapter_names}
+
+
+def inject_parameters(model: nn.Module, config: "PeftConfig", adapter_name: str,
+                      replaced: list[tuple[nn.Module, str, nn.Module]], extended: list[AdapterLayer]) -> list[str]:
+    """Wrap (or extend the wrapper of) every parameter ``config.target_parameters`` names; records the
+    changes in ``replaced`` / ``extended`` for :func:`inject` to undo. Returns the parameter keys.
+
+    All adapters that adapt parameters must adapt the same ones: which parameter a wrapper's tensors
+    belong to is its place in the nesting, which a different set would change (and with it the
+    checkpoint keys of the adapters already there), as in Hugging Face PEFT."""
+    method = method_for(config)
+    if method.make_param_layer is None:
+        raise TargetError(f"{config.peft_type} adapters cannot target parameters (target_parameters).")
+    pairs = parameter_targets(model, config)
+    existing = wrapped_parameters(model)
+    if existing and existing != set(pairs):
+        raise TargetError(
+            "When using multiple adapters with `target_parameters`, all adapters must target the same set of "
+            f"parameters; adapter {adapter_name!r} targets {sorted(f'{k}.{p}' for k, p in pairs)}, the adapters "
+            f"already there {sorted(f'{k}.{p}' for k, p in existing)}.")
+    for key, param_name in pairs:
+        top = model.get_submodule(key)
+        full = f"{key}.{param_name}"
+        layer = param_layer_for(top, param_name, key)
+        if layer is not None:
+            extended.append(layer)
+            layer.update_layer(adapter_name, config, full)
+            continue
+        new = method.make_param_layer(top, config, adapter_name, full, param_name)
+        parent, child = get_submodule_parent(model, key)
+        setattr(parent, child, new)
+        replaced.append((parent, child, top))
+    return [f"{k}.{p}" for k, p in pairs]
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
@@ -138,7 +203,8 @@ def unload(model: nn.Module, *, merge: bool, safe_merge: bool = False,
     if merge:
         check_mergeable(layers)
         prepare_merge(model, layers, adapter_names, safe_merge)
-    for key, layer in reversed(layers):  # innermost first: a layer may hold another inside its base (LoRA on MHA)
+    # innermost first: a layer may hold another inside its base (LoRA on MHA; wrappers of parameters nest)
+    for key, layer in reversed(layers):
         if isinstance(layer, ModulesToSaveWrapper):
             new = layer.unwrap(merge)
         else:
@@ -154,4 +220,5 @@ def unload(model: nn.Module, *, merge: bool, safe_merge: bool = False,
     return model
 
 
-__all__ = ["adapter_layers", "check_mergeable", "inject", "prepare_config", "remove_adapter", "unload"]
+__all__ = ["adapter_layers", "check_mergeable", "inject", "inject_parameters", "param_layer_for", "prepare_config",
+           "remove_adapter", "unload", "wrapped_parameters"]

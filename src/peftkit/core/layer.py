@@ -43,6 +43,9 @@ class AdapterLayer(nn.Module):
     # modules in their own dtype (hooks on the modules may cast the weights), not cast to the weights'
     cast_input_dtype_enabled: bool = True
     merge_hint: str = ""  # why a non-mergeable layer cannot be merged (appended to the error)
+    # a layer that adapts one parameter of its base module (``target_parameters``) names it here;
+    # such layers nest, one per parameter of the same module (None: the layer wraps the module)
+    parameter_name: Optional[str] = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

@@ -5,6 +5,11 @@
 ``layers_to_transform`` / ``layers_pattern`` keep only some block indices; modules in
 ``modules_to_save`` are never targets. Walks skip the insides of adapter layers
 (:func:`outer_modules`), so a wrapped model matches like the original.
+
+``target_parameters`` names parameters (``experts.gate_up_proj``: exact, or a dotted suffix of
+``<module key>.<parameter name>``); :func:`parameter_targets` finds them on the model as it was
+before any wrapping (:func:`base_modules`), parameters under a ``torch.nn.utils.parametrize``
+parametrization included.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import TargetError, closest
 from .layer import AdapterLayer
@@ -168,6 +174,73 @@ def no_match_message(model: nn.Module, config: "PeftConfig") -> str:
     return msg
 
 
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(key, module) of the model as it was before wrapping: an adapter layer stands for its innermost
+    base module, under the wrapper's key; adapter tensors and parametrization containers are not
+    visited. Each module once."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        key, module = stack.pop()
+        if isinstance(module, AdapterLayer):
+            module = module.get_base_layer()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield key, module
+        children = [(f"{key}.{name}" if key else name, child) for name, child in module.named_children()
+                    if not (name == "parametrizations" and parametrize.is_parametrized(module))]
+        stack.extend(reversed(children))
+
+
+def own_parameter_names(module: nn.Module) -> list[str]:
+    """The names of ``module``'s own parameters (registration order), then those it holds under a
+    parametrization (read through it as ``module.<name>``)."""
+    names = [name for name, _ in module.named_parameters(recurse=False)]
+    if parametrize.is_parametrized(module):
+        names += [name for name in module.parametrizations.keys() if name not in names]
+    return names
+
+
+def logical_key(key: str) -> str:
+    """A module key with the ``base_layer`` steps of wrappers removed (``experts.base_layer`` -> ``experts``)."""
+    return ".".join(part for part in key.split(".") if part != "base_layer")
+
+
+def parameter_targets(model: nn.Module, config: "PeftConfig") -> list[tuple[str, str]]:
+    """(module key, parameter name) of every parameter ``config.target_parameters`` names, modules in
+    walk order and each module's parameters in registration order (the order Hugging Face PEFT nests
+    its wrappers in). TargetError for a name that matches no parameter (with the closest parameter
+    names) and for parameters of the top-level module (a wrapper cannot replace the model itself)."""
+    wanted = list(getattr(config, "target_parameters", None) or [])
+    found: list[tuple[str, str]] = []
+    used: set[str] = set()
+    every: list[str] = []
+    for key, module in base_modules(model):
+        for name in own_parameter_names(module):
+            full = f"{key}.{name}" if key else name
+            every.append(full)
+            hits = [t for t in wanted if full == t or full.endswith("." + t)]
+            if not hits:
+                continue
+            if not key:
+                raise TargetError(f"Targeting an nn.Parameter on the top-level module is not supported (parameter "
+                                  f"{name!r}): it has no parent module to hold its wrapper. Wrap the model in a "
+                                  "module that holds it as a submodule.")
+            used.update(hits)
+            found.append((key, name))
+    missing = [t for t in wanted if t not in used]
+    if missing:
+        hints = list(dict.fromkeys(h for t in missing for h in closest(t, every, n=5)))
+        msg = f"No parameter of the model matched target_parameters entry {missing[0]!r}"
+        msg += f" (unmatched: {missing})." if len(missing) > 1 else "."
+        if hints:
+            msg += f" Closest parameter names: {', '.join(hints[:8])}."
+        raise TargetError(msg + " Entries are full parameter names or dotted suffixes of them, e.g. "
+                          "'mlp.experts.gate_up_proj'; regexes are not supported.")
+    return found
+
+
 def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     """(parent module, attribute name) of the submodule ``key``."""
     parent_key, _, child = key.rpartition(".")
@@ -193,7 +266,7 @@ def no_match(model: nn.Module, what: str, targets: Any) -> str:
     return msg
 
 
-__all__ = ["DEFAULT_LAYERS_PATTERN", "LAYER_INDEX_REGEX", "check_target_module_exists", "closest_module_names", "excluded", "find_targets",
-           "get_submodule_parent",
-           "in_modules_to_save", "is_target", "layer_index", "linear_module_names", "matches_names", "model_type_of",
-           "no_match", "no_match_message", "outer_modules", "outermost"]
+__all__ = ["DEFAULT_LAYERS_PATTERN", "LAYER_INDEX_REGEX", "base_modules", "check_target_module_exists", "closest_module_names", "excluded",
+           "find_targets", "get_submodule_parent", "in_modules_to_save", "is_target", "layer_index",
+           "linear_module_names", "logical_key", "matches_names", "model_type_of", "no_match", "no_match_message",
+           "outer_modules", "outermost", "own_parameter_names", "parameter_targets"]

@@ -7,6 +7,7 @@ For a frozen weight ``W`` (out x in) LoRA learns ``A`` (r x in) and ``B`` (out x
 Files: :mod:`.config` (LoraConfig), :mod:`.layer` (the shared bookkeeping), :mod:`.linear`,
 :mod:`.embedding`, :mod:`.conv`, :mod:`.mha` (the layer types), :mod:`.dora` (DoRA as a variant object),
 :mod:`.fast_path` (the no-grad road of Linear), :mod:`.dispatch` (which layer wraps a module),
+:mod:`.param` (LoRA on bare parameters, ``target_parameters``: MoE expert tensors),
 :mod:`.combine` (``add_weighted_adapter``).
 """
 
@@ -22,6 +23,8 @@ from .embedding import Embedding
 from .layer import LoraLayer
 from .linear import Linear
 from .mha import MixedBatchUnsupportedError, MultiheadAttention
+from .param import ParamWrapper, make_param_layer
+
 
 class LoraModel(BaseTuner):
     """``PeftModel.base_model`` of LoRA adapters (Hugging Face PEFT's name)."""
@@ -35,12 +38,13 @@ register_method(Method(
     config_cls=LoraConfig,
     layer_types=(LoraLayer,),
     make_layer=make_layer,
+    make_param_layer=make_param_layer,
     default_targets=DEFAULT_TARGETS,
     combine=add_weighted_adapter,
     saves_embedding_layers=True,
     aliases={"dora": {"use_dora": True}},
 ))
 
-__all__ = ["LoraModel", "DEFAULT_TARGETS", "ConvNd", "DoraConv", "DoraEmbedding", "DoraLinear", "DoraMagnitude", "DoraVariant",
-           "Embedding", "Linear", "LoraConfig", "LoraLayer", "MixedBatchUnsupportedError",
-           "MultiheadAttention", "add_weighted_adapter", "combine_layer", "make_layer"]
+__all__ = ["LoraModel", "DEFAULT_TARGETS", "ConvNd", "DoraConv", "DoraEmbedding", "DoraLinear", "DoraMagnitude",
+           "DoraVariant", "Embedding", "Linear", "LoraConfig", "LoraLayer", "MixedBatchUnsupportedError",
+           "MultiheadAttention", "ParamWrapper", "add_weighted_adapter", "combine_layer", "make_layer", "make_param_layer"]

@@ -37,6 +37,10 @@ def add_weighted_adapter(peft_model: nn.Module, adapters: Sequence[str], weights
     configs = [peft_model.peft_config[a] for a in adapters]
     if any(c.use_dora for c in configs):
         raise PeftkitError("add_weighted_adapter does not combine DoRA adapters (their magnitudes do not add).")
+    with_params = [a for a, c in zip(adapters, configs) if c.target_parameters]
+    if with_params:
+        raise PeftkitError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter "
+                           f"{with_params[0]!r}: it has target_parameters).")
     if any(c.modules_to_save for c in configs):
         raise PeftkitError("add_weighted_adapter cannot combine adapters with modules_to_save.")
     if svd_rank is not None and (not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or svd_rank <= 0):

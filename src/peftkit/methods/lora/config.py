@@ -77,6 +77,11 @@ class LoraConfig(PeftConfig):
         ensure_weight_tying: keep tied embeddings tied in what the adapter trains: an embedding in
             ``modules_to_save`` is trained once for both (the head's copy shares the weight), and tied
             layers in ``trainable_token_indices`` must get the same indices.
+        target_parameters: parameters adapted directly (:mod:`.param`), for modules that use an
+            ``nn.Parameter`` rather than a linear layer, e.g. the 3-D expert tensors of MoE layers
+            (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``): full parameter names or
+            dotted suffixes, no regex. Set ``target_modules=[]`` to adapt only parameters. Not with
+            ``lora_dropout``, ``use_dora``, ``lora_bias``, ``fan_in_fan_out`` or PiSSA init.
     """
 
     PEFT_TYPE = PeftType.LORA
@@ -99,8 +104,8 @@ class LoraConfig(PeftConfig):
     alpha_pattern: Optional[dict[str, int | float]] = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
-    # Fields of the Hugging Face format that peftkit carries for round trips but does not implement.
     target_parameters: Optional[list[str]] = None
+    # Fields of the Hugging Face format that peftkit carries for round trips but does not implement.
     megatron_config: Optional[dict] = None
     megatron_core: Optional[str] = "megatron.core"
     loftq_config: Union[dict, Any] = field(default_factory=dict)
@@ -140,7 +145,7 @@ class LoraConfig(PeftConfig):
             raise ConfigError("LoraConfig.layers_pattern is only used together with layers_to_transform.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError("layers_to_transform cannot be combined with a regex target_modules; put the layers in the regex.")
-        unsupported(self, "target_parameters", self.target_parameters, None, "nn.Parameter targeting")
+        self._check_target_parameters()
         unsupported(self, "megatron_config", self.megatron_config, None)
         unsupported(self, "loftq_config", self.loftq_config, {}, "LoftQ init")
         for name in ("eva_config", "corda_config", "kasa_config", "lora_ga_config", "monteclora_config",
@@ -157,6 +162,21 @@ class LoraConfig(PeftConfig):
             where = f"LoraConfig.trainable_token_indices{f'[{layer!r}]' if layer else ''}"
             if not indices or any(i < 0 for i in indices) or len(set(indices)) != len(indices):
                 raise ConfigError(f"{where} must be a non-empty list of distinct token indices >= 0, got {indices!r}.")
+
+    def _check_target_parameters(self) -> None:
+        value = self.target_parameters
+        if value is None:
+            return
+        if isinstance(value, str):
+            raise ConfigError(f"LoraConfig.target_parameters={value!r}: give a list of parameter names (e.g. "
+                              "['mlp.experts.gate_up_proj']); matching parameters by regex is not supported.")
+        if isinstance(value, (tuple, set)):
+            value = sorted(value) if isinstance(value, set) else list(value)
+        bad = [v for v in value if not isinstance(v, str) or not v.strip(".")]
+        if bad:
+            raise ConfigError(f"LoraConfig.target_parameters must hold parameter names (non-empty strings), got "
+                              f"{bad[0]!r}.")
+        self.target_parameters = list(value)
 
     def rank_for(self, key: str) -> int:
         return _pattern_value(self.rank_pattern or {}, key, self.r)
