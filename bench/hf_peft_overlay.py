@@ -57,7 +57,8 @@ def overlay() -> None:
         import peft  # noqa: F401
 
         for name, mod in list(sys.modules.items()):
-            if (name == "peft" or name.startswith("peft.")) and name not in _DONE and mod is not None:
+            initializing = getattr(getattr(mod, "__spec__", None), "_initializing", False)
+            if (name == "peft" or name.startswith("peft.")) and name not in _DONE and mod is not None and not initializing:
                 _DONE.add(name)
                 _overlay_module(mod)
     finally:
