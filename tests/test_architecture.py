@@ -30,7 +30,7 @@ RANKS = {
     "peftkit.core": 3,
     "peftkit.quant": 4,
     "peftkit.checkpoint": 5,
-    "peftkit.tuner": 5, "peftkit.status": 5, "peftkit.model_api": 5.5, "peftkit.base_state": 6,
+    "peftkit.tuner": 5, "peftkit.status": 5, "peftkit.model_api": 5.5, "peftkit.adapter_io": 5.5, "peftkit.base_state": 6,
     "peftkit.model": 6,
     "peftkit.auto": 7, "peftkit.prompt": 7,
     "peftkit.methods": 8,
@@ -46,7 +46,7 @@ MODULES_FOUND = [".".join(p.relative_to(SRC.parent).with_suffix("").parts).remov
 COMPAT = {"peftkit.inject", "peftkit.prompt_model", "peftkit.methods.prompt", "peftkit.methods.selective",
           # Hugging Face PEFT's import paths (peft.tuners.lora, peft.utils, peft.mapping, ...)
           *(m for m in MODULES_FOUND if m.startswith(("peftkit.tuners", "peftkit.utils"))),
-          "peftkit.peft_model", "peftkit.mapping", "peftkit.mapping_func"}
+          "peftkit.peft_model", "peftkit.mapping", "peftkit.mapping_func", "peftkit.mixed_model"}
 
 
 def _modules() -> dict[str, Path]:

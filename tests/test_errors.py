@@ -20,7 +20,7 @@ from peftkit import (
     TargetError,
     get_peft_model,
 )
-from peftkit.checkpoint import atomic_write_bytes
+from peftkit._io import atomic_write_bytes
 from peftkit.inject import AdapterLayer
 
 from .models import MLP, randomize_adapters, tiny_llama

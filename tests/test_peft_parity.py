@@ -391,3 +391,26 @@ def test_lora_bias_on_a_layer_without_bias_warns_and_refuses_to_merge():
     with pytest.raises(peftkit.MergeError, match="no bias to merge it into"):
         pm.merge_adapter()
     assert torch.equal(pm(X), before) and not pm.base_model.model.lin0.merged
+
+
+def test_mixed_model_holds_lora_adapters_active_together():
+    torch.manual_seed(0)
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"]), mixed=True)
+    assert isinstance(pm, peftkit.PeftMixedModel)
+    pm.add_adapter("b", LoraConfig(target_modules=["lin1"]))
+    randomize_adapters(pm)
+    pm.set_adapter(["default", "b"])
+    both = pm(X)
+    pm.set_adapter("default")
+    only_a = pm(X)
+    assert not torch.allclose(both, only_a)
+    pm.set_adapter(["default", "b"])
+    merged = pm.merge_and_unload()
+    assert torch.allclose(merged(X), both, atol=1e-5)
+    mixed = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"]), mixed=True)
+    with pytest.raises(ConfigError, match="not compatible with the `PeftMixedModel`"):
+        mixed.add_adapter("ia3", IA3Config(target_modules=["lin0"], feedforward_modules=[]))
+    with pytest.raises(TypeError, match="get_model_status is not supported for PeftMixedModel"):
+        mixed.get_model_status()
+    with pytest.raises(NotImplementedError):
+        mixed.save_pretrained("unused")

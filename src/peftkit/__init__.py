@@ -37,6 +37,7 @@ from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig, p_tuning_v
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer, TrainableTokensWrapper
 from .model import (
+    PeftMixedModel,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -127,6 +128,7 @@ __all__ = [
     "PEFT_TYPE_TO_PREFIX_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
     "PeftError",
+    "PeftMixedModel",
     "PeftWarning",
     "PrefixEncoder",
     "PromptEmbedding",

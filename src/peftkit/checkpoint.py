@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from ._io import atomic_write_bytes, load_tensors, make_folder, save_tensors, save_tensors_pickle
+from ._io import load_tensors, make_folder, save_tensors, save_tensors_pickle
 from .config import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftConfig
 from .core.layer import AdapterLayer
 from .core.names import check_plain_name

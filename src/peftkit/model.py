@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import IncompatibleKeys, adapter_entries, load_peft_weights, save_adapters, set_peft_model_state_dict
+from .checkpoint import IncompatibleKeys, adapter_entries, save_adapters, set_peft_model_state_dict
 from .config import TASK_HEADS, PeftConfig
 from .core.inject import adapter_layers, check_mergeable, inject, prepare_config, remove_adapter, unload
 from .core.copy_layer import CopyLayer
@@ -34,20 +33,12 @@ from .core.tying import tie_modules_to_save, wrap_trainable_tokens
 from .core.undo import undo_base_edits_on_error
 from .errors import AdapterNameError, ConfigError, PeftkitError
 from .quant import dequantized, requantization_report
+from .adapter_io import finite_weights, name_or_path, read_adapter
 from .model_api import PeftModelApi
 from .registry import all_methods, lookup, method_for
 from .tuner import BaseTuner
 
 AdapterModel = BaseTuner  # the name of the tuner class before it offered Hugging Face PEFT's API
-
-
-def name_or_path(model: nn.Module) -> Optional[str]:
-    """The model's ``name_or_path`` (its folder or Hub id), if it has one."""
-    value = getattr(model, "name_or_path", None)
-    if value is None:
-        cfg = getattr(model, "config", None)
-        value = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
-    return value or None
 
 
 def check_clean_base(model: Any) -> None:
@@ -65,37 +56,6 @@ def check_clean_base(model: Any) -> None:
                            "inject_adapter_in_model was called on it); a new PeftModel would re-initialise them. Use the "
                            "existing PeftModel's add_adapter / load_adapter, or start from a fresh base model (or "
                            "peft_model.unload()).")
-
-
-def finite_weights(weights: Any) -> list[float]:
-    """``add_weighted_adapter``'s ``weights`` as floats; PeftkitError unless each is a finite number."""
-    try:
-        if isinstance(weights, (str, bytes)) or any(isinstance(w, (str, bytes)) for w in weights):
-            raise TypeError
-        values = [float(w) for w in weights]
-    except (TypeError, ValueError):
-        raise PeftkitError(f"weights must be a list of numbers, one per adapter; got {weights!r}.") from None
-    bad = [w for w in values if not math.isfinite(w)]
-    if bad:
-        raise PeftkitError(f"add_weighted_adapter weights must be finite numbers; got {bad}. Nothing was added.")
-    return values
-
-
-def _read_adapter(model_id: str | os.PathLike, subfolder: Optional[str], revision: Optional[str], is_trainable: bool,
-                  config: Optional[PeftConfig], hub_kwargs: dict[str, Any]) -> tuple[str, PeftConfig, dict[str, torch.Tensor]]:
-    """Where an adapter is read from (for messages and files beside it), its config (a copy of ``config`` if given, else the folder's; ``inference_mode`` unless
-    trainable) and the tensors of an adapter folder or Hub repository. A local ``model_id/subfolder``
-    is read as one path, so that files saved beside the adapter (a prompt encoder's) are found."""
-    if subfolder and os.path.isdir(os.path.join(os.fspath(model_id), subfolder)):
-        model_id, subfolder = os.path.join(os.fspath(model_id), subfolder), None
-    if config is None:
-        config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, revision=revision, **hub_kwargs)
-    elif not isinstance(config, PeftConfig):
-        raise ConfigError(f"config must be a PeftConfig, got {type(config).__name__}.")
-    config = copy.deepcopy(config)
-    config.inference_mode = not is_trainable
-    weights = load_peft_weights(model_id, subfolder=subfolder, revision=revision, **hub_kwargs)
-    return os.fspath(model_id), config, weights
 
 
 class PeftModel(PeftModelApi, nn.Module):
@@ -448,7 +408,7 @@ class PeftModel(PeftModelApi, nn.Module):
         adapters to one with :meth:`load_adapter`). On any error the model is left unchanged."""
         check_clean_base(model)
         check_plain_name(adapter_name)
-        source, config, weights = _read_adapter(model_id, subfolder, revision, is_trainable, config, kwargs)
+        source, config, weights = read_adapter(model_id, subfolder, revision, is_trainable, config, kwargs)
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
             target_cls = MODEL_TYPE_TO_PEFT_MODEL[str(config.task_type)]
@@ -473,7 +433,7 @@ class PeftModel(PeftModelApi, nn.Module):
         is put in eval mode."""
         check_new_name(adapter_name, list(self.peft_config))
         low_cpu_mem_usage = bool(kwargs.pop("low_cpu_mem_usage", False))
-        source, config, weights = _read_adapter(model_id, subfolder, revision, is_trainable, None, kwargs)
+        source, config, weights = read_adapter(model_id, subfolder, revision, is_trainable, None, kwargs)
         with undo_base_edits_on_error():  # base weights an init rewrote (PiSSA) are restored on error
             self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
             try:
@@ -511,6 +471,36 @@ class PeftModelForFeatureExtraction(PeftModel):
     """A PeftModel for encoders producing features (``TaskType.FEATURE_EXTRACTION``)."""
 
 
+MIXED_COMPATIBLE = ("LORA", "LOHA", "LOKR", "ADALORA", "OFT", "SHIRA")  # Hugging Face PEFT's list
+
+
+class PeftMixedModel(PeftModel):
+    """Hugging Face PEFT's model for adapters of several methods active together
+    (``get_peft_model(..., mixed=True)``). Of the methods PEFT can mix, peftkit implements LoRA: so this
+    is a PeftModel whose adapters must be LoRA and of which several may be active at once (which a
+    PeftModel allows too). Saving, the model card and the status reports are refused, as in PEFT."""
+
+    def _check_kind(self, config: PeftConfig) -> None:
+        super()._check_kind(config)
+        if str(config.peft_type) not in MIXED_COMPATIBLE:
+            raise ConfigError(f"The provided `peft_type` '{config.peft_type}' is not compatible with the "
+                              f"`PeftMixedModel`. Compatible types are: {MIXED_COMPATIBLE} (peftkit implements LORA "
+                              "of them).")
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(f"Saving is not supported for {type(self).__name__} (as in Hugging Face PEFT); "
+                                  "save a PeftModel of the adapters instead.")
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        raise NotImplementedError(f"Model card creation is not supported for {type(self).__name__}.")
+
+    def get_layer_status(self) -> Any:
+        raise TypeError(f"get_layer_status is not supported for {type(self).__name__}.")
+
+    def get_model_status(self) -> Any:
+        raise TypeError(f"get_model_status is not supported for {type(self).__name__}.")
+
+
 MODEL_TYPE_TO_PEFT_MODEL: dict[str, type[PeftModel]] = {
     "CAUSAL_LM": PeftModelForCausalLM,
     "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
@@ -534,8 +524,6 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     """Wrap ``model`` with a new adapter; returns the PeftModel subclass for ``peft_config.task_type``."""
     if not isinstance(peft_config, PeftConfig):
         raise ConfigError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}.")
-    if mixed:
-        raise PeftkitError("mixed=True (PeftMixedModel) is not supported; several adapters of one method coexist in a PeftModel.")
     check_clean_base(model)  # a second PeftModel on one base would re-initialise the first one's adapters
     peft_config = copy.deepcopy(peft_config)
     if revision is not None:
@@ -543,7 +531,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if peft_config.base_model_name_or_path is None:
         peft_config.base_model_name_or_path = name_or_path(model)
     cls = MODEL_TYPE_TO_PEFT_MODEL.get(str(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
-    cls = class_for(cls, peft_config)
+    cls = PeftMixedModel if mixed else class_for(cls, peft_config)
     return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                low_cpu_mem_usage=low_cpu_mem_usage)
 
@@ -592,6 +580,7 @@ __all__ = [
     "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PeftMixedModel",
     "class_for",
     "get_peft_model",
     "inject_adapter_in_model",

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import PromptLearningConfig
 from ..errors import ConfigError, PeftkitError
-from ..model import name_or_path
+from ..adapter_io import name_or_path
 from .encoder_prefix import encoder_attentions
 from .introspect import first_attr, takes_cache, text_config
 

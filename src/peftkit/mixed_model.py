@@ -1,0 +1,5 @@
+"""Hugging Face PEFT's ``peft.mixed_model`` import path."""
+
+from .model import PeftMixedModel
+
+__all__ = ["PeftMixedModel"]
