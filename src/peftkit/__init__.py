@@ -35,7 +35,12 @@ from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderR
 from .methods.partial import PartialConfig
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig, p_tuning_v2_config
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
-from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer, TrainableTokensWrapper
+from .methods.trainable_tokens import (
+    TrainableTokensConfig,
+    TrainableTokensLayer,
+    TrainableTokensModel,
+    TrainableTokensWrapper,
+)
 from .model import (
     PeftMixedModel,
     PeftModel,
@@ -122,6 +127,7 @@ __all__ = [
     "IA3Model",
     "LNTuningModel",
     "LoraModel",
+    "TrainableTokensModel",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "NoMatchingPeftModuleError",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
