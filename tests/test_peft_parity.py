@@ -414,3 +414,26 @@ def test_mixed_model_holds_lora_adapters_active_together():
         mixed.get_model_status()
     with pytest.raises(NotImplementedError):
         mixed.save_pretrained("unused")
+
+
+def test_nested_disable_adapter_and_set_adapter_inference_mode():
+    pm = _lora_mlp()
+    adapted = pm(X)
+    with pm.disable_adapter():
+        base = pm(X)
+        with pm.disable_adapter():
+            pass
+        assert torch.equal(pm(X), base)  # the inner exit does not re-enable the adapters
+    assert torch.allclose(pm(X), adapted)
+    pm.set_adapter("default", inference_mode=True)
+    assert not any(p.requires_grad for p in pm.parameters())
+    pm.base_model.set_adapter("default")
+    assert any(p.requires_grad for p in pm.parameters())
+
+
+def test_deleting_a_merged_adapter_names_it():
+    pm = _lora_mlp()
+    pm.merge_adapter()
+    with pytest.raises(peftkit.PeftkitError, match=r"Cannot delete adapter\(s\) \['default'\] while they are merged"):
+        pm.delete_adapter("default")
+    assert "default" in pm.peft_config

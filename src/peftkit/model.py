@@ -223,8 +223,9 @@ class PeftModel(PeftModelApi, nn.Module):
                     t.data = t.data.to(base_dtype)
             layer.clear_cache()
 
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
-        """Make ``adapter_name`` (or several names) the active adapter(s); only they train."""
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (or several names) the active adapter(s); only they train (none with
+        ``inference_mode=True``)."""
         names = name_list(adapter_name, "set_adapter")
         if not names:
             raise AdapterNameError("set_adapter needs at least one adapter name.")
@@ -235,6 +236,9 @@ class PeftModel(PeftModelApi, nn.Module):
                                    f"{list(self.peft_config)}.")
         self._active = names
         self._apply_active()
+        if inference_mode:
+            for p in self.parameters():
+                p.requires_grad_(False)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and all of its tensors; wrappers left with no adapter are unwrapped."""
@@ -243,7 +247,8 @@ class PeftModel(PeftModelApi, nn.Module):
                                    f"adapters: {list(self.peft_config)}.")
         merged = [k for k, layer in self._layers() if adapter_name in layer.merged_adapters]
         if merged:
-            raise PeftkitError(f"Adapter {adapter_name!r} is merged (e.g. in {merged[0]}); unmerge_adapter() first.")
+            raise PeftkitError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                               f"first (it is merged in {merged[0]}; unmerge_adapter()).")
         self._remove_adapter_tensors(adapter_name)
         del self.peft_config[adapter_name]
         self._active = [n for n in self._active if n != adapter_name]
@@ -257,6 +262,7 @@ class PeftModel(PeftModelApi, nn.Module):
         layers = [layer for _, layer in self._layers()]
         frozen = [t for layer in layers for name in layer.adapter_names for _, t in layer.adapter_param_items(name)
                   if t.requires_grad]  # disabled adapters do not train (as in Hugging Face PEFT)
+        before = [layer.disabled for layer in layers], self._disabled  # nested contexts restore what they found
         for layer in layers:
             if layer.merged:
                 layer.unmerge()
@@ -267,9 +273,9 @@ class PeftModel(PeftModelApi, nn.Module):
         try:
             yield
         finally:
-            self._disabled = False
-            for layer in layers:
-                layer.disabled = False
+            self._disabled = before[1]
+            for layer, was in zip(layers, before[0]):
+                layer.disabled = was
             for t in frozen:
                 t.requires_grad_(True)
 

@@ -39,6 +39,7 @@ class BaseTuner(nn.Module):
     """
 
     prefix: str = ""
+    uses_shared_state: bool = False  # Hugging Face PEFT: no method of peftkit shares tensors across layers
 
     def __init__(self, model: nn.Module, owner: Any = None, *args: Any, **kwargs: Any) -> None:
         if owner is None or isinstance(owner, (PeftConfig, dict)) or args or kwargs:
@@ -86,10 +87,7 @@ class BaseTuner(nn.Module):
 
     # -- forwarded operations -----------------------------------------------------------------
     def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
-        self._owner.set_adapter(adapter_name)
-        if inference_mode:
-            for _, layer in adapter_layers(self.model):
-                layer.set_adapter(layer.active_adapters, trainable=False)
+        self._owner.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._owner.delete_adapter(adapter_name)
