@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional, Union
 
 from ._io import atomic_write_bytes, make_folder
-from .errors import CheckpointError, ConfigError, PeftkitWarning
+from .errors import CheckpointError, ConfigError, ConfigTypeError, PeftkitWarning
 from .hub import resolve_file
 from .registry import config_class_for
 
@@ -200,11 +200,7 @@ class PeftConfig:
 
     def __post_init__(self) -> None:
         if self.PEFT_TYPE is not None:
-            if self.peft_type is not None and str(self.peft_type) != str(self.PEFT_TYPE):
-                raise ConfigError(
-                    f"{type(self).__name__} is for peft_type {self.PEFT_TYPE}, got peft_type={self.peft_type!r}."
-                )
-            self.peft_type = self.PEFT_TYPE
+            self.peft_type = self.PEFT_TYPE  # a given peft_type is overridden, as in Hugging Face PEFT
         elif self.peft_type is not None:
             self.peft_type = PeftType(str(self.peft_type)) if str(self.peft_type) in PeftType.__members__ else self.peft_type
         if self.task_type is not None:
@@ -227,7 +223,7 @@ class PeftConfig:
             value = getattr(self, f.name)
             tp = hints.get(f.name, Any)
             if not matches_type(value, tp):
-                raise ConfigError(
+                raise ConfigTypeError(
                     f"{type(self).__name__}.{f.name} must be of type {type_name(tp)}, got "
                     f"{type(value).__name__} {value!r}."
                 )
@@ -310,10 +306,14 @@ class PeftConfig:
         peft_type = data.get("peft_type")
         if cls.PEFT_TYPE is None:
             if peft_type is None:
-                raise ConfigError(f"{source} has no 'peft_type'; it is not an adapter config.")
+                raise ConfigTypeError(f"The {cls.__name__} config that is trying to be loaded is missing required keys: "
+                                      f"{{'peft_type'}}. ({source} has no 'peft_type'; it is not an adapter config.)")
             target = config_class_for(peft_type)
         else:
             target = cls
+            if peft_type is None:
+                raise ConfigTypeError(f"The {cls.__name__} config that is trying to be loaded is missing required keys: "
+                                      f"{{'peft_type'}}. ({source} has no 'peft_type'; it is not an adapter config.)")
             if peft_type is not None and str(peft_type) != str(cls.PEFT_TYPE):
                 raise ConfigError(
                     f"{source} is a {peft_type} adapter config, not {cls.PEFT_TYPE}: load it with "
@@ -323,8 +323,9 @@ class PeftConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             warnings.warn(
-                f"{source}: ignoring fields this peftkit version does not know: {', '.join(unknown)}. "
-                "The file was probably written by a newer library version.",
+                f"Unexpected keyword arguments {unknown} for class {target.__name__}, these are ignored. ({source}: "
+                "this peftkit version does not know these fields; the file was probably written by a newer library "
+                "version.)",
                 PeftkitWarning,
                 stacklevel=3,
             )

@@ -18,6 +18,10 @@ class ConfigError(PeftkitError):
     """A config field has a wrong value or type, or the config belongs to another method."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """A config field has a value of the wrong type (also a ``TypeError``, as Hugging Face PEFT raises)."""
+
+
 class TargetError(PeftkitError):
     """No module of the model matched the requested targets, or a target cannot be adapted."""
 

@@ -9,7 +9,6 @@ the layers name their own class in the registry (``Method.model_class``: the sof
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import tempfile
@@ -248,36 +247,13 @@ class PeftModel(PeftModelApi, nn.Module):
         merged = [k for k, layer in self._layers() if adapter_name in layer.merged_adapters]
         if merged:
             raise PeftkitError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
-                               f"first (it is merged in {merged[0]}; unmerge_adapter()).")
+                               f"first. (It is merged in {merged[0]}; call unmerge_adapter().)")
         self._remove_adapter_tensors(adapter_name)
         del self.peft_config[adapter_name]
         self._active = [n for n in self._active if n != adapter_name]
         if not self._active and self.peft_config:
             self._active = [next(iter(self.peft_config))]
         self._apply_active()
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Inside the context the model computes its base output (merged adapters are unmerged)."""
-        layers = [layer for _, layer in self._layers()]
-        frozen = [t for layer in layers for name in layer.adapter_names for _, t in layer.adapter_param_items(name)
-                  if t.requires_grad]  # disabled adapters do not train (as in Hugging Face PEFT)
-        before = [layer.disabled for layer in layers], self._disabled  # nested contexts restore what they found
-        for layer in layers:
-            if layer.merged:
-                layer.unmerge()
-            layer.disabled = True
-        for t in frozen:
-            t.requires_grad_(False)
-        self._disabled = True
-        try:
-            yield
-        finally:
-            self._disabled = before[1]
-            for layer, was in zip(layers, before[0]):
-                layer.disabled = was
-            for t in frozen:
-                t.requires_grad_(True)
 
     # -- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:

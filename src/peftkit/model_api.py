@@ -7,7 +7,9 @@ only); it reads ``peft_config``, ``active_adapters``, ``base_model`` and the lay
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -16,7 +18,7 @@ from torch import nn
 from .config import PeftConfig
 from .core.inject import adapter_layers
 from .core.names import name_list
-from .errors import AdapterNameError
+from .errors import AdapterNameError, PeftkitWarning
 from .model_card import write_model_card
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
@@ -61,6 +63,35 @@ class PeftModelApi:
             for name in names:
                 for _, tensor in layer.adapter_param_items(name):
                     tensor.requires_grad_(requires_grad)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the context the model computes its base output (merged adapters are unmerged)."""
+        layers = [layer for _, layer in adapter_layers(self.base_model)]
+        frozen = [t for layer in layers for name in layer.adapter_names for _, t in layer.adapter_param_items(name)
+                  if t.requires_grad]  # disabled adapters do not train (as in Hugging Face PEFT)
+        states = {layer.disabled for layer in layers}
+        if len(states) > 1:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all adapters "
+                          "will be enabled", PeftkitWarning, stacklevel=3)
+        all_disabled = states == {True}  # a nested context leaves the adapters disabled; else all are enabled again
+        was_disabled = self._disabled
+        for layer in layers:
+            if layer.merged:
+                layer.unmerge()
+            layer.disabled = True
+        for t in frozen:
+            t.requires_grad_(False)
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = was_disabled
+            for layer in layers:
+                layer.disabled = all_disabled
+            for t in frozen:
+                t.requires_grad_(True)
 
     # -- state --------------------------------------------------------------------------------
     @property
