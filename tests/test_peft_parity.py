@@ -325,7 +325,8 @@ def _front(path) -> dict:
 
 
 def test_model_card_for_a_model_without_a_hub_name(tmp_path):
-    _lora_mlp().save_pretrained(tmp_path)
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], base_model_name_or_path="MLP"))
+    pm.save_pretrained(tmp_path)  # a custom module: base_model_name_or_path is no Hub name of a model
     meta = _front(tmp_path / "README.md")
     assert meta["library_name"] == "peft" and "base_model" not in meta and "lora" in meta["tags"]
     assert len((tmp_path / "README.md").read_text()) > 1000  # a full card: settings, how to load, versions
@@ -338,7 +339,9 @@ def test_model_card_for_a_model_without_a_hub_name(tmp_path):
 
 def test_model_card_with_a_hub_name_and_an_existing_card(tmp_path):
     (tmp_path / "README.md").write_text("---\nmeta: hello\ntags:\n- mine\n---\nThis is a model card\n")
-    pm = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], base_model_name_or_path="org/tiny-llama"))
+    base = tiny_llama()
+    base.config._name_or_path = "org/tiny-llama"  # as from_pretrained("org/tiny-llama") sets it
+    pm = get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
     pm.save_pretrained(tmp_path)
     text = (tmp_path / "README.md").read_text()
     meta = _front(tmp_path / "README.md")

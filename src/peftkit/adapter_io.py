@@ -3,7 +3,6 @@ Hub name or folder, ``add_weighted_adapter``'s weights)."""
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from typing import Any, Optional
@@ -41,8 +40,8 @@ def finite_weights(weights: Any) -> list[float]:
 
 def read_adapter(model_id: str | os.PathLike, subfolder: Optional[str], revision: Optional[str], is_trainable: bool,
                   config: Optional[PeftConfig], hub_kwargs: dict[str, Any]) -> tuple[str, PeftConfig, dict[str, torch.Tensor]]:
-    """Where an adapter is read from (for messages and files beside it), its config (a copy of ``config`` if given, else the folder's; ``inference_mode`` unless
-    trainable) and the tensors of an adapter folder or Hub repository. A local ``model_id/subfolder``
+    """Where an adapter is read from (for messages and files beside it), its config (``config`` itself if
+    given, else the folder's; ``inference_mode`` unless trainable) and the tensors of an adapter folder or Hub repository. A local ``model_id/subfolder``
     is read as one path, so that files saved beside the adapter (a prompt encoder's) are found."""
     if subfolder and os.path.isdir(os.path.join(os.fspath(model_id), subfolder)):
         model_id, subfolder = os.path.join(os.fspath(model_id), subfolder), None
@@ -50,8 +49,7 @@ def read_adapter(model_id: str | os.PathLike, subfolder: Optional[str], revision
         config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, revision=revision, **hub_kwargs)
     elif not isinstance(config, PeftConfig):
         raise ConfigError(f"config must be a PeftConfig, got {type(config).__name__}.")
-    config = copy.deepcopy(config)
-    config.inference_mode = not is_trainable
+    config.inference_mode = not is_trainable  # a given config is used itself, as Hugging Face PEFT does
     weights = load_peft_weights(model_id, subfolder=subfolder, revision=revision, **hub_kwargs)
     return os.fspath(model_id), config, weights
 

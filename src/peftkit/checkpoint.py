@@ -31,7 +31,7 @@ from .core.names import check_plain_name
 from .core.modules_to_save import ModulesToSaveWrapper
 from .errors import CheckpointError, PeftkitWarning
 from .hub import resolve_file
-from .model_card import write_model_card
+from .model_card import model_hub_name, write_model_card
 from .registry import Method, method_for
 
 PREFIX = "base_model.model."
@@ -415,5 +415,5 @@ def save_adapters(model: nn.Module, save_directory: str | os.PathLike, names: li
                             extra_files=extra_files, config_overrides=overrides)
     if names:  # one model card, at the top (as Hugging Face PEFT)
         first = model.peft_config[names[0]]
-        write_model_card(save_directory, first.base_model_name_or_path, str(first.peft_type),
+        write_model_card(save_directory, model_hub_name(model), str(first.peft_type),
                          str(first.task_type) if first.task_type else None, first.to_dict())

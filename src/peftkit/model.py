@@ -95,7 +95,7 @@ class PeftModel(PeftModelApi, nn.Module):
                               "get_peft_model (or PeftModel.from_pretrained), which picks the class that runs them.")
 
     def _create_adapter(self, adapter_name: str, peft_config: PeftConfig) -> PeftConfig:
-        """Build ``adapter_name``'s tensors; returns the config filled from the model. All-or-nothing."""
+        """Build ``adapter_name``'s tensors; returns ``peft_config``, filled from the model. All-or-nothing."""
         model = self.get_base_model()
         config = prepare_config(peft_config, model)
         inject(model, config, adapter_name)
@@ -109,7 +109,8 @@ class PeftModel(PeftModelApi, nn.Module):
             raise
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = name_or_path(model)
-        return config
+        vars(peft_config).update(vars(config))  # the given object is the adapter's config, as in Hugging Face PEFT
+        return peft_config
 
     def _remove_adapter_tensors(self, name: str) -> None:
         """Drop every tensor of adapter ``name``; wrappers left with no adapter are unwrapped."""

@@ -19,7 +19,7 @@ from .config import PeftConfig
 from .core.inject import adapter_layers
 from .core.names import name_list
 from .errors import AdapterNameError, PeftkitWarning
-from .model_card import write_model_card
+from .model_card import model_hub_name, write_model_card
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 
@@ -127,7 +127,7 @@ class PeftModelApi:
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Write or update ``output_dir/README.md`` for the active adapter (see :mod:`peftkit.model_card`)."""
         config = self.active_peft_config  # type: ignore[attr-defined]
-        write_model_card(output_dir, config.base_model_name_or_path, str(config.peft_type),
+        write_model_card(output_dir, model_hub_name(self), str(config.peft_type),
                          str(config.task_type) if config.task_type else None, config.to_dict())
 
 

@@ -25,6 +25,15 @@ FORMAT_VERSION = "0.21.2"  # the Hugging Face PEFT version whose folder format p
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def model_hub_name(model: Any) -> Optional[str]:
+    """The Hub id of a PeftModel's (or a plain model's) base model: its transformers config's
+    ``_name_or_path`` when that reads as a Hub id (Hugging Face PEFT's source of ``base_model:``), else
+    None (a custom module, a model built from a config, a local folder)."""
+    getter = getattr(model, "get_base_model", None)
+    base = getter() if callable(getter) else model
+    return hub_name(getattr(getattr(base, "config", None), "_name_or_path", None))
+
+
 def hub_name(base_model: Optional[str]) -> Optional[str]:
     """``base_model`` if it reads as a Hub repository id (``org/name`` or ``name``), else None."""
     if not base_model or os.path.isabs(base_model) or os.path.exists(base_model) or not HUB_ID.match(base_model):
@@ -129,4 +138,4 @@ def write_model_card(folder: str, base_model: Optional[str], peft_type: str, tas
     atomic_write_bytes(path, f"---\n{front}---\n{body}".encode("utf-8"))
 
 
-__all__ = ["FORMAT_VERSION", "default_body", "hub_name", "split_front_matter", "write_model_card"]
+__all__ = ["FORMAT_VERSION", "default_body", "hub_name", "model_hub_name", "split_front_matter", "write_model_card"]

@@ -25,7 +25,6 @@ from torch import nn
 
 from .config import PeftConfig
 from .core.inject import adapter_layers
-from .core.layer import AdapterLayer
 from .core.modules_to_save import ModulesToSaveWrapper
 from .errors import PeftkitError, PeftkitWarning
 
@@ -77,13 +76,14 @@ class BaseTuner(nn.Module):
     def targeted_module_names(self) -> list[str]:
         """The keys (relative to ``.model``) of the modules wrapped by adapter layers (modules_to_save
         copies not included), as Hugging Face PEFT records them."""
-        return targeted_module_names(self.model)
+        return targeted_module_names(self.model, list(self.peft_config))
 
     @property
     def targeted_parameter_names(self) -> list[str]:
         """The parameters adapted through ``target_parameters`` (none unless a method adapts bare parameters)."""
-        return [f"{key}.{name}" for key, layer in adapter_layers(self.model)
-                for name in getattr(layer, "parameter_names", ())]
+        found = [f"{key.replace('.base_layer', '')}.{layer.parameter_name}" for key, layer in adapter_layers(self.model)
+                 if getattr(layer, "parameter_name", None) is not None]
+        return sorted(set(found), key=found.index)
 
     # -- forwarded operations -----------------------------------------------------------------
     def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
@@ -131,10 +131,17 @@ class BaseTuner(nn.Module):
         self._owner._apply_active()
 
 
-def targeted_module_names(model: nn.Module) -> list[str]:
-    """Keys of the modules of ``model`` wrapped by adapter layers, modules_to_save copies excluded."""
-    return [key for key, layer in adapter_layers(model) if isinstance(layer, AdapterLayer)
-            and not isinstance(layer, ModulesToSaveWrapper)]
+def targeted_module_names(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> list[str]:
+    """Keys of the modules of ``model`` wrapped by adapter layers (modules_to_save copies and layers nested
+    in another excluded), each once: those of the first adapter, then the new ones of the next, ... (the
+    order Hugging Face PEFT records them in)."""
+    layers = [(key, layer) for key, layer in adapter_layers(model) if not isinstance(layer, ModulesToSaveWrapper)]
+    names = list(adapter_names) if adapter_names is not None else []
+    names += [n for _, layer in layers for n in layer.adapter_names if n not in names]
+    out: dict[str, None] = {}
+    for name in names:
+        out.update((key, None) for key, layer in layers if name in layer.adapter_names)
+    return [k for k in out if not any(k.startswith(o + ".") for o in out if o != k)]
 
 
 __all__ = ["BaseTuner", "targeted_module_names"]

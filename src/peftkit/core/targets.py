@@ -15,13 +15,14 @@ parametrization included.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import TargetError, closest
+from ..errors import PeftkitWarning, TargetError, closest
 from .layer import AdapterLayer
 
 if TYPE_CHECKING:
@@ -149,14 +150,23 @@ def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def find_targets(model: nn.Module, config: "PeftConfig") -> list[str]:
     """The keys of the modules ``config`` targets; raises TargetError listing close names if none."""
     all_linear = linear_module_names(model) if config.target_modules == "all-linear" else None
-    keys = []
+    keys, dropped = [], []
     for key, module in outer_modules(model):
         if not key:
             continue
         if is_target(config, key, module, all_linear):
             keys.append(key)
+        elif excluded(config, key):
+            dropped.append(key)
+    exclude = getattr(config, "exclude_modules", None)
+    if not keys and dropped:
+        raise TargetError(f"No modules were targeted for adaptation: target_modules={config.target_modules!r} matched "
+                          f"only modules that exclude_modules={exclude!r} excludes (e.g. {dropped[0]}).")
     if not keys:
         raise TargetError(no_match_message(model, config))
+    if exclude and not dropped:
+        warnings.warn(f"You have passed exclude_modules={exclude!r} but no modules were excluded. Please check that "
+                      "exclude_modules was set correctly.", PeftkitWarning, stacklevel=4)
     return keys
 
 
