@@ -55,7 +55,7 @@ def test_peftkit_error_is_value_error():
     ({"use_dora": "yes"}, "use_dora must be of type bool"),
     ({"init_lora_weights": "olora"}, "init_lora_weights='olora' is not supported"),
     ({"rank_pattern": {"q": 0}}, "rank_pattern"),
-    ({"task_type": "CAUSAL"}, "Invalid task_type"),
+    ({"task_type": "CAUSAL"}, "Invalid task type"),
     ({"use_dora": True, "lora_bias": True}, "use_dora=True cannot be combined"),
     ({"loftq_config": {"loftq_bits": 4}}, "not supported"),
 ])

@@ -440,3 +440,48 @@ def test_deleting_a_merged_adapter_names_it():
     with pytest.raises(peftkit.PeftkitError, match=r"Cannot delete adapter\(s\) \['default'\] while they are merged"):
         pm.delete_adapter("default")
     assert "default" in pm.peft_config
+
+
+def test_unmatched_patterns_and_exclusions_warn_or_raise():
+    with pytest.warns(RuntimeWarning, match="alpha_pattern keys did not match any targeted module"):
+        get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], alpha_pattern={"typo_key": 100}))
+    with pytest.warns(UserWarning, match="exclude_modules=.* but no modules were excluded"):
+        get_peft_model(MLP(), LoraConfig(target_modules=["lin1"], exclude_modules=["nothing"]))
+    with pytest.raises(peftkit.TargetError, match="No modules were targeted for adaptation"):
+        get_peft_model(MLP(), LoraConfig(target_modules=["lin0", "nothing"], exclude_modules=["lin0"]))
+    with pytest.warns(RuntimeWarning, match=r"target_parameters=\['foobar.weight'\] were set but no parameter"):
+        pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], target_parameters=["foobar.weight"]))
+    assert pm.targeted_module_names == ["lin0"]
+
+
+def test_config_compat_details(tmp_path):
+    assert LoraConfig(peft_type="something").peft_type == PeftType.LORA  # overridden, as PEFT
+    with pytest.raises(TypeError, match="missing required keys"):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"foo": "bar"}))
+        LoraConfig.from_pretrained(tmp_path)
+    with pytest.raises(TypeError):
+        LoraConfig(r="8")
+    with pytest.raises(ValueError, match="Invalid task type: 'nope'. Must be one of the following task types"):
+        LoraConfig(task_type="nope")
+    assert repr(_lora_mlp().base_model.model.lin0).startswith("lora.Linear(")
+
+
+def test_from_pretrained_keeps_the_given_config_object(tmp_path):
+    _lora_mlp().save_pretrained(tmp_path)
+    config = LoraConfig(target_modules=["lin0", "lin1"])
+    loaded = PeftModel.from_pretrained(MLP(), tmp_path, config=config)
+    assert loaded.peft_config["default"] is config and config.inference_mode
+
+
+def test_modules_to_save_called_with_keywords_only():
+    class KwargsHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(10, 10)
+            self.head = nn.Linear(10, 2)
+
+        def forward(self, x):
+            return self.head(input=self.lin(x))
+
+    pm = get_peft_model(KwargsHead(), LoraConfig(target_modules=["lin"], modules_to_save=["head"]))
+    assert pm(X).shape == (4, 2)

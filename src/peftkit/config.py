@@ -206,7 +206,8 @@ class PeftConfig:
         if self.task_type is not None:
             if str(self.task_type) not in TaskType.__members__:
                 raise ConfigError(
-                    f"Invalid task_type {self.task_type!r}; use one of {', '.join(TaskType.__members__)} or None."
+                    f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
+                    f"{', '.join(TaskType.__members__)}. (Or None for a plain module.)"
                 )
             self.task_type = TaskType(str(self.task_type))
         if self.peft_version is None:

@@ -50,6 +50,11 @@ class PeftkitWarning(UserWarning):
     """Category of peftkit's warnings (unknown config fields, inexact operations, ...)."""
 
 
+class PatternWarning(PeftkitWarning, RuntimeWarning):
+    """A config entry matched nothing and was ignored (a ``rank_pattern`` key, ``target_parameters``);
+    also a ``RuntimeWarning``, as Hugging Face PEFT warns."""
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """The candidates that look most like ``name`` (for "did you mean" messages)."""
     candidates = list(dict.fromkeys(candidates))

@@ -12,13 +12,15 @@ knows any method's math.
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Optional
 
 from torch import nn
 
 from ..config import TASK_HEADS
-from ..errors import ConfigError, MergeError, TargetError
+from ..errors import ConfigError, MergeError, PatternWarning, TargetError
 from ..registry import lookup, method_for
 from .layer import AdapterLayer
 from .merging import prepare_merge, untie_config
@@ -107,9 +109,11 @@ def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets
             setattr(parent, child, new)
             replaced.append((parent, child, target))
         if targets is None and getattr(config, "target_parameters", None):
-            keys = keys + inject_parameters(model, config, adapter_name, replaced, extended)
+            keys = keys + parameters_or_warn(model, config, adapter_name, replaced, extended, bool(keys))
         if method.after_inject is not None:
             method.after_inject(model, config, adapter_name, keys)
+        if targets is None:
+            warn_unmatched_patterns(config, keys)
     except Exception:
         for layer in extended:
             layer.delete_adapter(adapter_name)
@@ -137,6 +141,32 @@ def wrapped_parameters(model: nn.Module) -> set[tuple[str, str]]:
     """(module key, parameter name) of every parameter a parameter wrapper of ``model`` adapts."""
     return {(logical_key(key), layer.parameter_name) for key, layer in adapter_layers(model)
             if layer.parameter_name is not None and layer.adapter_names}
+
+
+def warn_unmatched_patterns(config: "PeftConfig", keys: list[str]) -> None:
+    """A warning naming the ``rank_pattern`` / ``alpha_pattern`` keys that match no targeted module
+    (they were ignored; usually a typo), as Hugging Face PEFT."""
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr, None) or {}
+        unmatched = sorted(p for p in patterns if not any(re.match(rf"(.*\.)?({p})$", k) for k in keys))
+        if unmatched:
+            warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
+                          f"{unmatched}. Check them against the module names.", PatternWarning, stacklevel=5)
+
+
+def parameters_or_warn(model: nn.Module, config: "PeftConfig", adapter_name: str,
+                       replaced: list[tuple[nn.Module, str, nn.Module]], extended: list[AdapterLayer],
+                       modules_matched: bool) -> list[str]:
+    """:func:`inject_parameters`; when no entry of ``target_parameters`` matches but ``target_modules``
+    did, a warning (as Hugging Face PEFT) instead of the TargetError."""
+    try:
+        return inject_parameters(model, config, adapter_name, replaced, extended)
+    except TargetError as exc:
+        if not modules_matched or "matched any target_parameters entry" not in str(exc):
+            raise
+        warnings.warn(f"target_parameters={config.target_parameters!r} were set but no parameter was matched. ({exc})",
+                      PatternWarning, stacklevel=5)
+        return []
 
 
 def inject_parameters(model: nn.Module, config: "PeftConfig", adapter_name: str,

@@ -60,10 +60,11 @@ class ModulesToSaveWrapper(AdapterLayer):
             return self.original_module
         return self.modules_to_save[self.active_adapters[0]]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         mixed = current_mixed_batch()
-        if mixed is None or self.disabled:
-            return self.active_module()(x, *args, **kwargs)
+        if mixed is None or self.disabled or not args:  # keyword-only calls run the active copy on every row
+            return self.active_module()(*args, **kwargs)
+        x, args = args[0], args[1:]
         slots = tuple(self.modules_to_save.keys())
         idx = mixed.index(slots, x.device, x.shape[0])
         return run_rows_by_slot(x, idx, lambda s: self.original_module if s == 0 else self.modules_to_save[slots[s - 1]],

@@ -242,8 +242,11 @@ def parameter_targets(model: nn.Module, config: "PeftConfig") -> list[tuple[str,
     missing = [t for t in wanted if t not in used]
     if missing:
         hints = list(dict.fromkeys(h for t in missing for h in closest(t, every, n=5)))
-        msg = f"No parameter of the model matched target_parameters entry {missing[0]!r}"
-        msg += f" (unmatched: {missing})." if len(missing) > 1 else "."
+        if not used:
+            msg = f"No parameter of the model matched any target_parameters entry ({wanted})."
+        else:
+            msg = f"No parameter of the model matched target_parameters entry {missing[0]!r}"
+            msg += f" (unmatched: {missing})." if len(missing) > 1 else "."
         if hints:
             msg += f" Closest parameter names: {', '.join(hints[:8])}."
         raise TargetError(msg + " Entries are full parameter names or dotted suffixes of them, e.g. "

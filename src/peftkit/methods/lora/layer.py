@@ -142,6 +142,9 @@ class LoraLayer(AdapterLayer):
         """``s · B A`` in the layout of the base weight, fp32."""
         raise NotImplementedError
 
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()  # ``lora.Linear(...)``, as Hugging Face PEFT prints its layers
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Hugging Face PEFT's name: :meth:`delta_weight` in the base weight's (floating) dtype."""
         delta = self.delta_weight(adapter)
