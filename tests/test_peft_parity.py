@@ -485,3 +485,19 @@ def test_modules_to_save_called_with_keywords_only():
 
     pm = get_peft_model(KwargsHead(), LoraConfig(target_modules=["lin"], modules_to_save=["head"]))
     assert pm(X).shape == (4, 2)
+
+
+def test_biases_in_a_state_dict_load_whatever_the_bias_setting():
+    torch.manual_seed(0)
+    trained = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], bias="all", init_lora_weights=False))
+    with torch.no_grad():
+        for m in trained.modules():
+            if isinstance(getattr(m, "bias", None), nn.Parameter):
+                m.bias.fill_(1.23)
+    expected = trained(X)
+    state = get_peft_model_state_dict(trained)
+    assert "base_model.model.lin1.bias" in state
+    torch.manual_seed(0)
+    fresh = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"]))
+    set_peft_model_state_dict(fresh, state)
+    assert torch.allclose(fresh(X), expected)

@@ -282,6 +282,10 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     if method is not None and method.is_layer_method and set(given) - set(expected):
         optional = {key: (k, t) for k, t in embedding_entries(model) if (key := _normalise(k)) in given
                     and key not in expected}
+        # base biases saved by an adapter with bias="all" / "lora_only" load into the model whatever this
+        # adapter's bias setting (as Hugging Face PEFT's load_state_dict does)
+        optional.update({key: (k, t) for k, t in model.named_parameters() if k.endswith("bias")
+                         and (key := _normalise(k)) in given and key not in expected})
         expected.update(optional)
     unexpected = sorted(set(given) - set(expected))
     if expected and unexpected and len(unexpected) == len(given):

@@ -196,8 +196,6 @@ def tie_config(config: "PeftConfig", model: nn.Module) -> None:
     embedding is trained in full and the tied heads follow it (``config.modules_to_tie``, not saved);
     warnings as Hugging Face PEFT when there is nothing to tie. Edits ``config`` in place."""
     config.modules_to_tie = None
-    if not getattr(config, "ensure_weight_tying", False):
-        return
     tied = tied_embedding_keys(model)
     to_save = list(getattr(config, "modules_to_save", None) or [])
     targets = getattr(config, "target_modules", None)
@@ -205,12 +203,20 @@ def tie_config(config: "PeftConfig", model: nn.Module) -> None:
         targeted = any(re.fullmatch(targets, n) for n in EMBEDDING_LAYER_NAMES)
     else:
         targeted = any(str(t).rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES for t in targets or [])
+    saved = any(m.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES for m in to_save)
+    if not getattr(config, "ensure_weight_tying", False):
+        if tied and (saved or targeted):
+            warnings.warn("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but "
+                          "`ensure_weight_tying` is not set to True. The adapter's copy of the layer is trained "
+                          "untied, which complicates merging and conversion; set ensure_weight_tying=True to keep the "
+                          "layers tied.", PeftkitWarning, stacklevel=4)
+        return
     if not tied:
         if getattr(config, "trainable_token_indices", None) is None:
-            warnings.warn("ensure_weight_tying=True but the model has no tied embeddings: nothing to tie.",
-                          PeftkitWarning, stacklevel=4)
+            warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model: "
+                          "nothing to tie.", PeftkitWarning, stacklevel=4)
         return
-    if any(m.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES for m in to_save):
+    if saved:
         emb = input_embedding_key(model)
         kept = [m for m in to_save if not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", k) for k in tied)]
         config.modules_to_save = kept + ([emb] if emb not in kept else [])
@@ -220,8 +226,9 @@ def tie_config(config: "PeftConfig", model: nn.Module) -> None:
                           "supported by peftkit; target one of them, use modules_to_save or trainable_token_indices, or "
                           "load the model with tie_word_embeddings=False.")
     elif getattr(config, "trainable_token_indices", None) is None:
-        warnings.warn("ensure_weight_tying=True but no tied module is in modules_to_save, target_modules or "
-                      "trainable_token_indices: nothing to tie.", PeftkitWarning, stacklevel=4)
+        warnings.warn("You have requested `ensure_weight_tying`, but no tied modules are added in either "
+                      "`modules_to_save` or `target_modules` (or trainable_token_indices): nothing to tie.",
+                      PeftkitWarning, stacklevel=4)
 
 
 def tie_modules_to_save(model: nn.Module, config: "PeftConfig", adapter_name: str) -> None:
