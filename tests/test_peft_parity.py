@@ -501,3 +501,29 @@ def test_biases_in_a_state_dict_load_whatever_the_bias_setting():
     fresh = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"]))
     set_peft_model_state_dict(fresh, state)
     assert torch.allclose(fresh(X), expected)
+
+
+def test_two_active_adapters_may_not_share_a_modules_to_save_copy():
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], modules_to_save=["lin2"]))
+    pm.add_adapter("b", LoraConfig(target_modules=["lin1"], modules_to_save=["lin2"]))
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+        pm.set_adapter(["default", "b"])
+    assert pm.active_adapters == ["default"]
+
+
+def test_merge_errors_are_also_runtime_errors_and_embeddings_of_plain_modules_warn(tmp_path):
+    pm = get_peft_model(MLP(bias=False), LoraConfig(target_modules=["lin0"], lora_bias=True, init_lora_weights=False))
+    with pytest.raises(RuntimeError, match="Impossible to merge LoRA with `lora_bias=True`"):
+        pm.merge_adapter()
+
+    class Emb(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, ids):
+            return self.emb(ids)
+
+    em = get_peft_model(Emb(), LoraConfig(target_modules=["emb"]))
+    with pytest.warns(UserWarning, match="Could not identify embedding layer"):
+        em.save_pretrained(tmp_path, save_embedding_layers=True)

@@ -177,6 +177,10 @@ def _embeddings_to_save(model: nn.Module, config: PeftConfig, method: Method, mo
         return []
     targeted = _embeddings_targeted(model, config)
     if mode is True:
+        if not hasattr(model.get_base_model(), "get_input_embeddings"):
+            warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model. "
+                          "save_embedding_layers=True saves nothing more.", PeftkitWarning, stacklevel=4)
+            return []
         return list(embedding_entries(model, wrapped_only=targeted))
     if targeted:
         why = "the adapter targets embed_tokens / lm_head"

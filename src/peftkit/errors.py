@@ -37,8 +37,9 @@ class CheckpointError(PeftkitError):
     """An adapter folder or checkpoint is missing, truncated, corrupt or does not fit the model."""
 
 
-class MergeError(PeftkitError):
-    """A merge or unmerge cannot be done (unsupported layer, NaN weights with safe_merge, ...)."""
+class MergeError(PeftkitError, RuntimeError):
+    """A merge or unmerge cannot be done (unsupported layer, NaN weights with safe_merge, ...); also a
+    ``RuntimeError``, as Hugging Face PEFT raises some of these."""
 
 
 class HotswapError(PeftkitError, RuntimeError):

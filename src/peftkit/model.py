@@ -134,7 +134,12 @@ class PeftModel(PeftModelApi, nn.Module):
                     tensor.requires_grad_(True)
 
     def _check_active(self, names: list[str]) -> None:
-        """PeftkitError if ``names`` cannot be active together (layer methods: any non-empty set)."""
+        """PeftkitError if ``names`` cannot be active together (layer methods: any set, unless two of them
+        train a copy of the same module in modules_to_save: which copy would run is undefined)."""
+        for key, layer in self._layers():
+            if isinstance(layer, ModulesToSaveWrapper) and len([n for n in names if n in layer.adapter_names]) > 1:
+                raise AdapterNameError(f"Only one adapter can be set at a time for ModulesToSaveWrapper: {key} is in "
+                                       f"modules_to_save of several of {names}; activate one of them.")
 
     # -- attribute fall-through -----------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

@@ -183,7 +183,8 @@ class LoraLayer(AdapterLayer):
             requantize_weight_(base, None)  # raises: bitsandbytes weights cannot be requantized
         biased = [n for n in names if self.lora_bias.get(n) and getattr(base, "bias", None) is None]
         if biased:
-            raise MergeError(f"Adapter {biased[0]!r} has lora_bias=True but the base {type(base).__name__} has no bias "
+            raise MergeError(f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias: "
+                             f"adapter {biased[0]!r} has lora_bias=True but the base {type(base).__name__} has no bias "
                              "to merge it into; keep the adapter unmerged. Nothing was merged.")
         if not safe_merge or not names:
             return
