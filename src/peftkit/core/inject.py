@@ -53,7 +53,8 @@ def prepare_config(config: "PeftConfig", model: nn.Module) -> "PeftConfig":
             config.target_modules = set(method.default_targets[model_type])  # a set, as Hugging Face PEFT
         elif not getattr(config, "target_parameters", None):  # parameters only: stays None, as in HF PEFT
             raise ConfigError(
-                f"target_modules is not set and peftkit has no default for model type {model_type!r}; pass "
+                f"Please specify `target_modules` in `peft_config`: target_modules is not set and peftkit has no "
+                f"default for model type {model_type!r}; pass "
                 "target_modules (module names, a regex, or 'all-linear')."
             )
     heads = TASK_HEADS.get(str(config.task_type)) if config.task_type else None

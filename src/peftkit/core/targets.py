@@ -243,7 +243,9 @@ def parameter_targets(model: nn.Module, config: "PeftConfig") -> list[tuple[str,
     if missing:
         hints = list(dict.fromkeys(h for t in missing for h in closest(t, every, n=5)))
         if not used:
-            msg = f"No parameter of the model matched any target_parameters entry ({wanted})."
+            msg = (f"No parameter of the model matched any target_parameters entry ({wanted})."
+                   + ("" if getattr(config, "target_modules", None) else " No `target_modules` passed but also no "
+                      "`target_parameters` found. Please check the values for these arguments."))
         else:
             msg = f"No parameter of the model matched target_parameters entry {missing[0]!r}"
             msg += f" (unmatched: {missing})." if len(missing) > 1 else "."

@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional, Union
 
 from ...config import PeftConfig, PeftType, as_set, positive_int, probability, unsupported
 from ...core.targets import LAYER_INDEX_REGEX
-from ...errors import ConfigError
+from ...errors import ConfigError, ConfigTypeError
 
 # Default target modules per model type (when target_modules is None), as Hugging Face PEFT.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -141,10 +141,15 @@ class LoraConfig(PeftConfig):
             )
         if self.use_dora and self.lora_bias:
             raise ConfigError("LoraConfig: use_dora=True cannot be combined with lora_bias=True.")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ConfigError("LoraConfig.layers_pattern is only used together with layers_to_transform.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ConfigError("layers_to_transform cannot be combined with a regex target_modules; put the layers in the regex.")
+            raise ConfigError("`layers_to_transform` cannot be used when `target_modules` is a str: put the layers in "
+                              "the regex.")
+        if isinstance(self.target_modules, str) and self.layers_pattern:
+            raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str: put the layers in the "
+                              "regex.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
+                              "(LoraConfig.layers_pattern is only used together with layers_to_transform.)")
         self._check_target_parameters()
         unsupported(self, "megatron_config", self.megatron_config, None)
         unsupported(self, "loftq_config", self.loftq_config, {}, "LoftQ init")
@@ -163,13 +168,17 @@ class LoraConfig(PeftConfig):
             if not indices or any(i < 0 for i in indices) or len(set(indices)) != len(indices):
                 raise ConfigError(f"{where} must be a non-empty list of distinct token indices >= 0, got {indices!r}.")
 
+    def __post_init__(self) -> None:
+        if isinstance(self.target_parameters, str):  # before the generic type check: PEFT's message
+            raise ConfigTypeError(f"`target_parameters` must be a list of strings or None. LoraConfig.target_parameters="
+                                  f"{self.target_parameters!r}: give a list of parameter names (e.g. "
+                                  "['mlp.experts.gate_up_proj']); matching parameters by regex is not supported.")
+        super().__post_init__()
+
     def _check_target_parameters(self) -> None:
         value = self.target_parameters
         if value is None:
             return
-        if isinstance(value, str):
-            raise ConfigError(f"LoraConfig.target_parameters={value!r}: give a list of parameter names (e.g. "
-                              "['mlp.experts.gate_up_proj']); matching parameters by regex is not supported.")
         if isinstance(value, (tuple, set)):
             value = sorted(value) if isinstance(value, set) else list(value)
         bad = [v for v in value if not isinstance(v, str) or not v.strip(".")]
