@@ -527,3 +527,25 @@ def test_merge_errors_are_also_runtime_errors_and_embeddings_of_plain_modules_wa
     em = get_peft_model(Emb(), LoraConfig(target_modules=["emb"]))
     with pytest.warns(UserWarning, match="Could not identify embedding layer"):
         em.save_pretrained(tmp_path, save_embedding_layers=True)
+
+
+@pytest.mark.parametrize("order", [("plain", "dora1", "dora2"), ("dora1", "plain", "dora2")])
+def test_merging_several_active_adapters_with_dora_equals_their_forward(order):
+    torch.manual_seed(0)
+    model = MLP()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    configs = {"plain": LoraConfig(target_modules=["lin0"], init_lora_weights=False),
+               "dora1": LoraConfig(target_modules=["lin0"], init_lora_weights=False, use_dora=True),
+               "dora2": LoraConfig(target_modules=["lin0"], init_lora_weights=False, use_dora=True)}
+    pm = get_peft_model(model, configs[order[0]], adapter_name=order[0]).eval()
+    for name in order[1:]:
+        pm.add_adapter(name, configs[name])
+    pm.set_adapter(list(order))
+    with torch.no_grad():
+        combined = pm(X)
+        pm.merge_adapter(safe_merge=True)
+        assert torch.allclose(pm(X), combined, atol=1e-5)
+        pm.unmerge_adapter()
+        base_weight = pm.base_model.model.lin0.get_base_layer().weight
+        assert torch.allclose(base_weight, original["lin0.weight"], atol=1e-5)
+        assert torch.allclose(pm(X), combined, atol=1e-5)

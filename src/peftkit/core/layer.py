@@ -104,6 +104,11 @@ class AdapterLayer(nn.Module):
         """The active adapter's name (a list when several are active), as Hugging Face PEFT's layers."""
         return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
+    @property
+    def _adapters(self) -> set[str]:
+        """Hugging Face PEFT's name for the adapters of a modules_to_save / trainable-tokens wrapper."""
+        return set(self.adapter_names)
+
     def _all_available_adapter_names(self) -> list[str]:
         """Hugging Face PEFT's name of :attr:`adapter_names` (its tests and integrations call it)."""
         return self.adapter_names

@@ -56,7 +56,7 @@ class DoraVariant:
     """DoRA for one adapter of one layer (see the module doc). Subclasses per layer type."""
 
     def __init__(self) -> None:
-        self.merged_norm: Optional[torch.Tensor] = None  # the norm used at merge time, for an exact unmerge
+        self.merged_delta: Optional[torch.Tensor] = None  # what the merge added to the weight, for an exact unmerge
 
     @classmethod
     def create(cls, layer: Layer, name: str) -> "DoraVariant":
@@ -101,17 +101,24 @@ class DoraVariant:
 
     def merged_weight(self, layer: Layer, name: str, weight: torch.Tensor, new: torch.Tensor,
                       remember: bool = True) -> torch.Tensor:
-        """The merged weight ``f ⊙ (W + s B A)`` from ``new = W + s B A`` (float); remembers the norm
-        (unless ``remember`` is false: safe_merge's check before merging)."""
-        norm = self.weight_norm(layer, name, weight).detach()
+        """The merged weight from the current ``weight`` and ``new = weight + s B A`` (float): ``weight +
+        f ⊙ (W₀ + s B A) - W₀``, where ``W₀`` is the base weight before any adapter of the layer was
+        merged (``weight`` less what those merges added, ``layer.merged_contribution()``). With no other
+        adapter merged that is ``f ⊙ (W + s B A)``; with several it equals their forward, which computes
+        each DoRA adapter on ``W₀``. Remembers what it adds (unless ``remember`` is false: safe_merge's
+        check before merging), for :meth:`unmerged_weight`."""
+        original = weight - layer.merged_contribution()
+        norm = self.weight_norm(layer, name, original).detach()
+        factor = self.factor_shape(layer, layer.lora_magnitude_vector[name].weight.float() / norm)
+        added = factor * (original + (new - weight)) - original
         if remember:
-            self.merged_norm = norm
-        return new * self.factor_shape(layer, layer.lora_magnitude_vector[name].weight.float() / norm)
+            self.merged_delta = added
+        return weight + added
 
     def unmerged_weight(self, layer: Layer, name: str, current: torch.Tensor) -> torch.Tensor:
-        """``W + s B A`` back from the merged weight (divided by the factor used at merge time)."""
-        norm, self.merged_norm = self.merged_norm, None
-        return current / self.factor_shape(layer, layer.lora_magnitude_vector[name].weight.float() / norm)
+        """``current - added + s B A`` (the caller then subtracts ``s B A``): the merge undone exactly."""
+        added, self.merged_delta = self.merged_delta, None
+        return current - added + layer.delta_weight(name)
 
 
 class DoraLinear(DoraVariant):

@@ -145,6 +145,16 @@ class LoraLayer(AdapterLayer):
     def __repr__(self) -> str:
         return "lora." + super().__repr__()  # ``lora.Linear(...)``, as Hugging Face PEFT prints its layers
 
+    def merged_contribution(self) -> torch.Tensor | float:
+        """What the merges of this layer's merged adapters added to the base weight (float): ``s B A``
+        for LoRA, the remembered change for DoRA; 0 when none is merged."""
+        total: torch.Tensor | float = 0.0
+        for name in self.merged_adapters:
+            variant = self.dora.get(name)
+            added = variant.merged_delta if variant is not None else None
+            total = total + (added if added is not None else self.delta_weight(name))
+        return total
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Hugging Face PEFT's name: :meth:`delta_weight` in the base weight's (floating) dtype."""
         delta = self.delta_weight(adapter)
