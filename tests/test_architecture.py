@@ -25,16 +25,16 @@ MAX_FUNCTION_LINES = 80
 # (module name or package prefix, layer); the longest matching prefix decides
 RANKS = {
     "peftkit.errors": 0,
-    "peftkit._io": 1, "peftkit.registry": 1, "peftkit.hub": 1, "peftkit.assets": 1,
-    "peftkit.config": 2,
+    "peftkit._io": 1, "peftkit.registry": 1, "peftkit.hub": 1, "peftkit.assets": 1, "peftkit.torch_utils": 1,
+    "peftkit.config": 2, "peftkit.model_card": 2,
     "peftkit.core": 3,
     "peftkit.quant": 4,
-    "peftkit.checkpoint": 5,
-    "peftkit.tuner": 5, "peftkit.status": 5, "peftkit.model_api": 5.5, "peftkit.adapter_io": 5.5, "peftkit.base_state": 6,
-    "peftkit.model": 6,
+    "peftkit.checkpoint": 5, "peftkit.tuner": 5, "peftkit.status": 5,
+    "peftkit.model_api": 5.5, "peftkit.adapter_io": 5.5,  # PeftModel's mixin and its folder reading
+    "peftkit.model": 6, "peftkit.base_state": 6,
     "peftkit.auto": 7, "peftkit.prompt": 7,
     "peftkit.methods": 8,
-    "peftkit": 9, "peftkit.inject": 9, "peftkit.prompt_model": 9, "peftkit.torch_utils": 1, "peftkit.model_card": 2,
+    "peftkit": 9, "peftkit.inject": 9, "peftkit.prompt_model": 9,  # also hotswap, helpers, the PEFT import paths
     "peftkit.train": 10,
     "peftkit.cli": 11,
     "peftkit.__main__": 12,
