@@ -34,7 +34,7 @@ RANKS = {
     "peftkit.model": 6, "peftkit.base_state": 6,
     "peftkit.auto": 7, "peftkit.prompt": 7,
     "peftkit.methods": 8,
-    "peftkit": 9, "peftkit.inject": 9, "peftkit.prompt_model": 9,  # also hotswap, helpers, the PEFT import paths
+    "peftkit": 9, "peftkit.inject": 9, "peftkit.prompt_model": 9,  # also hotswap, helpers, optimizers, PEFT paths
     "peftkit.train": 10,
     "peftkit.cli": 11,
     "peftkit.__main__": 12,

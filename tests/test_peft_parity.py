@@ -549,3 +549,21 @@ def test_merging_several_active_adapters_with_dora_equals_their_forward(order):
         base_weight = pm.base_model.model.lin0.get_base_layer().weight
         assert torch.allclose(base_weight, original["lin0.weight"], atol=1e-5)
         assert torch.allclose(pm(X), combined, atol=1e-5)
+
+
+def test_loraplus_optimizer_groups_and_a_training_step():
+    from peftkit.optimizers import create_loraplus_optimizer
+
+    pm = _lora_mlp()
+    opt = create_loraplus_optimizer(pm, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, loraplus_weight_decay=0.1)
+    names = {id(p): n for n, p in pm.named_parameters()}
+    groups = [sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups]
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-6, 1e-3 * 16, 1e-3 * 16]
+    assert all("lora_A" in n for n in groups[0]) and all("lora_B" in n for n in groups[2]) and groups[1] == []
+    assert opt.param_groups[3]["weight_decay"] == 0.0 and opt.param_groups[2]["weight_decay"] == 0.1
+    b_before = pm.base_model.model.lin0.lora_B["default"].weight.detach().clone()
+    pm(X).sum().backward()
+    opt.step()
+    assert not torch.equal(pm.base_model.model.lin0.lora_B["default"].weight, b_before)
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio must be a positive number"):
+        create_loraplus_optimizer(pm, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=0)
