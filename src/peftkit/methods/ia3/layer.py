@@ -128,12 +128,12 @@ class IA3Layer(AdapterLayer):
 
     def _check_finite(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         base = self.get_base_layer()
-        bad = not torch.isfinite(weight.to(base.weight.dtype)).all()
-        if bias is not None:
-            bad = bad or not torch.isfinite(bias.to(base.bias.dtype)).all()
-        if bad:
+        if not torch.isfinite(weight.to(base.weight.dtype)).all():
             raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken: merging adapter "
                              f"{name!r} gives NaN/inf weights. Nothing was merged.")
+        if bias is not None and not torch.isfinite(bias.to(base.bias.dtype)).all():
+            raise MergeError(f"NaNs detected in the merged bias. The adapter {name} seems to be broken: merging adapter "
+                             f"{name!r} gives a NaN/inf bias. Nothing was merged.")
 
     def _float_bias(self) -> Optional[torch.Tensor]:
         bias = getattr(self.get_base_layer(), "bias", None)

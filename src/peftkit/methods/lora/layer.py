@@ -179,7 +179,10 @@ class LoraLayer(AdapterLayer):
         """safe_merge: MergeError if the merged values are not finite as stored (in the base dtype)."""
         base = self.get_base_layer()
         stored = weight if is_quantized_module(base) else weight.to(base.weight.dtype)
-        if not torch.isfinite(stored).all() or (bias is not None and not torch.isfinite(bias.to(base.bias.dtype)).all()):
+        if bias is not None and not torch.isfinite(bias.to(base.bias.dtype)).all():
+            raise MergeError(f"NaNs detected in the merged bias. The adapter {name} seems to be broken: merging adapter "
+                             f"{name!r} gives a NaN/inf bias. Nothing was merged.")
+        if not torch.isfinite(stored).all():
             raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken: merging adapter "
                              f"{name!r} gives NaN/inf weights. Nothing was merged.")
 
