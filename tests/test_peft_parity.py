@@ -567,3 +567,10 @@ def test_loraplus_optimizer_groups_and_a_training_step():
     assert not torch.equal(pm.base_model.model.lin0.lora_B["default"].weight, b_before)
     with pytest.raises(ConfigError, match="loraplus_lr_ratio must be a positive number"):
         create_loraplus_optimizer(pm, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=0)
+
+
+def test_pissa_weight_conversion_on_save_is_refused_not_ignored(tmp_path):
+    pm = _lora_mlp()
+    with pytest.raises(peftkit.PeftkitError, match="path_initial_model_for_weight_conversion"):
+        pm.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "init")
+    assert not (tmp_path / "out").exists()

@@ -369,7 +369,13 @@ class PeftModel(PeftModelApi, nn.Module):
         """Write each selected adapter as a Hugging Face PEFT folder ("default" at the top level,
         others in sub-folders named after them). Every file is written atomically.
         ``save_embedding_layers``: see :func:`peftkit.get_peft_model_state_dict` (base embedding
-        weights, saved by ``"auto"`` when targeted or when the vocabulary was resized)."""
+        weights, saved by ``"auto"`` when targeted or when the vocabulary was resized). Hugging Face
+        PEFT's ``path_initial_model_for_weight_conversion`` (PiSSA/OLoRA to LoRA) is not implemented: a
+        PeftkitError rather than a folder that silently was not converted."""
+        if kwargs.get("path_initial_model_for_weight_conversion") is not None:
+            raise PeftkitError("save_pretrained(path_initial_model_for_weight_conversion=...) (converting a PiSSA adapter "
+                               "into a LoRA adapter on the original weights) is not implemented in peftkit; save the "
+                               "adapter as it is and load it on the PiSSA-modified base model. Nothing was written.")
         names = list(self.peft_config) if selected_adapters is None else name_list(selected_adapters, "selected_adapters")
         check_adapter_names(names, list(self.peft_config))
         save_adapters(self, save_directory, names, safe_serialization=safe_serialization,
