@@ -574,3 +574,16 @@ def test_pissa_weight_conversion_on_save_is_refused_not_ignored(tmp_path):
     with pytest.raises(peftkit.PeftkitError, match="path_initial_model_for_weight_conversion"):
         pm.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "init")
     assert not (tmp_path / "out").exists()
+
+
+def test_more_peft_phrases_and_the_active_copy_of_modules_to_save():
+    pm = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
+    wrapper = pm.base_model.model.lin1
+    assert wrapper.bias is wrapper.modules_to_save["default"].bias and wrapper.in_features == 20
+    with pytest.raises(ValueError, match=r"Trying to infer with non-existing adapter\(s\): nope"):
+        pm(X, adapter_names=["nope"] * 4)
+    with pytest.raises(ValueError, match="All modules were excluded"):
+        get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], exclude_modules=["lin0", "lin1", "lin2", "relu"]))
+    prompt = PromptTuningConfig(num_virtual_tokens=2, task_type="QUESTION_ANS")  # accepted as a config
+    with pytest.raises(ConfigError, match="QUESTION_ANS"):
+        get_peft_model(tiny_llama(), prompt)

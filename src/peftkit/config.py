@@ -435,15 +435,17 @@ class PromptLearningConfig(PeftConfig):
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ConfigError(f"{name}.num_transformer_submodules must be 1, 2 or None, got "
                               f"{self.num_transformer_submodules!r}.")
+
+    def check_ready(self) -> None:
+        """ConfigError unless the config can build a model: ``num_virtual_tokens`` set and a task type
+        the soft-prompt models run (checked here, not on construction, as Hugging Face PEFT accepts any
+        task type in a config)."""
+        name = type(self).__name__
+        if self.num_virtual_tokens is None:
+            raise ConfigError(f"{name}.num_virtual_tokens is required: the number of virtual tokens (an integer > 0).")
         if self.task_type is not None and str(self.task_type) not in PROMPT_TASKS:
             raise ConfigError(f"{name}: task_type {self.task_type} is not supported by prompt-learning methods; use "
                               f"one of {', '.join(PROMPT_TASKS)}.")
-
-    def check_ready(self) -> None:
-        """ConfigError unless the fields a model needs are set (``num_virtual_tokens``)."""
-        if self.num_virtual_tokens is None:
-            raise ConfigError(f"{type(self).__name__}.num_virtual_tokens is required: the number of virtual tokens (an "
-                              "integer > 0).")
 
     @property
     def uses_kv_prefix(self) -> bool:

@@ -155,7 +155,8 @@ def check_adapter_names(names: Sequence[str], known: Sequence[str]) -> None:
     unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in known})
     if unknown:
         raise AdapterNameError(
-            f"Unknown adapter name(s) {unknown}; loaded adapters: {list(known)} (use {BASE_ADAPTER!r} for the base model)."
+            f"Unknown adapter name(s) {unknown}; loaded adapters: {list(known)} (use {BASE_ADAPTER!r} for the base model). "
+            f"(Trying to infer with non-existing adapter(s): {', '.join(unknown)})"
         )
 
 

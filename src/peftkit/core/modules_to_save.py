@@ -20,6 +20,9 @@ from .mixed import current_mixed_batch, run_rows_by_slot
 from .targets import get_submodule_parent, outer_modules
 
 
+OWN_ATTRIBUTES = frozenset({"original_module", "modules_to_save", "disabled", "active_adapters", "merged_adapters"})
+
+
 class ModulesToSaveWrapper(AdapterLayer):
     """A module trained in full: each adapter gets its own copy; the original stays for disabling.
 
@@ -44,6 +47,19 @@ class ModulesToSaveWrapper(AdapterLayer):
     @property
     def weight(self) -> torch.Tensor:  # models that tie or inspect head weights read this
         return self.active_module().weight
+
+    @property
+    def bias(self) -> Any:
+        return getattr(self.active_module(), "bias", None)
+
+    def __getattr__(self, name: str) -> Any:
+        """Other attributes (``in_features``, ...) are the active copy's, as in Hugging Face PEFT."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in OWN_ATTRIBUTES:
+                raise
+            return getattr(self.active_module(), name)
 
     def update_layer(self, adapter_name: str, config: Any = None, key: str = "") -> None:
         copy_ = copy.deepcopy(self.original_module)

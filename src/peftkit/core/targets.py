@@ -160,8 +160,10 @@ def find_targets(model: nn.Module, config: "PeftConfig") -> list[str]:
             dropped.append(key)
     exclude = getattr(config, "exclude_modules", None)
     if not keys and dropped:
-        raise TargetError(f"No modules were targeted for adaptation: target_modules={config.target_modules!r} matched "
-                          f"only modules that exclude_modules={exclude!r} excludes (e.g. {dropped[0]}).")
+        every = [k for k, _ in outer_modules(model) if k]
+        head = "All modules were excluded" if len(dropped) == len(every) else "No modules were targeted for adaptation"
+        raise TargetError(f"{head}: target_modules={config.target_modules!r} matched only modules that "
+                          f"exclude_modules={exclude!r} excludes (e.g. {dropped[0]}).")
     if not keys:
         raise TargetError(no_match_message(model, config))
     if exclude and not dropped:

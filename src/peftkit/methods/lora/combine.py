@@ -41,6 +41,12 @@ def add_weighted_adapter(peft_model: nn.Module, adapters: Sequence[str], weights
     if with_params:
         raise PeftkitError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter "
                            f"{with_params[0]!r}: it has target_parameters).")
+    shared = [m for m in {m for c in configs for m in (c.modules_to_save or [])}
+              if sum(m in (c.modules_to_save or []) for c in configs) > 1]
+    if shared:
+        raise PeftkitError(f"Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+                           f"{len(shared)} such instance(s). (add_weighted_adapter cannot combine trained copies of "
+                           f"{sorted(shared)}.)")
     if any(c.modules_to_save for c in configs):
         raise PeftkitError("add_weighted_adapter cannot combine adapters with modules_to_save.")
     if svd_rank is not None and (not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or svd_rank <= 0):
