@@ -587,3 +587,57 @@ def test_more_peft_phrases_and_the_active_copy_of_modules_to_save():
     prompt = PromptTuningConfig(num_virtual_tokens=2, task_type="QUESTION_ANS")  # accepted as a config
     with pytest.raises(ConfigError, match="QUESTION_ANS"):
         get_peft_model(tiny_llama(), prompt)
+
+
+class WithBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.norm = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.norm(self.linear(x))
+
+
+def _norm_base() -> nn.Module:
+    torch.manual_seed(0)
+    return WithBatchNorm()
+
+
+def _trained_norm() -> PeftModel:
+    pm = get_peft_model(_norm_base(), LoraConfig(target_modules=["linear"], modules_to_save=["norm"]))
+    pm.train()
+    for _ in range(3):
+        pm(torch.randn(8, 3))  # running statistics of the copy move
+    return pm.eval()
+
+
+def test_modules_to_save_buffers_are_saved_and_loaded(tmp_path):
+    pm = _trained_norm()
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    expected = pm(x)
+    pm.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved["base_model.model.norm.num_batches_tracked"].item() == 3 and "base_model.model.norm.running_mean" in saved
+    loaded = PeftModel.from_pretrained(_norm_base(), tmp_path)
+    assert torch.allclose(loaded(x), expected)
+    assert loaded.base_model.model.norm.modules_to_save["default"].num_batches_tracked.item() == 3
+    # a file without the buffers (written before peftkit saved them) still loads
+    old = {k: v for k, v in saved.items() if "running" not in k and "num_batches" not in k}
+    fresh = get_peft_model(WithBatchNorm(), LoraConfig(target_modules=["linear"], modules_to_save=["norm"]))
+    assert set_peft_model_state_dict(fresh, old).missing_keys == []
+
+
+def test_modules_to_save_buffers_interop_with_hugging_face_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    pm = _trained_norm()
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    expected = pm(x)
+    pm.save_pretrained(tmp_path / "kit")
+    theirs = peft.PeftModel.from_pretrained(_norm_base(), tmp_path / "kit").eval()
+    assert torch.allclose(theirs(x), expected)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = PeftModel.from_pretrained(_norm_base(), tmp_path / "hf")
+    assert torch.allclose(ours(x), expected)

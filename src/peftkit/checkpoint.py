@@ -116,9 +116,20 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
         if method.is_layer_method:
             entries += [(k, k, t) for k, t in _embeddings_to_save(model, config, method, save_embedding_layers)]
     given = {strip_wrappers(k): v for k, v in state_dict.items()} if state_dict is not None else {}
+    entries += list(buffer_entries(model, adapter_name))
     for mem_key, file_key, tensor in entries:  # an FSDP state dict names the tensors without the wrapper segments
         out[file_key] = given.get(strip_wrappers(mem_key), tensor)
     return out
+
+
+def buffer_entries(root: nn.Module, adapter_name: str, prefix: str = "") -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(in-memory key, file key, buffer) of every saved buffer of ``adapter_name`` (running statistics
+    of a BatchNorm in modules_to_save): saved, and loaded when a file has them."""
+    for key, module in root.named_modules():
+        if isinstance(module, AdapterLayer):
+            for local, buffer in module.adapter_buffer_items(adapter_name):
+                yield (prefix + f"{key}.{local}", prefix + strip_wrappers(f"{key}.{module.file_key(local, adapter_name)}"),
+                       buffer)
 
 
 def peft_config_of(model: nn.Module, adapter_name: str) -> Optional[PeftConfig]:
@@ -290,7 +301,11 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
         # adapter's bias setting (as Hugging Face PEFT's load_state_dict does)
         optional.update({key: (k, t) for k, t in model.named_parameters() if k.endswith("bias")
                          and (key := _normalise(k)) in given and key not in expected})
-        expected.update(optional)
+    # buffers of modules_to_save copies (BatchNorm statistics): loaded when the file has them (files
+    # written before peftkit saved them do not)
+    optional.update({key: (fk, t) for _, fk, t in buffer_entries(model, adapter_name)
+                     if (key := _normalise(fk)) in given and key not in expected})
+    expected.update(optional)
     unexpected = sorted(set(given) - set(expected))
     if expected and unexpected and len(unexpected) == len(given):
         raise CheckpointError(
@@ -371,8 +386,9 @@ def _check_tensors(expected: dict[str, tuple[str, torch.Tensor]], given: dict[st
                    else "the adapter does not fit this model (different base model, r or targets)")
             raise CheckpointError(f"{source}: tensor {file_key!r} has shape {tuple(given[key].shape)} but the model "
                                   f"expects {tuple(tensor.shape)}; {why}.")
-        if not (given[key].is_floating_point() or given[key].is_complex()):
-            raise CheckpointError(f"{source}: tensor {file_key!r} has dtype {given[key].dtype}, expected floating point.")
+        if given[key].is_floating_point() != tensor.is_floating_point() or given[key].is_complex():
+            raise CheckpointError(f"{source}: tensor {file_key!r} has dtype {given[key].dtype}, expected "
+                                  f"{'floating point' if tensor.is_floating_point() else tensor.dtype}.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -218,7 +218,7 @@ class PeftModel(PeftModelApi, nn.Module):
         for _, layer in self._layers():
             if isinstance(layer, (CopyLayer, ModulesToSaveWrapper)):  # trainable copies of base modules keep their dtype
                 continue
-            base_dtype = getattr(getattr(layer.get_base_layer(), "weight", None), "dtype", None)
+            base_dtype = next((p.dtype for p in layer.get_base_layer().parameters() if p.is_floating_point()), None)
             for _, t in layer.adapter_param_items(name):
                 if not isinstance(t, nn.Parameter) or not t.dtype.is_floating_point:
                     continue

@@ -174,6 +174,11 @@ class AdapterLayer(nn.Module):
                 for k, p in value.named_parameters():
                     yield f"{attr}.{name}.{k}", p
 
+    def adapter_buffer_items(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """(local in-memory key, buffer) of adapter ``name``'s saved buffers (a trained BatchNorm copy's
+        running statistics); saved and loaded beside :meth:`adapter_param_items`, never trained."""
+        return iter(())
+
     def file_key(self, local_key: str, name: str) -> str:
         """The checkpoint key of an in-memory key: the adapter name removed (Hugging Face rule)."""
         key = strip_adapter_name(local_key, name)

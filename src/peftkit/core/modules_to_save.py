@@ -8,7 +8,7 @@ in the file ``score.weight`` (Hugging Face PEFT's keys).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -65,6 +65,13 @@ class ModulesToSaveWrapper(AdapterLayer):
         copy_ = copy.deepcopy(self.original_module)
         copy_.requires_grad_(True)
         self.modules_to_save[adapter_name] = copy_
+
+    def adapter_buffer_items(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """The copy's persistent buffers (BatchNorm running statistics), saved as Hugging Face PEFT does."""
+        if name in self.modules_to_save:
+            for key, buffer in self.modules_to_save[name].state_dict(keep_vars=True).items():
+                if not isinstance(buffer, nn.Parameter):
+                    yield f"modules_to_save.{name}.{key}", buffer
 
     def file_key(self, local_key: str, name: str) -> str:
         prefix = f"modules_to_save.{name}."
