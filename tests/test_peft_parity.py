@@ -641,3 +641,10 @@ def test_modules_to_save_buffers_interop_with_hugging_face_peft(tmp_path):
     theirs.save_pretrained(tmp_path / "hf")
     ours = PeftModel.from_pretrained(_norm_base(), tmp_path / "hf")
     assert torch.allclose(ours(x), expected)
+
+
+def test_tuner_get_model_config():
+    from peftkit.tuners.tuners_utils import BaseTuner
+
+    assert BaseTuner.get_model_config(MLP()) == {"model_type": "custom"}
+    assert BaseTuner.get_model_config(tiny_llama())["model_type"] == "llama"

@@ -17,6 +17,7 @@ Hugging Face PEFT allows) is not supported: use :func:`peftkit.get_peft_model` o
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -84,6 +85,19 @@ class BaseTuner(nn.Module):
         found = [f"{key.replace('.base_layer', '')}.{layer.parameter_name}" for key, layer in adapter_layers(self.model)
                  if getattr(layer, "parameter_name", None) is not None]
         return sorted(set(found), key=found.index)
+
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict:
+        """``model.config`` as a dict (a transformers config's ``to_dict()``, a dataclass's fields), or
+        ``{"model_type": "custom"}`` for a model without one (Hugging Face PEFT's helper)."""
+        config = getattr(model, "config", None)
+        if config is None:
+            return {"model_type": "custom"}
+        if hasattr(config, "to_dict"):
+            return config.to_dict()
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            return dataclasses.asdict(config)
+        return dict(config) if isinstance(config, dict) else {"model_type": "custom"}
 
     # -- forwarded operations -----------------------------------------------------------------
     def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
