@@ -648,3 +648,26 @@ def test_tuner_get_model_config():
 
     assert BaseTuner.get_model_config(MLP()) == {"model_type": "custom"}
     assert BaseTuner.get_model_config(tiny_llama())["model_type"] == "llama"
+
+
+def test_forward_signature_is_the_base_models_so_trainer_keeps_the_columns(tmp_path):
+    """transformers' Trainer with default arguments drops the dataset columns the model's forward does
+    not name (remove_unused_columns): the PeftModel's forward shows the wrapped model's arguments."""
+    import inspect
+
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from peftkit import load_model
+
+    model, tokenizer = load_model()
+    pm = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    params = inspect.signature(pm.forward).parameters
+    assert {"input_ids", "attention_mask", "labels", "adapter_names"} <= set(params)
+    ids = tokenizer(["once upon a time there was a dog"] * 8)["input_ids"]
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    before = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.detach().clone()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             learning_rate=1e-2, use_cpu=True, save_strategy="no")  # checkpoints: issue 15
+    Trainer(model=pm, args=args, train_dataset=data).train()
+    assert not torch.equal(pm.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight, before)

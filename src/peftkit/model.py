@@ -33,7 +33,7 @@ from .core.undo import undo_base_edits_on_error
 from .errors import AdapterNameError, ConfigError, PeftkitError
 from .quant import dequantized, requantization_report
 from .adapter_io import finite_weights, name_or_path, read_adapter
-from .model_api import PeftModelApi
+from .model_api import PeftModelApi, signed_by_base
 from .registry import all_methods, lookup, method_for
 from .tuner import BaseTuner
 
@@ -311,6 +311,7 @@ class PeftModel(PeftModelApi, nn.Module):
             check_adapter_names(adapter_names, list(self.peft_config))
         return mixed_batch(adapter_names, expand=expand)
 
+    @signed_by_base  # inspect.signature(model.forward) is the wrapped model's (transformers' Trainer reads it)
     def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
         """Run the model; ``adapter_names`` gives each row its own adapter ("__base__" for none): exactly
         one name per row of the batch."""
@@ -325,6 +326,7 @@ class PeftModel(PeftModelApi, nn.Module):
         with mixed:  # every layer checks that it sees one row per name
             return self.base_model(*args, **kwargs)
 
+    @signed_by_base
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
         """``generate`` of the base model; ``adapter_names``: one adapter per input row (beams and
         ``num_return_sequences`` copies of a row use its adapter)."""

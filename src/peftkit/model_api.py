@@ -8,6 +8,8 @@ only); it reads ``peft_config``, ``active_adapters``, ``base_model`` and the lay
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
@@ -21,6 +23,54 @@ from .core.names import name_list
 from .errors import AdapterNameError, PeftkitWarning
 from .model_card import model_hub_name, write_model_card
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+
+
+class BaseSigned(functools.partial):
+    # A PeftModel method bound to its model whose signature, docstring and annotations are the wrapped
+    # model's (plus ``adapter_names``): tools that choose a batch's columns from
+    # ``inspect.signature(model.forward)`` (transformers' Trainer with ``remove_unused_columns``) see
+    # ``input_ids``, ``labels``, ... Computed only when read. (No class docstring: ``__doc__`` is a property.)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # type: ignore[override]
+        return base_signature(self.args[0], self.func.__name__)
+
+    @property
+    def __doc__(self) -> Optional[str]:  # type: ignore[override]
+        base = getattr(self.args[0].get_base_model(), self.func.__name__, None)
+        return base.__doc__ if callable(base) else self.func.__doc__
+
+    @property
+    def __annotations__(self) -> dict:  # type: ignore[override]
+        base = getattr(self.args[0].get_base_model(), self.func.__name__, None)
+        return dict(getattr(base, "__annotations__", {}) if callable(base) else self.func.__annotations__)
+
+
+def base_signature(model: Any, name: str) -> inspect.Signature:
+    """The signature of the wrapped model's method ``name`` with a keyword ``adapter_names=None``
+    (before its ``**kwargs``); the PeftModel's own when the wrapped model has no such method."""
+    target = getattr(model.get_base_model(), name, None)
+    if not callable(target):
+        own = inspect.signature(getattr(type(model), name))
+        return own.replace(parameters=list(own.parameters.values())[1:])
+    sig = inspect.signature(target)
+    params = list(sig.parameters.values())
+    if "adapter_names" not in sig.parameters:
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        params.insert(at, extra)
+    return sig.replace(parameters=params)
+
+
+class signed_by_base:  # noqa: N801  (used as a decorator, like property)
+    """Method decorator: ``model.<method>`` is the method bound as :class:`BaseSigned`."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        return self.func if obj is None else BaseSigned(self.func, obj)
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -131,4 +181,4 @@ class PeftModelApi:
                          str(config.task_type) if config.task_type else None, config.to_dict())
 
 
-__all__ = ["PeftModelApi", "count_parameters"]
+__all__ = ["BaseSigned", "PeftModelApi", "base_signature", "count_parameters", "signed_by_base"]
