@@ -263,6 +263,20 @@ class AdapterLayer(nn.Module):
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
+def check_merged_finite(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        weight_dtype: Optional[torch.dtype], bias_dtype: Optional[torch.dtype] = None) -> None:
+    """safe_merge: MergeError (Hugging Face PEFT's phrase) unless the merged ``weight`` and ``bias`` are
+    finite as they would be stored, in ``weight_dtype`` / ``bias_dtype`` (default: the weight's; None, a
+    quantized base, checks the values as given). Shared by the layers that compute merged weights."""
+    bias_dtype = bias_dtype or weight_dtype
+    if bias is not None and not torch.isfinite(bias if bias_dtype is None else bias.to(bias_dtype)).all():
+        raise MergeError(f"NaNs detected in the merged bias. The adapter {name} seems to be broken: merging adapter "
+                         f"{name!r} gives a NaN/inf bias. Nothing was merged.")
+    if not torch.isfinite(weight if weight_dtype is None else weight.to(weight_dtype)).all():
+        raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken: merging adapter "
+                         f"{name!r} gives NaN/inf weights. Nothing was merged.")
+
+
 def strip_adapter_name(key: str, name: str) -> str:
     """``v_proj.lora_A.default.weight`` -> ``v_proj.lora_A.weight``; ``emb.lora_embedding_A.default`` ->
     ``emb.lora_embedding_A``. Only the end of the key is edited, so module names equal to the
@@ -276,4 +290,4 @@ def strip_adapter_name(key: str, name: str) -> str:
     return key
 
 
-__all__ = ["AdapterLayer", "strip_adapter_name"]
+__all__ = ["AdapterLayer", "check_merged_finite", "strip_adapter_name"]

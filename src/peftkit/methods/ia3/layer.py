@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ...core.dispatch import CONV_TYPES, linear_fan_in_fan_out
-from ...core.layer import AdapterLayer
+from ...core.layer import AdapterLayer, check_merged_finite
 from ...core.mixed import MixedBatch
 from ...errors import MergeError, PeftkitWarning, TargetError
 from .config import IA3Config, is_feedforward
@@ -128,12 +128,7 @@ class IA3Layer(AdapterLayer):
 
     def _check_finite(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         base = self.get_base_layer()
-        if not torch.isfinite(weight.to(base.weight.dtype)).all():
-            raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken: merging adapter "
-                             f"{name!r} gives NaN/inf weights. Nothing was merged.")
-        if bias is not None and not torch.isfinite(bias.to(base.bias.dtype)).all():
-            raise MergeError(f"NaNs detected in the merged bias. The adapter {name} seems to be broken: merging adapter "
-                             f"{name!r} gives a NaN/inf bias. Nothing was merged.")
+        check_merged_finite(name, weight, bias, base.weight.dtype, base.bias.dtype if bias is not None else None)
 
     def _float_bias(self) -> Optional[torch.Tensor]:
         bias = getattr(self.get_base_layer(), "bias", None)

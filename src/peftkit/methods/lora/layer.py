@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...core.base_call import call_base
-from ...core.layer import AdapterLayer
+from ...core.layer import AdapterLayer, check_merged_finite
 from ...core.memory import check_new_tensors
 from ...core.mixed import MixedBatch, current_mixed_batch
 from ...errors import ConfigError, MergeError, PeftkitError, PeftkitWarning, TargetError
@@ -178,13 +178,8 @@ class LoraLayer(AdapterLayer):
     def _check_finite(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         """safe_merge: MergeError if the merged values are not finite as stored (in the base dtype)."""
         base = self.get_base_layer()
-        stored = weight if is_quantized_module(base) else weight.to(base.weight.dtype)
-        if bias is not None and not torch.isfinite(bias.to(base.bias.dtype)).all():
-            raise MergeError(f"NaNs detected in the merged bias. The adapter {name} seems to be broken: merging adapter "
-                             f"{name!r} gives a NaN/inf bias. Nothing was merged.")
-        if not torch.isfinite(stored).all():
-            raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken: merging adapter "
-                             f"{name!r} gives NaN/inf weights. Nothing was merged.")
+        check_merged_finite(name, weight, bias, None if is_quantized_module(base) else base.weight.dtype,
+                            base.bias.dtype if bias is not None else None)
 
     def check_merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         """As :meth:`AdapterLayer.check_merge`; with ``safe_merge`` the merged weights are computed

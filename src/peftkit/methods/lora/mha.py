@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ...core.layer import AdapterLayer
+from ...core.layer import AdapterLayer, check_merged_finite
 from ...core.mixed import current_mixed_batch
 from ...errors import ConfigError, MergeError, PeftkitError, TargetError
 from .config import LoraConfig
@@ -159,10 +159,7 @@ class MultiheadAttention(LoraLayer):
                 self._check_in_proj(name, weight, bias)
 
     def _check_in_proj(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        dtype = self.get_base_layer().in_proj_weight.dtype
-        if not torch.isfinite(weight.to(dtype)).all() or (bias is not None and not torch.isfinite(bias.to(dtype)).all()):
-            raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken: merging adapter "
-                             f"{name!r} gives NaN/inf weights. Nothing was merged.")
+        check_merged_finite(name, weight, bias, self.get_base_layer().in_proj_weight.dtype)
 
     def _merge_one(self, name: str, safe_merge: bool) -> None:
         self._shift_in_proj(name, +1.0, check=safe_merge)
