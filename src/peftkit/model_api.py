@@ -22,7 +22,7 @@ from .core.inject import adapter_layers
 from .core.names import name_list
 from .errors import AdapterNameError, PeftkitWarning
 from .model_card import model_hub_name, write_model_card
-from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from .status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 
 
 class BaseSigned(functools.partial):
@@ -71,17 +71,6 @@ class signed_by_base:  # noqa: N801  (used as a decorator, like property)
 
     def __get__(self, obj: Any, cls: Any = None) -> Any:
         return self.func if obj is None else BaseSigned(self.func, obj)
-
-
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a packed 4-bit tensor counts its unpacked values."""
-    trainable = total = 0
-    for p in module.parameters():
-        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
 
 
 class PeftModelApi:
@@ -181,4 +170,4 @@ class PeftModelApi:
                          str(config.task_type) if config.task_type else None, config.to_dict())
 
 
-__all__ = ["BaseSigned", "PeftModelApi", "base_signature", "count_parameters", "signed_by_base"]
+__all__ = ["BaseSigned", "PeftModelApi", "base_signature", "signed_by_base"]

@@ -130,12 +130,15 @@ def _merged(layers: list[TunerLayerStatus]) -> Union[list[str], Irregular]:
     return sorted(merged)
 
 
-def _param_counts(model: nn.Module) -> tuple[int, int]:
-    counter = getattr(model, "get_nb_trainable_parameters", None)
-    if callable(counter):
-        return counter()
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a packed 4-bit tensor counts its unpacked values."""
+    trainable = total = 0
+    for p in module.parameters():
+        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
 
 
 def get_model_status(model: nn.Module) -> TunerModelStatus:
@@ -149,7 +152,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     else:
         base_type = type(model).__name__ if hasattr(model, "config") and hasattr(model, "can_generate") else "other"
         adapter_type, peft_types = "None", {}
-    trainable, total = _param_counts(model)
+    trainable, total = count_parameters(model)  # as get_nb_trainable_parameters
     enabled = {s.enabled for s in layers}
     active = {tuple(s.active_adapters) for s in layers}
     backends = {s.quantization_backend for s in layers}
@@ -173,4 +176,4 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     )
 
 
-__all__ = ["TunerLayerStatus", "TunerModelStatus", "get_layer_status", "get_model_status", "layer_status"]
+__all__ = ["TunerLayerStatus", "TunerModelStatus", "count_parameters", "get_layer_status", "get_model_status", "layer_status"]
