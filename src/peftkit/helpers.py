@@ -9,18 +9,14 @@
 * :class:`DoraCaching`: caching DoRA's weight norm in eval mode (:mod:`peftkit.core.caching`).
 * :func:`check_if_peft_model`: whether a folder or Hub repo holds an adapter config.
 * :func:`update_forward_signature`, :func:`update_generate_signature`, :func:`update_signature`:
-  give a PeftModel's ``forward`` / ``generate`` the base model's docstring and annotations (for
-  ``help()`` and IDEs).
+  PEFT's helpers giving ``forward`` / ``generate`` the base model's signature and docstring; a
+  peftkit PeftModel has them already, so they only check their argument.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
-import inspect
 import os
-import types
 from collections.abc import Iterator
 from typing import Any, Optional, Union
 
@@ -33,52 +29,21 @@ from .errors import ConfigError, PeftkitError
 from .hotswap import lora_layers
 
 
-def _only_args_kwargs(fn: Any) -> bool:
-    """Whether ``fn``'s signature is generic: ``(*args, **kwargs)`` or ``(**kwargs)``, keyword-only
-    extras allowed (PeftModel's ``adapter_names``)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    kinds = [p.kind for p in params.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
-    return kinds in ([inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD], [inspect.Parameter.VAR_KEYWORD])
-
-
-def _copy_signature(model: nn.Module, method: str) -> None:
-    """Rebind ``model.<method>`` to a copy of its function carrying the base model's docstring, name and
-    annotations (the copy runs the same code)."""
-    bound = getattr(model, method)
-    func = bound.__func__
-    clone = types.FunctionType(func.__code__, func.__globals__, func.__name__, func.__defaults__, func.__closure__)
-    clone.__kwdefaults__ = copy.copy(func.__kwdefaults__)
-    clone.__dict__.update(func.__dict__)
-    functools.update_wrapper(clone, getattr(type(model.get_base_model()), method),
-                             assigned=("__doc__", "__name__", "__annotations__"), updated=())
-    setattr(model, method, types.MethodType(clone, model))
-
-
 def update_forward_signature(model: nn.Module) -> None:
-    """Give ``model.forward`` the base model's ``forward`` docstring and annotations, when its own
-    signature is generic, ``(*args, **kwargs)`` (otherwise nothing changes)."""
-    if _only_args_kwargs(model.forward):
-        _copy_signature(model, "forward")
+    """Hugging Face PEFT's helper giving ``model.forward`` the base model's signature and docstring.
+    A peftkit PeftModel's ``forward`` already carries them (:class:`peftkit.model_api.BaseSigned`), so
+    there is nothing to do; kept for code that calls it."""
 
 
 def update_generate_signature(model: nn.Module) -> None:
-    """As :func:`update_forward_signature`, for ``generate`` (nothing if the model has none)."""
-    if hasattr(model, "generate") and hasattr(model.get_base_model(), "generate") and _only_args_kwargs(model.generate):
-        _copy_signature(model, "generate")
+    """As :func:`update_forward_signature`, for ``generate`` (already the base model's)."""
 
 
 def update_signature(model: nn.Module, method: str = "all") -> None:
     """:func:`update_forward_signature` (``method="forward"``), :func:`update_generate_signature`
-    (``"generate"``) or both (``"all"``)."""
+    (``"generate"``) or both (``"all"``): nothing to do in peftkit; an unknown ``method`` is refused."""
     if method not in ("forward", "generate", "all"):
         raise ConfigError(f"method {method} is not supported please choose one of ['forward', 'generate', 'all']")
-    if method in ("forward", "all"):
-        update_forward_signature(model)
-    if method in ("generate", "all"):
-        update_generate_signature(model)
 
 
 def check_if_peft_model(model_name_or_path: Union[str, os.PathLike]) -> bool:
