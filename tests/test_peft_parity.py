@@ -671,3 +671,19 @@ def test_forward_signature_is_the_base_models_so_trainer_keeps_the_columns(tmp_p
                              learning_rate=1e-2, use_cpu=True, save_strategy="no")  # checkpoints: issue 15
     Trainer(model=pm, args=args, train_dataset=data).train()
     assert not torch.equal(pm.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight, before)
+
+
+def test_bad_input_to_the_new_utilities_is_refused_cleanly():
+    from peftkit.optimizers import create_loraplus_optimizer
+
+    pm = _lora_mlp()
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    with pytest.raises(CheckpointError, match="not a torch.Tensor"):
+        peftkit.set_base_model_state_dict(pm, {"lin0.weight": "x"})
+    with pytest.raises(CheckpointError, match="has shape"):
+        peftkit.set_base_model_state_dict(pm, {k: torch.zeros(1) for k in peftkit.get_base_model_state_dict(pm)})
+    assert all(torch.equal(v, before[k]) for k, v in pm.state_dict().items())  # nothing was loaded
+    with pytest.raises(peftkit.PeftkitError, match="take a model"):
+        peftkit.get_model_status("model")
+    with pytest.raises(ConfigError, match="must be an nn.Module"):
+        create_loraplus_optimizer("model", torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=2)

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import IncompatibleKeys
+from .checkpoint import IncompatibleKeys, check_state_dict
+from .errors import CheckpointError
 from .core.inject import adapter_layers
 
 WRAPPED_SEGMENTS = (".base_layer.", ".original_module.")
@@ -61,9 +62,16 @@ def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, Any], stri
     """Load base-model tensors named as in the original model into ``model`` (adapters untouched).
 
     Returns the original keys the state dict lacked and its keys that name no base tensor; with
-    ``strict`` either is a RuntimeError (as ``torch.nn.Module.load_state_dict``) and nothing is loaded."""
+    ``strict`` either is a RuntimeError (as ``torch.nn.Module.load_state_dict``); a value that is not a
+    tensor or has the wrong shape is a CheckpointError. In every case nothing is loaded."""
+    check_state_dict(state_dict, "base model state dict")
     root = _root(model)
     names = _base_keys(root)
+    current = root.state_dict()
+    bad = [k for k, v in state_dict.items() if k in names and tuple(v.shape) != tuple(current[names[k]].shape)]
+    if bad:
+        raise CheckpointError(f"base model state dict: {bad[0]!r} has shape {tuple(state_dict[bad[0]].shape)} but the "
+                              f"model's is {tuple(current[names[bad[0]]].shape)}. Nothing was loaded.")
     missing = [k for k in names if k not in state_dict]
     unexpected = [k for k in state_dict if k not in names]
     if strict and (missing or unexpected):

@@ -57,6 +57,8 @@ def create_loraplus_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.
         loraplus_lr_embedding: learning rate of LoRA tensors on embedding layers (default 1e-6).
         loraplus_weight_decay: weight decay of the decaying groups (default 0).
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"create_loraplus_optimizer: model must be an nn.Module, got {type(model).__name__}.")
     lr = _check("lr", lr)
     ratio = _check("loraplus_lr_ratio", loraplus_lr_ratio)
     embedding_lr = _check("loraplus_lr_embedding", kwargs.pop("loraplus_lr_embedding", 1e-6))

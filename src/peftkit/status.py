@@ -68,6 +68,8 @@ def _all_or_irregular(values: list) -> Union[bool, Irregular]:
 
 def _adapted_root(model: nn.Module) -> nn.Module:
     """The module whose adapter layers are reported: a PeftModel's tuner, else ``model`` itself."""
+    if not isinstance(model, nn.Module):
+        raise PeftkitError(f"get_layer_status / get_model_status take a model (an nn.Module), got {type(model).__name__}.")
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict) and isinstance(getattr(model, "base_model", None), nn.Module):
         if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):
