@@ -11,7 +11,7 @@ Face PEFT folder (adapter_config.json + adapter_model.safetensors) that ``peftki
 tensors (``on_save_checkpoint``) and is restored with ``load_state_dict(strict=False)``. Prints the
 accuracies, the trainable share, the checkpoint sizes, and the time taken.
 
-    pip install -e ".[examples]" lightning && python examples/lightning_lora.py
+    pip install -e ".[examples]" && python examples/lightning_lora.py
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ try:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 except ImportError as exc:
-    raise ImportError(f"This example needs lightning and scikit-learn: pip install -e '.[examples]' lightning "
+    raise ImportError(f"This example needs lightning and scikit-learn: pip install -e '.[examples]' "
                       f"({exc})") from exc
 
 import peftkit
-from peftkit.core.layer import AdapterLayer
+from peftkit.tuners.tuners_utils import BaseTunerLayer  # every adapter layer (Hugging Face PEFT's name)
 from safetensors.torch import save_file
 
 OLD, NEW = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
@@ -122,7 +122,7 @@ def accuracy(net: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
 def set_adapters_enabled(module: nn.Module, enabled: bool) -> None:
     """Turn every adapter layer of a plain module on or off (there is no PeftModel.disable_adapter here)."""
     for layer in module.modules():
-        if isinstance(layer, AdapterLayer):
+        if isinstance(layer, BaseTunerLayer):
             layer.enable_adapters(enabled)
 
 

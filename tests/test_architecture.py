@@ -24,8 +24,9 @@ MAX_FUNCTION_LINES = 80
 
 # (module name or package prefix, layer); the longest matching prefix decides
 RANKS = {
-    "peftkit.errors": 0,
+    "peftkit.errors": 0, "peftkit.version": 0,
     "peftkit._io": 1, "peftkit.registry": 1, "peftkit.hub": 1, "peftkit.assets": 1, "peftkit.torch_utils": 1,
+    "peftkit.as_peft": 1,
     "peftkit.config": 2, "peftkit.model_card": 2,
     "peftkit.core": 3,
     "peftkit.quant": 4,
@@ -46,7 +47,7 @@ MODULES_FOUND = [".".join(p.relative_to(SRC.parent).with_suffix("").parts).remov
 COMPAT = {"peftkit.inject", "peftkit.prompt_model", "peftkit.methods.prompt", "peftkit.methods.selective",
           # Hugging Face PEFT's import paths (peft.tuners.lora, peft.utils, peft.mapping, ...)
           *(m for m in MODULES_FOUND if m.startswith(("peftkit.tuners", "peftkit.utils"))),
-          "peftkit.peft_model", "peftkit.mapping", "peftkit.mapping_func", "peftkit.mixed_model"}
+          "peftkit.peft_model", "peftkit.mapping", "peftkit.functional", "peftkit.mapping_func", "peftkit.mixed_model"}
 
 
 def _modules() -> dict[str, Path]:

@@ -73,7 +73,8 @@ from .quant import (
     save_quantized,
 )
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
+from .as_peft import PEFT_API_VERSION, install_as_peft, is_installed_as_peft  # noqa: E402
 
 __all__ = [
     "AdapterNameError",
@@ -148,6 +149,10 @@ __all__ = [
     "get_peft_config",
     "set_base_model_state_dict",
     "shift_tokens_right",
+    # running as `peft` inside transformers / TRL / accelerate / lm-eval (peftkit.as_peft)
+    "PEFT_API_VERSION",
+    "install_as_peft",
+    "is_installed_as_peft",
     # QLoRA (peftkit.quant)
     "Int8Linear",
     "NF4Linear",

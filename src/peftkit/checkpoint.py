@@ -144,19 +144,24 @@ def peft_config_of(model: nn.Module, adapter_name: str) -> Optional[PeftConfig]:
     return configs[adapter_name]
 
 
+def base_of(model: nn.Module) -> nn.Module:
+    """A PeftModel's base model; a model with injected adapters is its own base."""
+    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+
+
 def _embeddings_targeted(model: nn.Module, config: PeftConfig) -> bool:
     targets = getattr(config, "target_modules", None)
     if isinstance(targets, str):
         if targets == "all-linear":
             return False
-        names = [n for n, _ in model.get_base_model().named_modules() if n.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES]
+        names = [n for n, _ in base_of(model).named_modules() if n.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES]
         return any(re.fullmatch(targets, n) for n in names)
     return bool(targets) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
 
 
 def _vocab_resized(model: nn.Module, config: PeftConfig) -> bool:
     """Whether the model's vocab_size differs from its base model's config.json (local or Hub cache)."""
-    cfg = getattr(model.get_base_model(), "config", None)
+    cfg = getattr(base_of(model), "config", None)
     vocab = getattr(cfg, "vocab_size", None)
     source = config.base_model_name_or_path
     if not vocab or not source:
@@ -188,7 +193,7 @@ def _embeddings_to_save(model: nn.Module, config: PeftConfig, method: Method, mo
         return []
     targeted = _embeddings_targeted(model, config)
     if mode is True:
-        if not hasattr(model.get_base_model(), "get_input_embeddings"):
+        if not hasattr(base_of(model), "get_input_embeddings"):
             warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model. "
                           "save_embedding_layers=True saves nothing more.", PeftkitWarning, stacklevel=4)
             return []
@@ -211,7 +216,7 @@ def embedding_entries(model: nn.Module, wrapped_only: bool = False) -> Iterator[
     """(key, tensor) of the base model's input and output embedding weights in a PeftModel: under
     the wrapped base layer (``….embed_tokens.base_layer.weight``) when an adapter wraps them.
     ``wrapped_only`` (the embeddings are targeted): only those an adapter wraps, as Hugging Face PEFT."""
-    base = model.get_base_model()
+    base = base_of(model)
     wanted = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         try:

@@ -426,10 +426,13 @@ class PeftModel(PeftModelApi, nn.Module):
                      **kwargs: Any) -> IncompatibleKeys:
         """Load another adapter folder under ``adapter_name`` (not activated); returns the keys not matched
         (``missing_keys`` / ``unexpected_keys``). Nothing changes on error; without ``is_trainable`` the model
-        is put in eval mode."""
-        check_new_name(adapter_name, list(self.peft_config))
+        is put in eval mode. An ``adapter_name`` already loaded gets the folder's weights (as Hugging Face
+        PEFT, which transformers' Trainer relies on to restore its best checkpoint); its config stays."""
         low_cpu_mem_usage = bool(kwargs.pop("low_cpu_mem_usage", False))
         source, config, weights = read_adapter(model_id, subfolder, revision, is_trainable, None, kwargs)
+        if adapter_name in self.peft_config:
+            return self._reload_adapter(adapter_name, source, config, weights, is_trainable)
+        check_new_name(adapter_name, list(self.peft_config))
         with undo_base_edits_on_error():  # base weights an init rewrote (PiSSA) are restored on error
             self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
             try:
@@ -438,6 +441,17 @@ class PeftModel(PeftModelApi, nn.Module):
                 self.delete_adapter(adapter_name)
                 raise
         self._apply_active()
+        if not is_trainable:
+            self.eval()
+        return result
+
+
+    def _reload_adapter(self, adapter_name: str, source: str, config: PeftConfig, weights: dict,
+                        is_trainable: bool) -> IncompatibleKeys:
+        if config.peft_type != self.peft_config[adapter_name].peft_type:
+            raise ConfigError(f"{source} holds a {config.peft_type} adapter; adapter {adapter_name!r} of this model "
+                              f"is {self.peft_config[adapter_name].peft_type}. Load it under another name.")
+        result = set_peft_model_state_dict(self, weights, adapter_name, source=source)
         if not is_trainable:
             self.eval()
         return result
@@ -563,6 +577,9 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         p.requires_grad_(False)
     for _, layer in adapter_layers(model):
         layer.set_adapter([adapter_name], trainable=not config.inference_mode)
+    if not isinstance(getattr(model, "peft_config", None), dict):  # as Hugging Face PEFT: the configs ride along
+        model.peft_config = {}
+    model.peft_config[adapter_name] = config
     return model
 
 

@@ -71,7 +71,8 @@ def _adapted_root(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise PeftkitError(f"get_layer_status / get_model_status take a model (an nn.Module), got {type(model).__name__}.")
     configs = getattr(model, "peft_config", None)
-    if isinstance(configs, dict) and isinstance(getattr(model, "base_model", None), nn.Module):
+    if isinstance(configs, dict) and isinstance(getattr(model, "base_model", None), nn.Module) \
+            and callable(getattr(model, "get_base_model", None)):
         if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):
             raise TypeError(f"{type(model).__name__} holds soft-prompt adapters, which have no adapter layers; "
                             "get_layer_status / get_model_status report layer methods (LoRA, IA3, ...).")
@@ -147,7 +148,8 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     """The adapter status of ``model`` summed over its layers (see :class:`TunerModelStatus`)."""
     layers = get_layer_status(model)
     configs = getattr(model, "peft_config", None)
-    is_peft = isinstance(configs, dict) and isinstance(getattr(model, "base_model", None), nn.Module)
+    is_peft = isinstance(configs, dict) and isinstance(getattr(model, "base_model", None), nn.Module) \
+        and callable(getattr(model, "get_base_model", None))  # not a transformers model with injected adapters
     if is_peft:
         base_type, adapter_type = type(model.get_base_model()).__name__, type(model.base_model).__name__
         peft_types = {name: str(c.peft_type) for name, c in configs.items()}

@@ -1,4 +1,4 @@
-"""The ``peftkit`` command: ``train``, ``eval``, ``generate``, ``merge``, ``inspect``.
+"""The ``peftkit`` command: ``train``, ``eval``, ``generate``, ``merge``, ``inspect``, ``as-peft``.
 
 Every flag of ``peftkit train`` is generated from a config dataclass: :class:`~peftkit.train.ModelArgs`,
 :class:`~peftkit.train.DataConfig`, :class:`~peftkit.train.TrainConfig` and the chosen method's own
@@ -14,6 +14,7 @@ import sys
 from typing import Optional
 
 from ..errors import PeftkitError
+from .as_peft import cmd_as_peft
 from .args import PROG, add_dataclass_flags, converter, merge_settings, nest, parse_set_values
 from .eval import cmd_eval
 from .generate import cmd_generate
@@ -24,7 +25,7 @@ from .train import TRAIN_EPILOG, build_train_parser, cmd_train
 _nest = nest  # the name the tests import
 
 __all__ = ["COMMANDS", "NEAREST_TOKEN_METHODS", "PROG", "TRAIN_EPILOG", "add_dataclass_flags", "build_train_parser",
-           "cmd_eval", "cmd_generate", "cmd_inspect", "cmd_merge", "cmd_train", "converter", "inspect_adapter", "main",
+           "cmd_as_peft", "cmd_eval", "cmd_generate", "cmd_inspect", "cmd_merge", "cmd_train", "converter", "inspect_adapter", "main",
            "merge_settings", "nest", "parse_set_values"]
 
 
@@ -37,6 +38,7 @@ COMMANDS = {
     "merge": (cmd_merge, "merge an adapter into a standalone Hugging Face model folder"),
     "inspect": (cmd_inspect, "print an adapter's config, parameter counts, size, tensor shapes (and a soft "
                            "prompt's nearest tokens)"),
+    "as-peft": (cmd_as_peft, "run a Python tool (lm_eval, trl, a script) with peftkit installed as `peft`"),
 }
 
 

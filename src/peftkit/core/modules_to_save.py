@@ -7,6 +7,7 @@ in the file ``score.weight`` (Hugging Face PEFT's keys).
 
 from __future__ import annotations
 
+import abc
 import copy
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
@@ -77,6 +78,13 @@ class ModulesToSaveWrapper(AdapterLayer):
         prefix = f"modules_to_save.{name}."
         return local_key[len(prefix):] if local_key.startswith(prefix) else local_key
 
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        """File key (below this module) -> in-memory key of adapter ``adapter_name``'s tensors
+        (transformers' ``load_adapter`` asks every auxiliary wrapper for it)."""
+        if adapter_name not in self.modules_to_save:
+            return {}
+        return {k: f"modules_to_save.{adapter_name}.{k}" for k in self.modules_to_save[adapter_name].state_dict()}
+
     def active_module(self) -> nn.Module:
         """The copy of the active adapter, or the original when disabled or no adapter is active."""
         if self.disabled or not self.active_adapters:
@@ -145,4 +153,13 @@ def remove_modules_to_save(model: nn.Module, adapter_name: str) -> None:
                 setattr(parent, child, module.original_module)
 
 
-__all__ = ["ModulesToSaveWrapper", "add_modules_to_save", "remove_modules_to_save", "wrap_modules_to_save"]
+class AuxiliaryTrainingWrapper(abc.ABC):
+    """Hugging Face PEFT's name for the wrappers that train a whole base module or a part of it beside an
+    adapter: ``isinstance(module, AuxiliaryTrainingWrapper)`` holds for :class:`ModulesToSaveWrapper` and
+    :class:`~peftkit.core.trainable_tokens.TrainableTokensWrapper` (registered there)."""
+
+
+AuxiliaryTrainingWrapper.register(ModulesToSaveWrapper)
+
+
+__all__ = ["AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "add_modules_to_save", "remove_modules_to_save", "wrap_modules_to_save"]

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError, MergeError, PeftkitError, TargetError
 from .layer import AdapterLayer
+from .modules_to_save import AuxiliaryTrainingWrapper
 from .mixed import MixedBatch
 
 
@@ -285,6 +286,15 @@ class TrainableTokensWrapper(TrainableTokensLayer):
 
     def saves_tensors(self) -> bool:
         return self.tied_adapter is None
+
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        """File key -> in-memory key (transformers' ``load_adapter``); a tied wrapper loads nothing."""
+        if not self.saves_tensors() or adapter_name not in self.trainable_tokens_delta:
+            return {}
+        return {"token_adapter.trainable_tokens_delta": f"token_adapter.trainable_tokens_delta.{adapter_name}"}
+
+
+AuxiliaryTrainingWrapper.register(TrainableTokensWrapper)
 
 
 __all__ = ["BufferDict", "TokenAdapter", "TrainableTokensLayer", "TrainableTokensWrapper", "check_disjoint",

@@ -4,7 +4,7 @@ implements (re-exports; docs/compat.md lists what is missing and why)."""
 from ..base_state import get_base_model_state_dict, set_base_model_state_dict
 from ..checkpoint import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from ..config import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType, TaskType
-from ..core.modules_to_save import ModulesToSaveWrapper
+from ..core.modules_to_save import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from ..core.trainable_tokens import TrainableTokensWrapper
 from ..errors import PeftkitError as PeftError
 from ..errors import PeftkitWarning as PeftWarning
@@ -17,7 +17,6 @@ from ..quant import prepare_model_for_kbit_training
 from ..torch_utils import cast_mixed_precision_params, id_tensor_storage, infer_device, shift_tokens_right, transpose
 
 INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
-AuxiliaryTrainingWrapper = ModulesToSaveWrapper  # the base of trainable copies of whole modules
 
 __all__ = [
     "TrainableTokensWrapper",
