@@ -157,7 +157,45 @@ def test_install_as_peft_refuses_after_a_tool_looked_for_peft():
     assert proc.returncode == 0 and proc.stdout.strip() == "refused", proc.stderr
 
 
+def test_as_peft_command_reaches_the_processes_a_tool_starts(tmp_path):
+    script = tmp_path / "tool.py"
+    script.write_text(textwrap.dedent("""
+        import subprocess, sys
+        import peft, peftkit
+        child = "import peft, peftkit; print(peft.PeftModel is peftkit.PeftModel)"
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout
+        print(peft.PeftModel is peftkit.PeftModel, out.strip(), sys.argv[1:])
+        sys.exit(3)
+    """))
+    proc = subprocess.run([sys.executable, "-m", "peftkit", "as-peft", str(script), "--flag"], capture_output=True,
+                          text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert proc.returncode == 3, proc.stderr  # the tool's own exit status
+    assert proc.stdout.split() == ["True", "True", "['--flag']"], proc.stdout
+    missing = subprocess.run([sys.executable, "-m", "peftkit", "as-peft", "no-such-tool"], capture_output=True,
+                             text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert missing.returncode == 2 and "not a Python console command" in missing.stderr
+
+
 # -- TRL ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trl_command_line_through_as_peft(tmp_path):
+    pytest.importorskip("trl")
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(peftkit.model_path().parent / "data" / "e2e_nlg_train.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f][:16]
+    (data / "train.jsonl").write_text("".join(json.dumps({"prompt": r["source"] + "\n", "completion": r["target"]})
+                                              + "\n" for r in rows))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "peftkit", "as-peft", "trl", "sft", "--model_name_or_path", str(peftkit.model_path()),
+           "--dataset_name", str(data), "--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "4",
+           "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--output_dir", str(out), "--use_cpu",
+           "--report_to", "none", "--max_length", "64", "--save_strategy", "no"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_adapter_folder(out)
 
 
 @pytest.mark.slow

@@ -9,9 +9,10 @@ For command-line tools that import ``peft`` themselves (``lm_eval --model_args .
     peftkit as-peft <script.py> [args]          # as python script.py
 
 The tool runs in this same Python process (a console command is found among the installed entry points,
-``console_scripts``), so only Python tools can be run this way; the alias lasts until the process ends.
-Processes the tool starts itself (``torchrun``, ``accelerate launch`` workers) are not covered: call
-``peftkit.install_as_peft()`` at the top of the script they run.
+``console_scripts``), so the tool must be a Python one. Python processes it starts (``torchrun`` and
+``accelerate launch`` workers, the ``trl`` command line's training process) install the alias at start-up:
+``PEFTKIT_AS_PEFT=1`` is set and a ``sitecustomize`` folder (peftkit/as_peft_site) is put first on
+``PYTHONPATH`` for them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def _run(call, *args, **kwargs) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _pass_to_child_processes() -> None:
+    site = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "as_peft_site")
+    os.environ["PEFTKIT_AS_PEFT"] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join([site, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def cmd_as_peft(argv: list[str]) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -50,6 +57,7 @@ def cmd_as_peft(argv: list[str]) -> int:
         raise PeftkitError("as-peft -m needs a module name, as python -m does.")
     from ..as_peft import install_as_peft
 
+    _pass_to_child_processes()
     if argv[0] == "-m":
         module, rest = argv[1], argv[2:]
         install_as_peft()
