@@ -135,8 +135,10 @@ def install_as_peft() -> None:
         where = getattr(sys.modules.get("peft"), "__file__", None) or real[0]
         raise PeftkitError(f"install_as_peft(): Hugging Face PEFT is already imported in this process ({where}); "
                            "its classes cannot be replaced under the objects that hold them. Call "
-                           "peftkit.install_as_peft() before anything imports peft, or use peft itself.")
-    early = sorted(name for name in sys.modules if name.startswith(_DECIDED_AT_IMPORT))
+                           "peftkit.install_as_peft() before anything imports peft (transformers' "
+                           "TrainingArguments and Trainer, TRL and lm-eval do), at the top of the program.")
+    early = sorted(name for name in sys.modules
+                   if any(name == m or name.startswith(m + ".") for m in _DECIDED_AT_IMPORT))
     if early:
         raise PeftkitError(f"install_as_peft(): {', '.join(early[:4])}{' ...' if len(early) > 4 else ''} was "
                            "imported before the call and has already looked for peft. Call "
