@@ -174,7 +174,7 @@ def case_hf_trainer(out: str, given: str) -> dict:
 
 def case_load_adapter(out: str, adapter: str) -> dict:
     """transformers' own adapter API on a plain PreTrainedModel: load_adapter, set/disable/enable, delete,
-    and from_pretrained(<adapter folder>)."""
+    from_pretrained(<adapter folder>), add_adapter + save_pretrained."""
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor(IDS)
@@ -191,11 +191,17 @@ def case_load_adapter(out: str, adapter: str) -> dict:
         auto = AutoModelForCausalLM.from_pretrained(adapter)(ids).logits
         model.delete_adapter("mine")
         deleted = model(ids).logits
-    torch.save({"with_adapter": with_adapter, "auto": auto}, os.path.join(out, "logits.pt"))
+        has_config_after_delete = hasattr(model, "peft_config")
+        # a new adapter from a peftkit config, saved by transformers' save_pretrained (PEFT format)
+        model.add_adapter(peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+                          adapter_name="fresh")
+        added = model(ids).logits
+    model.save_pretrained(os.path.join(out, "added"))
+    torch.save({"with_adapter": with_adapter, "auto": auto, "added": added}, os.path.join(out, "logits.pt"))
     return {"active": active, "adapter_effect": (with_adapter - base).abs().max().item(),
             "disabled_diff": (disabled - base).abs().max().item(), "enabled_diff": (enabled - with_adapter).abs().max().item(),
             "auto_diff": (auto - with_adapter).abs().max().item(), "deleted_diff": (deleted - base).abs().max().item(),
-            "has_peft_config_after_delete": hasattr(model, "peft_config")}
+            "has_peft_config_after_delete": has_config_after_delete, "active_added": model.active_adapters()}
 
 
 def case_lm_eval(out: str, adapter: str) -> dict:

@@ -261,6 +261,8 @@ def test_transformers_load_adapter_on_a_plain_model(tmp_path, sft_adapter):
     assert not result["has_peft_config_after_delete"]
     logits = torch.load(tmp_path / "logits.pt")
     torch.testing.assert_close(logits["with_adapter"], check_adapter_folder(sft_adapter))
+    assert result["active_added"] == ["fresh"]
+    torch.testing.assert_close(logits["added"], check_adapter_folder(tmp_path / "added"))
 
 
 def test_peftkit_trainer_with_default_arguments_and_best_model(tmp_path):
