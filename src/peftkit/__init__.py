@@ -30,7 +30,7 @@ from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config, IA3Model
 from .methods.ln_tuning import LNTuningConfig, LNTuningModel
-from .methods.lora import LoraConfig, LoraModel
+from .methods.lora import LoraConfig, LoraModel, keep_sparsity
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.partial import PartialConfig
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig, p_tuning_v2_config
@@ -120,6 +120,7 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "keep_sparsity",
     "load_model",
     "load_peft_weights",
     "model_path",

@@ -8,7 +8,7 @@ Files: :mod:`.config` (LoraConfig), :mod:`.layer` (the shared bookkeeping), :mod
 :mod:`.embedding`, :mod:`.conv`, :mod:`.mha` (the layer types), :mod:`.dora` (DoRA as a variant object),
 :mod:`.fast_path` (the no-grad road of Linear), :mod:`.dispatch` (which layer wraps a module),
 :mod:`.param` (LoRA on bare parameters, ``target_parameters``: MoE expert tensors),
-:mod:`.combine` (``add_weighted_adapter``).
+:mod:`.combine` (``add_weighted_adapter``), :mod:`.sparse` (``keep_sparsity``: LoRA over a pruned base).
 """
 
 from ...config import PeftType
@@ -24,6 +24,7 @@ from .layer import LoraLayer
 from .linear import Linear
 from .mha import MixedBatchUnsupportedError, MultiheadAttention
 from .param import ParamWrapper, make_param_layer
+from .sparse import keep_sparsity
 
 
 class LoraModel(BaseTuner):
@@ -47,4 +48,5 @@ register_method(Method(
 
 __all__ = ["LoraModel", "DEFAULT_TARGETS", "ConvNd", "DoraConv", "DoraEmbedding", "DoraLinear", "DoraMagnitude",
            "DoraVariant", "Embedding", "Linear", "LoraConfig", "LoraLayer", "MixedBatchUnsupportedError",
-           "MultiheadAttention", "ParamWrapper", "add_weighted_adapter", "combine_layer", "make_layer", "make_param_layer"]
+           "MultiheadAttention", "ParamWrapper", "add_weighted_adapter", "combine_layer", "keep_sparsity", "make_layer",
+           "make_param_layer"]

@@ -17,8 +17,8 @@ Plain means: no extra arguments, not disabled, nothing merged, no mixed batch op
 plain ``torch.Tensor`` input, no autocast, not compiling or tracing, an exact ``nn.Linear`` base with
 no hooks (its own or global), no instance-level ``forward`` and no compiled wrapper, and the base
 weight and every active adapter's weights in the input's dtype with no DoRA, no ``lora_bias`` and a
-number as scaling (not the tensor of ``prepare_model_for_compiled_hotswap``); dropout only in eval
-mode. Anything else takes the general path (:meth:`LoraLayer.forward`).
+number as scaling (not the tensor of ``prepare_model_for_compiled_hotswap``), no sparsity mask; dropout only
+in eval mode. Anything else takes the general path (:meth:`LoraLayer.forward`).
 
 :func:`forward` is ``Linear.forward`` itself (assigned in the class body, so the road costs no call
 level of its own): it reads the layer's state from its ``__dict__``, as ``nn.Module`` attribute
@@ -80,7 +80,8 @@ def plan_road(layer: LoraLayer) -> RoadPlan:
     names = list(layer.active_adapters)
     base = layer.get_base_layer()
     dtype, w_ptr, wt, adapters = None, 0, None, []
-    if type(base) is nn.Linear and layer.base_layer is base and type(base.weight) in _PLAIN:
+    if type(base) is nn.Linear and layer.base_layer is base and type(base.weight) in _PLAIN \
+            and "delta_mask" not in layer._buffers:  # a sparsity-masked layer forms ΔW: the general path
         W = base.weight
         dtype, w_ptr, wt = W.dtype, W.data_ptr(), W.t()
         for name in names:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,40 @@ class Linear(LoraLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
-        return delta.T if self.fan_in_fan_out else delta
+        delta = delta.T if self.fan_in_fan_out else delta
+        mask = self._buffers.get("delta_mask")
+        return delta if mask is None else delta * mask
+
+    # -- sparsity-preserving LoRA (a pruned base keeps its zeros) ----------------------------------
+    def set_delta_mask(self, mask: Optional[torch.Tensor]) -> None:
+        """Multiply every adapter's ``ΔW = s B A`` by ``mask`` (bool, True = kept; the base weight's shape
+        and layout): ``y = W x + b + ((s B A) ⊙ M) x``. Trained this way, merging is exact and keeps every
+        zero of a pruned ``W``. The forward then forms the (out x in) ``ΔW`` at every call instead of two
+        thin products (its cost: docs/compression.md). Not with DoRA or mixed-adapter batches. ``None``
+        removes the mask. The mask is not saved in the adapter file: it belongs to the pruned base."""
+        if mask is None:
+            self._buffers.pop("delta_mask", None)
+            self.clear_cache()
+            return
+        weight = self.get_base_layer().weight
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise ConfigError(f"A sparsity mask of shape {tuple(mask.shape)} does not fit the base weight "
+                              f"{tuple(weight.shape)}.")
+        if any(self.use_dora.values()):
+            raise ConfigError("Sparsity-preserving LoRA does not support DoRA adapters (DoRA rescales whole rows).")
+        self.register_buffer("delta_mask", mask.to(device=weight.device, dtype=torch.bool), persistent=False)
+        self.clear_cache()
+
+    def _masked_add(self, name: str, xa: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result + ((s B A) ⊙ M) x`` (+ B's bias · s): ``ΔW`` formed in the adapter's dtype."""
+        if name in self.dora:
+            raise PeftkitError("Sparsity-preserving LoRA does not support DoRA adapters.")
+        A, B = self.lora_A[name].weight, self.lora_B[name]
+        mask = self._buffers["delta_mask"]
+        delta = (B.weight @ A) * self.scaling[name]
+        delta = delta * (mask.T if self.fan_in_fan_out else mask).to(delta.dtype)
+        bias = B.bias * self.scaling[name] if B.bias is not None else None
+        return result + F.linear(xa, delta, bias).to(result.dtype)
 
     def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # plain dict lookups (not nn.Module attribute access): this runs once per layer per forward
@@ -85,6 +118,8 @@ class Linear(LoraLayer):
         xa = x
         if type(dropout) is not nn.Identity:
             xa = dropout(xa)
+        if "delta_mask" in d["_buffers"]:
+            return self._masked_add(name, xa, result)
         if name in d["dora"]:
             return d["dora"][name].forward(self, name, xa, result)
         weight, bias, s = B["weight"], B["bias"], d["scaling"][name]
@@ -103,6 +138,8 @@ class Linear(LoraLayer):
         """``_add_adapter`` with input dtype casting disabled (:func:`peftkit.helpers.disable_input_dtype_casting`):
         ``x`` reaches the adapter's modules as it is, called as modules so that their hooks run."""
         xd = self.lora_dropout[name](x)
+        if "delta_mask" in self._buffers:
+            return self._masked_add(name, xd, result)
         if name in self.dora:
             return self.dora[name].forward(self, name, xd, result)
         return result + (self.lora_B[name](self.lora_A[name](xd)) * self.scaling[name]).to(result.dtype)
@@ -161,6 +198,9 @@ class Linear(LoraLayer):
         names = tuple(self.lora_A.keys())
         if not names:
             return result
+        if "delta_mask" in self._buffers:
+            raise PeftkitError("A sparsity-masked LoRA layer (set_delta_mask) does not run mixed-adapter batches; "
+                               "merge the adapter with keep_sparsity=True, or run one adapter per batch.")
         rows = x.shape[0]
         plan = mixed.plan(names, x.device, rows)
         idx = plan.idx
