@@ -687,3 +687,38 @@ def test_bad_input_to_the_new_utilities_is_refused_cleanly():
         peftkit.get_model_status("model")
     with pytest.raises(ConfigError, match="must be an nn.Module"):
         create_loraplus_optimizer("model", torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=2)
+
+
+def test_modules_to_save_wrappers_are_not_base_tuner_layers_as_in_hugging_face_peft():
+    """TRL refuses a ``lm_head`` that is a ``BaseTunerLayer`` (its loss reads ``lm_head.weight``) and trains
+    one in ``modules_to_save``: the same modules must answer ``isinstance(m, BaseTunerLayer)`` as in PEFT."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import BaseTunerLayer as HFBaseTunerLayer
+
+    from peftkit.tuners.lora import LoraLayer
+    from peftkit.utils import ModulesToSaveWrapper
+
+    def tuner_layers(model, cls):
+        return sorted(n for n, m in model.named_modules() if isinstance(m, cls))
+
+    kw = dict(r=4, target_modules=["q_proj", "v_proj", "up_proj"], modules_to_save=["lm_head"], init_lora_weights=False,
+              trainable_token_indices={"embed_tokens": [3, 5]})
+    torch.manual_seed(0)
+    ours = get_peft_model(tiny_llama(), LoraConfig(**kw))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kw))
+    theirs.load_state_dict(ours.state_dict())
+    ids = torch.tensor([[1, 4, 9, 16, 25, 36]])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-6)
+    # PEFT's trainable-tokens layer is one module down (embed_tokens.token_adapter): compare the LoRA layers
+    hf_names = [n.removesuffix(".token_adapter") for n in tuner_layers(theirs, HFBaseTunerLayer)]
+    assert tuner_layers(ours, BaseTunerLayer) == sorted(hf_names)
+    head = ours.get_output_embeddings()
+    assert isinstance(head, ModulesToSaveWrapper) and not isinstance(head, BaseTunerLayer)
+    assert not isinstance(theirs.get_output_embeddings(), HFBaseTunerLayer)
+    assert isinstance(ours.base_model.model.model.layers[0].self_attn.q_proj, BaseTunerLayer)
+    assert issubclass(LoraLayer, BaseTunerLayer) and not issubclass(ModulesToSaveWrapper, BaseTunerLayer)
+    assert not isinstance(nn.Linear(2, 2), BaseTunerLayer) and not issubclass(nn.Linear, BaseTunerLayer)
+    ours.base_model.model.lm_head.modules_to_save["default"].weight.data.add_(1.0)
+    with torch.no_grad():  # the head copy is what trains and counts
+        assert not torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-3)
