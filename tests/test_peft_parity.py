@@ -722,3 +722,38 @@ def test_modules_to_save_wrappers_are_not_base_tuner_layers_as_in_hugging_face_p
     ours.base_model.model.lm_head.modules_to_save["default"].weight.data.add_(1.0)
     with torch.no_grad():  # the head copy is what trains and counts
         assert not torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-3)
+
+
+def test_functional_delete_adapter_of_an_adapter_already_deleted_is_a_no_op_as_in_hugging_face_peft():
+    """transformers' ``delete_adapter(["a", "a"])`` calls ``peft.functional.delete_adapter`` once per name."""
+    peft = pytest.importorskip("peft")
+    import peft.functional as hf_functional
+
+    from peftkit import functional, inject_adapter_in_model
+
+    ids = torch.tensor([[1, 4, 9, 16, 25, 36]])
+    results = {}
+    for lib, inject, fn in (("kit", inject_adapter_in_model, functional), ("hf", peft.inject_adapter_in_model,
+                                                                          hf_functional)):
+        model = tiny_llama()
+        for seed, name in enumerate(["a", "b"]):
+            cfg = (LoraConfig if lib == "kit" else peft.LoraConfig)(r=4, target_modules=["q_proj", "v_proj"])
+            inject(cfg, model, adapter_name=name)
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if f".{name}." in n and "lora_" in n:
+                        p.copy_(torch.randn_like(p) * 0.2)
+        fn.set_adapter(model, "b")
+        with torch.no_grad():
+            only_b = model(ids).logits
+        fn.set_adapter(model, ["a", "b"])
+        first = fn.delete_adapter(model, "a", prefix="lora_")
+        second = fn.delete_adapter(model, "a", prefix="lora_")
+        with torch.no_grad():
+            after = model(ids).logits
+        assert not any(".a." in n for n, _ in model.named_parameters())
+        results[lib] = (first, second, only_b, after)
+    assert results["kit"][:2] == results["hf"][:2] == (["b"], ["b"])
+    assert torch.allclose(results["kit"][3], results["kit"][2], atol=1e-6)
+    assert torch.allclose(results["kit"][3], results["hf"][3], atol=1e-6)

@@ -50,9 +50,11 @@ def delete_adapter(model: nn.Module, adapter_name: str, prefix: Optional[str] = 
     """Remove adapter ``adapter_name``'s tensors from every layer (a layer left with no adapter gives its
     place back to the module it wraps). Returns the adapters still active afterwards, or None.
     ``prefix`` and ``layer_cls`` are accepted for Hugging Face PEFT's signature; peftkit finds the
-    layers itself. ``model.peft_config``, if any, is left to the caller, as in PEFT."""
-    _check_known(model, [adapter_name], "delete_adapter")
-    remove_adapter(model, adapter_name)
+    layers itself. ``model.peft_config``, if any, is left to the caller, as in PEFT. An adapter the model
+    does not hold is nothing to delete, as in PEFT: transformers' ``delete_adapter(["a", "a"])`` deletes
+    it once, then asks again."""
+    if any(adapter_name in layer.adapter_names for layer in _layers(model)):
+        remove_adapter(model, adapter_name)
     remaining = [layer for layer in _layers(model, layer_cls) if not isinstance(layer, ModulesToSaveWrapper)]
     active = list(dict.fromkeys(n for layer in remaining for n in layer.active_adapters))
     if not active:
