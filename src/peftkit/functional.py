@@ -1,7 +1,8 @@
 """Hugging Face PEFT's ``peft.functional``: adapters on a model with no :class:`~peftkit.PeftModel`
 around it (what transformers' ``PreTrainedModel.load_adapter`` / ``delete_adapter`` and diffusers call).
 
-Every function works on the adapter layers found in ``model`` (``isinstance(module, BaseTunerLayer)``).
+Every function works on the adapter layers found in ``model``: the ``BaseTunerLayer`` instances and the
+``modules_to_save`` copies (``ModulesToSaveWrapper``, no ``BaseTunerLayer`` as in PEFT).
 """
 
 from __future__ import annotations
