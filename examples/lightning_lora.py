@@ -40,6 +40,7 @@ except ImportError as exc:
 
 import peftkit
 from peftkit.tuners.tuners_utils import BaseTunerLayer  # every adapter layer (Hugging Face PEFT's name)
+from peftkit.utils import ModulesToSaveWrapper  # trained copies of whole modules: not BaseTunerLayers, as in PEFT
 from safetensors.torch import save_file
 
 OLD, NEW = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
@@ -122,7 +123,7 @@ def accuracy(net: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
 def set_adapters_enabled(module: nn.Module, enabled: bool) -> None:
     """Turn every adapter layer of a plain module on or off (there is no PeftModel.disable_adapter here)."""
     for layer in module.modules():
-        if isinstance(layer, BaseTunerLayer):
+        if isinstance(layer, (BaseTunerLayer, ModulesToSaveWrapper)):  # what transformers' disable_adapters does
             layer.enable_adapters(enabled)
 
 

@@ -687,3 +687,73 @@ def test_bad_input_to_the_new_utilities_is_refused_cleanly():
         peftkit.get_model_status("model")
     with pytest.raises(ConfigError, match="must be an nn.Module"):
         create_loraplus_optimizer("model", torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=2)
+
+
+def test_modules_to_save_wrappers_are_not_base_tuner_layers_as_in_hugging_face_peft():
+    """TRL refuses a ``lm_head`` that is a ``BaseTunerLayer`` (its loss reads ``lm_head.weight``) and trains
+    one in ``modules_to_save``: the same modules must answer ``isinstance(m, BaseTunerLayer)`` as in PEFT."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import BaseTunerLayer as HFBaseTunerLayer
+
+    from peftkit.tuners.lora import LoraLayer
+    from peftkit.utils import ModulesToSaveWrapper
+
+    def tuner_layers(model, cls):
+        return sorted(n for n, m in model.named_modules() if isinstance(m, cls))
+
+    kw = dict(r=4, target_modules=["q_proj", "v_proj", "up_proj"], modules_to_save=["lm_head"], init_lora_weights=False,
+              trainable_token_indices={"embed_tokens": [3, 5]})
+    torch.manual_seed(0)
+    ours = get_peft_model(tiny_llama(), LoraConfig(**kw))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kw))
+    theirs.load_state_dict(ours.state_dict())
+    ids = torch.tensor([[1, 4, 9, 16, 25, 36]])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-6)
+    # PEFT's trainable-tokens layer is one module down (embed_tokens.token_adapter): compare the LoRA layers
+    hf_names = [n.removesuffix(".token_adapter") for n in tuner_layers(theirs, HFBaseTunerLayer)]
+    assert tuner_layers(ours, BaseTunerLayer) == sorted(hf_names)
+    head = ours.get_output_embeddings()
+    assert isinstance(head, ModulesToSaveWrapper) and not isinstance(head, BaseTunerLayer)
+    assert not isinstance(theirs.get_output_embeddings(), HFBaseTunerLayer)
+    assert isinstance(ours.base_model.model.model.layers[0].self_attn.q_proj, BaseTunerLayer)
+    assert issubclass(LoraLayer, BaseTunerLayer) and not issubclass(ModulesToSaveWrapper, BaseTunerLayer)
+    assert not isinstance(nn.Linear(2, 2), BaseTunerLayer) and not issubclass(nn.Linear, BaseTunerLayer)
+    ours.base_model.model.lm_head.modules_to_save["default"].weight.data.add_(1.0)
+    with torch.no_grad():  # the head copy is what trains and counts
+        assert not torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-3)
+
+
+def test_functional_delete_adapter_of_an_adapter_already_deleted_is_a_no_op_as_in_hugging_face_peft():
+    """transformers' ``delete_adapter(["a", "a"])`` calls ``peft.functional.delete_adapter`` once per name."""
+    peft = pytest.importorskip("peft")
+    import peft.functional as hf_functional
+
+    from peftkit import functional, inject_adapter_in_model
+
+    ids = torch.tensor([[1, 4, 9, 16, 25, 36]])
+    results = {}
+    for lib, inject, fn in (("kit", inject_adapter_in_model, functional), ("hf", peft.inject_adapter_in_model,
+                                                                          hf_functional)):
+        model = tiny_llama()
+        for seed, name in enumerate(["a", "b"]):
+            cfg = (LoraConfig if lib == "kit" else peft.LoraConfig)(r=4, target_modules=["q_proj", "v_proj"])
+            inject(cfg, model, adapter_name=name)
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if f".{name}." in n and "lora_" in n:
+                        p.copy_(torch.randn_like(p) * 0.2)
+        fn.set_adapter(model, "b")
+        with torch.no_grad():
+            only_b = model(ids).logits
+        fn.set_adapter(model, ["a", "b"])
+        first = fn.delete_adapter(model, "a", prefix="lora_")
+        second = fn.delete_adapter(model, "a", prefix="lora_")
+        with torch.no_grad():
+            after = model(ids).logits
+        assert not any(".a." in n for n, _ in model.named_parameters())
+        results[lib] = (first, second, only_b, after)
+    assert results["kit"][:2] == results["hf"][:2] == (["b"], ["b"])
+    assert torch.allclose(results["kit"][3], results["kit"][2], atol=1e-6)
+    assert torch.allclose(results["kit"][3], results["hf"][3], atol=1e-6)

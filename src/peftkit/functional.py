@@ -1,7 +1,8 @@
 """Hugging Face PEFT's ``peft.functional``: adapters on a model with no :class:`~peftkit.PeftModel`
 around it (what transformers' ``PreTrainedModel.load_adapter`` / ``delete_adapter`` and diffusers call).
 
-Every function works on the adapter layers found in ``model`` (``isinstance(module, BaseTunerLayer)``).
+Every function works on the adapter layers found in ``model``: the ``BaseTunerLayer`` instances and the
+``modules_to_save`` copies (``ModulesToSaveWrapper``, no ``BaseTunerLayer`` as in PEFT).
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ def delete_adapter(model: nn.Module, adapter_name: str, prefix: Optional[str] = 
     """Remove adapter ``adapter_name``'s tensors from every layer (a layer left with no adapter gives its
     place back to the module it wraps). Returns the adapters still active afterwards, or None.
     ``prefix`` and ``layer_cls`` are accepted for Hugging Face PEFT's signature; peftkit finds the
-    layers itself. ``model.peft_config``, if any, is left to the caller, as in PEFT."""
-    _check_known(model, [adapter_name], "delete_adapter")
-    remove_adapter(model, adapter_name)
+    layers itself. ``model.peft_config``, if any, is left to the caller, as in PEFT. An adapter the model
+    does not hold is nothing to delete, as in PEFT: transformers' ``delete_adapter(["a", "a"])`` deletes
+    it once, then asks again."""
+    if any(adapter_name in layer.adapter_names for layer in _layers(model)):
+        remove_adapter(model, adapter_name)
     remaining = [layer for layer in _layers(model, layer_cls) if not isinstance(layer, ModulesToSaveWrapper)]
     active = list(dict.fromkeys(n for layer in remaining for n in layer.active_adapters))
     if not active:
