@@ -2,7 +2,6 @@
 a pretrained adapter continued with DPO, evaluation."""
 import os
 
-import pytest
 import torch
 from datasets import Dataset
 
