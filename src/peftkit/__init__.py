@@ -73,6 +73,18 @@ from .quant import (
     save_quantized,
 )
 
+from .prune import (
+    PruneResult,
+    SparsityReport,
+    apply_masks,
+    calibration_batches,
+    collect_input_norms,
+    load_masks,
+    prune_model,
+    save_masks,
+    sparsity_report,
+)
+
 from .version import __version__  # noqa: E402
 from .as_peft import PEFT_API_VERSION, install_as_peft, is_installed_as_peft  # noqa: E402
 
@@ -154,6 +166,16 @@ __all__ = [
     "PEFT_API_VERSION",
     "install_as_peft",
     "is_installed_as_peft",
+    # pruning (peftkit.prune) and sparsity-preserving LoRA
+    "PruneResult",
+    "SparsityReport",
+    "apply_masks",
+    "calibration_batches",
+    "collect_input_norms",
+    "load_masks",
+    "prune_model",
+    "save_masks",
+    "sparsity_report",
     # QLoRA (peftkit.quant)
     "Int8Linear",
     "NF4Linear",

@@ -29,7 +29,8 @@ def cmd_merge(argv: list[str]) -> int:
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
         raise PeftkitError(f"{args.output_dir} exists and is not empty; choose a new --output-dir.")
     loaded = load_for_inference([("default", adapter)], args.model, dtype=args.dtype,
-                                quantize=quantize_arg(args.quantize))
+                                quantize=quantize_arg(args.quantize), keep_sparsity=args.keep_sparsity)
+    masks = _pruning_masks(loaded.model_path, adapter, args.keep_sparsity)
     model, tok = loaded.model, loaded.tokenizer
     if not hasattr(model, "merge_and_unload"):
         raise PeftkitError(f"{type(model).__name__} adapters cannot be merged.")
@@ -41,8 +42,10 @@ def cmd_merge(argv: list[str]) -> int:
     with torch.no_grad():
         ref = _probe_logits(model, probe, loaded.task_type)
     merged = _merge_and_unload(model, args, quantized)
-    with _staging_folder(args.output_dir) as staging:  # renamed to --output-dir only when written and verified
+    with staging_folder(args.output_dir) as staging:  # renamed to --output-dir only when written and verified
         what = _write_merged(merged, tok, staging, args, quantized)
+        if masks is not None:
+            what += _check_zeros(merged, masks, staging, args.keep_sparsity, loaded.model_path)
         if args.verify:
             _verify_merged(merged, loaded.task_type, probe, ref, staging, args)
     from ..train.reporting import folder_bytes, human_bytes
@@ -52,7 +55,7 @@ def cmd_merge(argv: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def _staging_folder(output_dir: str) -> Iterator[str]:
+def staging_folder(output_dir: str) -> Iterator[str]:
     """A hidden temporary folder beside ``output_dir`` to write into; renamed to ``output_dir`` when
     the block succeeds, removed (with any parent folders made for it) when it fails: a failed merge or
     verification leaves nothing behind."""
@@ -87,6 +90,50 @@ def _staging_folder(output_dir: str) -> Iterator[str]:
         raise
 
 
+def _pruning_masks(model_path: str, adapter: str, keep: bool) -> Any:
+    """The masks of a pruned base (``peftkit prune``), or None for a dense one. Without ``--keep-sparsity``
+    the merge is dense: a note says so, and warns when the adapter was trained with the masks."""
+    from ..train.compression import MASKS_FILE, read_model_masks
+    from ..train.runner import read_run_file
+
+    if keep:
+        return read_model_masks(model_path)
+    if not os.path.isfile(os.path.join(model_path, MASKS_FILE)):
+        return None
+    trained = bool(((read_run_file(adapter) or {}).get("model") or {}).get("keep_sparsity"))
+    print("note: the base is pruned; a plain merge fills its zeros (dense result)"
+          + (". This adapter was trained with --keep-sparsity: merge with --keep-sparsity to get the model it "
+             "was trained as." if trained else "; --keep-sparsity keeps them (exact for adapters trained so)."))
+    return read_model_masks(model_path)
+
+
+def _check_zeros(merged: Any, masks: dict, folder: str, keep: bool, model_path: str) -> str:
+    """How many pruned zeros the merge kept; with ``keep`` every one must be (MergeError otherwise), and the
+    masks go into the merged folder so that it stays a pruned model for the next round."""
+    import shutil
+
+    import torch
+
+    from ..errors import MergeError
+    from ..train.compression import MASKS_FILE
+
+    modules = dict(merged.named_modules())
+    pruned = filled = 0
+    for name, mask in masks.items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        off = ~mask.to(module.weight.device)
+        pruned += int(off.sum())
+        filled += int(torch.count_nonzero(module.weight.detach()[off]))
+    if keep:
+        if filled:
+            raise MergeError(f"{filled} of {pruned} pruned weights are non-zero after a --keep-sparsity merge.")
+        shutil.copyfile(os.path.join(model_path, MASKS_FILE), os.path.join(folder, MASKS_FILE))
+        return f"; kept all {pruned} pruned zeros"
+    return f"; the merge filled {filled} of the base's {pruned} pruned zeros"
+
+
 def _merge_parser() -> argparse.ArgumentParser:
     p = Parser(prog=f"{PROG} merge", formatter_class=Formatter,
                                 description="Merge an adapter into its base model and write a standalone model folder: "
@@ -103,6 +150,9 @@ def _merge_parser() -> argparse.ArgumentParser:
                         "quantized: merge into the quantized weights (requantizing) and write them with "
                         "peftkit.save_quantized")
     add_quantize_flag(p)
+    p.add_argument("--keep-sparsity", action="store_true",
+                   help="a pruned base (peftkit prune): merge LoRA's ΔW masked by its masks, so every pruned zero stays "
+                        "(exact for an adapter trained with --keep-sparsity); without it the merge is dense")
     p.add_argument("--safe-merge", action="store_true", help="check the merged weights for NaN before writing")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip comparing the merged model's output with the adapter model's")

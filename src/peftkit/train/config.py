@@ -38,6 +38,9 @@ class ModelArgs:
         quant_block_size: NF4 block length; must divide the in-features of every quantized layer.
         double_quant: NF4 only: also quantize the block scales.
         quant_skip_modules: module names kept in full precision (e.g. ``down_proj``).
+        keep_sparsity: the model is a pruned folder (``peftkit prune``): LoRA's ``ΔW`` is multiplied by its
+            masks in training, so ``peftkit merge --keep-sparsity`` is exact and keeps every pruned zero
+            (sparsity-preserving LoRA; other methods keep the zeros by themselves).
     """
 
     model: Optional[str] = None
@@ -50,6 +53,7 @@ class ModelArgs:
     quant_block_size: int = 64
     double_quant: bool = False
     quant_skip_modules: Optional[list[str]] = None
+    keep_sparsity: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -130,6 +130,13 @@ def _train_locked(run: RunConfig, info: DistInfo, method_name: str, output_dir: 
 
     set_seed(cfg.seed)  # the adapter's init depends on the seed only
     peft_model = get_peft_model(model, peft_config, adapter_name=run.model.adapter_name)
+    if run.model.keep_sparsity:
+        from ..methods.lora import keep_sparsity
+        from .compression import read_model_masks
+
+        masked = keep_sparsity(peft_model, read_model_masks(model_path))
+        if not quiet and info.is_main:
+            print(f"== sparsity kept: LoRA ΔW masked on {len(masked)} layer(s)")
     trainer = Trainer(peft_model, tokenizer, data.train, data.eval, dataclasses.replace(cfg, output_dir=output_dir),
                       task_type=data.task_type, dist_info=info, output_dir=output_dir, packing=run.data.packing,
                       max_length=run.data.max_length, quiet=quiet, callbacks=callbacks)
@@ -285,13 +292,15 @@ def _quantization(quantize: Any, run: Optional[dict[str, Any]]) -> Any:
 
 def load_for_inference(adapters: list[tuple[str, str]], model: Optional[str] = None, *, task: Optional[str] = None,
                        dtype: str = "float32", device: Any = "cpu", trust_remote_code: bool = False,
-                       quantize: Any = "run") -> Loaded:
+                       quantize: Any = "run", keep_sparsity: Any = "run") -> Loaded:
     """A base model with the given adapters loaded (``[(name, folder), ...]``), on ``device``.
 
     The base model is ``model`` or the first adapter's ``base_model_name_or_path``; the task, the
     prompt format and the class names come from the adapter config and the run's ``run.yaml``.
     ``quantize``: ``"run"`` loads the base quantized as the run that wrote the first adapter did
     (``peftkit train --quantize``), None loads it in float, 4 / 8 quantize it (NF4 / int8).
+    ``keep_sparsity``: ``"run"`` masks LoRA's ``ΔW`` with the pruned base's masks when the run that wrote
+    the first adapter trained that way (``--keep-sparsity``), True always, False never.
     """
     from ..config import PeftConfig
     from ..model import PeftModel
@@ -332,6 +341,12 @@ def load_for_inference(adapters: list[tuple[str, str]], model: Optional[str] = N
         else:
             out.load_adapter(folder, adapter_name=name)
         names.append(name)
+    if adapters and (keep_sparsity is True or keep_sparsity == "run"
+                     and bool(((run or {}).get("model") or {}).get("keep_sparsity"))):
+        from ..methods.lora import keep_sparsity as mask_lora_deltas
+        from .compression import read_model_masks
+
+        mask_lora_deltas(out, read_model_masks(model_path))
     out.to(device)
     out.eval()
     return Loaded(model=out, tokenizer=tokenizer, task_type=task_type, model_path=model_path, data_config=data_cfg,

@@ -1,0 +1,134 @@
+"""``peftkit prune``: a pruned model folder (weights, masks, report) from a model and calibration data.
+
+    peftkit prune --method wanda --sparsity 0.5 --output-dir pruned/       # the bundled model and E2E data
+    peftkit prune --model m/ --method magnitude --pattern 2:4 --output-dir pruned-24/
+    peftkit train --model pruned/ --keep-sparsity ...                      # LoRA recovery, zeros kept
+    peftkit merge runs/x/adapter --model pruned/ --keep-sparsity --output-dir recovered/
+
+The folder is a transformers model folder (the zeros are in the weights) with the tokenizer,
+``pruning_masks.safetensors`` (the keep-masks: what later steps respect), ``report.json`` and
+``sparsity.png``. The report compares the dense and the pruned model: parameters, non-zeros, size on
+disk, forward latency, and loss / perplexity (language models) or accuracy / F1 (classifiers) on the
+evaluation data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+from typing import Any
+
+from .._io import check_output_folder
+from ..errors import PeftkitError
+from .args import PROG, Formatter, Parser, converter, int_at_least, resolve_device
+from .merge import staging_folder
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = Parser(prog=f"{PROG} prune", formatter_class=Formatter,
+               description="Prune a model's linear layers (magnitude or Wanda; unstructured or N:M) and write the "
+                           "pruned model, its masks and a report comparing it with the dense model.")
+    p.add_argument("--model", help="model folder or Hub id (default: the bundled stories260k)")
+    p.add_argument("--method", choices=["magnitude", "wanda"], default="wanda",
+                   help="magnitude: |W|; wanda: |W|·‖X‖ from calibration activations (Sun et al. 2023)")
+    p.add_argument("--sparsity", type=float, help="fraction of weights set to zero, in [0, 1) (default 0.5)")
+    p.add_argument("--pattern", help="N:M semi-structured sparsity, e.g. 2:4 (at most N non-zeros in every M inputs)")
+    p.add_argument("--scope", choices=["layer", "row", "global"],
+                   help="comparison group (default: layer for magnitude, row for wanda)")
+    p.add_argument("--target-modules", type=converter(list[str], "--target-modules"),
+                   help="modules to prune (default: every linear layer but the output head)")
+    p.add_argument("--exclude", type=converter(list[str], "--exclude"), help="modules never pruned")
+    p.add_argument("--data", help="calibration data file, as peftkit train reads (default: the bundled E2E demo)")
+    p.add_argument("--eval-data", help="evaluation data (default: the data's eval split)")
+    p.add_argument("--format", choices=["text", "instruction", "chat", "classification", "seq2seq"])
+    p.add_argument("--columns", type=converter(dict[str, str], "--columns"), help="field=column pairs")
+    p.add_argument("--calibration-samples", type=int_at_least(1, "--calibration-samples"), default=128)
+    p.add_argument("--max-length", type=int_at_least(1, "--max-length"), default=128,
+                   help="longest calibration / eval example in tokens")
+    p.add_argument("--max-eval-samples", type=int_at_least(1, "--max-eval-samples"), default=64)
+    p.add_argument("--no-latency", dest="latency", action="store_false",
+                   help="skip timing the dense and pruned forward (timing keeps a copy of the dense model in memory)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: GPU if available)")
+    p.add_argument("--output-dir", required=True, help="where to write the pruned model")
+    return p
+
+
+def _calibration(examples: list[Any], tokenizer: Any, task_type: str, n: int, batch_size: int = 8) -> list[dict]:
+    """Batches of the first ``n`` training examples (inputs only) for Wanda's activation norms."""
+    from ..train.collate import collate
+
+    chosen = examples[:n]
+    batches = []
+    for i in range(0, len(chosen), batch_size):
+        batch = collate(chosen[i:i + batch_size], tokenizer.pad_token_id, task_type)
+        batches.append({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+    return batches
+
+
+def cmd_prune(argv: list[str]) -> int:
+    from ..prune import prune_model, save_masks
+    from ..train.compression import (MASKS_FILE, compare_latency_ms, latency_batch, measure, plot_layer_sparsity,
+                                      print_comparison, write_report)
+    from ..train.config import DataConfig
+    from ..train.data import prepare_data
+    from ..train.modeling import default_model_path, load_model, load_tokenizer, task_for
+
+    args = _parser().parse_args(argv)
+    check_output_folder(args.output_dir)
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        raise PeftkitError(f"{args.output_dir} exists and is not empty; choose a new --output-dir.")
+    for flag in ("data", "eval_data"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.exists(path):
+            raise PeftkitError(f"--{flag.replace('_', '-')} {path} does not exist.")
+    device = resolve_device(args.device)
+    model_path = args.model or default_model_path()
+    tokenizer = load_tokenizer(model_path)
+    config = DataConfig(data=args.data, eval_data=args.eval_data, format=args.format, columns=args.columns or {},
+                        max_length=args.max_length, max_eval_samples=args.max_eval_samples)
+    data = prepare_data(config, tokenizer, lambda fmt: task_for(fmt, model_path))
+    labels = data.label_names
+    model = load_model(model_path, data.task_type, num_labels=len(labels) if labels else None,
+                       id2label=dict(enumerate(labels)) if labels else None, pad_token_id=tokenizer.pad_token_id)
+    model.to(device).eval()
+    dense = measure(model, tokenizer, data.eval, data.task_type, device,
+                    folder=model_path if os.path.isdir(model_path) else None)
+    dense_copy = copy.deepcopy(model) if args.latency else None  # timed beside the pruned model
+    calibration = (_calibration(data.train.examples, tokenizer, data.task_type, args.calibration_samples)
+                   if args.method == "wanda" else None)
+    kwargs: dict[str, Any] = {"sparsity": args.sparsity, "pattern": args.pattern, "scope": args.scope,
+                              "calibration": calibration, "target_modules": args.target_modules}
+    if args.exclude is not None:
+        kwargs["exclude"] = args.exclude
+    result = prune_model(model, args.method, **kwargs)
+    print(result.report)
+    with staging_folder(args.output_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_masks({k: v.cpu() for k, v in result.masks.items()}, os.path.join(staging, MASKS_FILE))
+        pruned = measure(model, tokenizer, data.eval, data.task_type, device, folder=staging)
+        if dense_copy is not None and data.eval is not None and len(data.eval):
+            timed = compare_latency_ms({"dense": dense_copy, "pruned": model},
+                                       latency_batch(data.eval, tokenizer, data.task_type))
+            dense["latency_ms"], pruned["latency_ms"] = timed["dense"], timed["pruned"]
+            del dense_copy
+        layers = [dataclasses.asdict(row) for row in result.report.layers]
+        plot_layer_sparsity(layers, os.path.join(staging, "sparsity.png"),
+                            f"{result.method} {result.pattern or f'{result.sparsity:.0%}'}")
+        write_report(staging, {"model": model_path, "method": result.method, "sparsity": result.sparsity,
+                               "pattern": result.pattern, "scope": result.scope,
+                               "calibration_examples": len(data.train.examples[:args.calibration_samples])
+                               if calibration else 0,
+                               "eval_examples": len(data.eval) if data.eval is not None else 0,
+                               "dense": dense, "pruned": pruned, "layers": layers,
+                               "pruned_layers": {"numel": result.report.numel, "zeros": result.report.zeros,
+                                                 "sparsity": result.report.sparsity}})
+    print()
+    print_comparison({"dense": dense, "pruned": pruned})
+    print(f"wrote {args.output_dir}: the pruned model, {MASKS_FILE}, report.json, sparsity.png")
+    return 0
+
+
+__all__ = ["cmd_prune"]
