@@ -79,7 +79,6 @@ class Architecture:
 
     name = ""
     model_types: tuple[str, ...] = ()
-    config_expresses_heads = True  # whether config.json can describe pruned attention layers
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
@@ -90,6 +89,10 @@ class Architecture:
     def channels(self, layer: nn.Module, config: Any) -> UnitSpec:
         raise NotImplementedError
 
+    def expresses_heads(self, config: Any, kept: int) -> bool:
+        """Whether ``config`` (config.json) can describe layers of ``kept`` attention units."""
+        return False
+
     def set_heads(self, layer: nn.Module, kept: int, config: Any) -> None:
         """Write the attention attributes of ``layer`` after it kept ``kept`` units."""
 
@@ -98,7 +101,7 @@ class Architecture:
 
     def update_config(self, config: Any, heads: Optional[int], channels: Optional[int]) -> None:
         """Record ``heads`` attention units and ``channels`` MLP channels per layer in ``config``
-        (None: unchanged) as far as the config can express them."""
+        (None: unchanged); ``heads`` only when :meth:`expresses_heads`."""
         raise NotImplementedError
 
     def original_sizes(self, config: Any) -> dict[str, int]:
@@ -111,7 +114,11 @@ class Architecture:
 
 class LlamaArchitecture(Architecture):
     """LlamaForCausalLM and the other Llama heads: ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``.
-    A unit of attention is a whole KV group; ``head_dim`` is written into the config explicitly."""
+    A unit of attention is a whole KV group. The attention modules keep ``head_dim`` and the group size,
+    so only the config changes: ``num_attention_heads``, ``num_key_value_heads`` and an explicit
+    ``head_dim``, provided transformers accepts the result (``LlamaConfig`` requires ``hidden_size`` to be
+    a multiple of ``num_attention_heads``, even with an explicit ``head_dim``); otherwise the config keeps
+    the original head counts and the folder needs ``load_structured``."""
 
     name = "llama"
     model_types = ("llama",)
@@ -138,10 +145,15 @@ class LlamaArchitecture(Architecture):
     def set_channels(self, layer: nn.Module, kept: int) -> None:
         layer.mlp.intermediate_size = kept
 
+    def expresses_heads(self, config: Any, kept: int) -> bool:
+        r = config.num_attention_heads // config.num_key_value_heads
+        return config.hidden_size % (kept * r) == 0
+
     def update_config(self, config: Any, heads: Optional[int], channels: Optional[int]) -> None:
         if heads is not None:
-            r = config.num_attention_heads // config.num_key_value_heads
             config.head_dim = self._head_dim(config)
+        if heads is not None and self.expresses_heads(config, heads):
+            r = config.num_attention_heads // config.num_key_value_heads
             config.num_key_value_heads = heads
             config.num_attention_heads = heads * r
         if channels is not None:
@@ -165,7 +177,6 @@ class GPT2Architecture(Architecture):
 
     name = "gpt2"
     model_types = ("gpt2",)
-    config_expresses_heads = False
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.base_model.h)
@@ -205,7 +216,6 @@ class BertArchitecture(Architecture):
 
     name = "bert"
     model_types = ("bert",)
-    config_expresses_heads = False
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.base_model.encoder.layer)

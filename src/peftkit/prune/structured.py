@@ -29,12 +29,17 @@ columns/rows of ``c_proj`` for GPT-2):
 The units with the smallest ``S`` are removed (ties: the lower index goes first).
 
 :func:`save_structured` writes a transformers folder (``save_pretrained``) plus ``structure.json``
-(which units every layer kept); :func:`load_structured` rebuilds the model. A Llama folder loads with
-plain ``AutoModelForCausalLM.from_pretrained`` too (its config says ``num_attention_heads``,
-``num_key_value_heads``, an explicit ``head_dim`` and ``intermediate_size``); GPT-2 and BERT derive the
-head size from the hidden size and head count, so a folder whose heads were pruned needs
-``load_structured`` (plain ``from_pretrained`` refuses it: the attention weights have other shapes),
-while pruned MLP channels alone are expressed by ``n_inner`` / ``intermediate_size``.
+(which original units every layer kept); :func:`load_structured` rebuilds the model. The config is
+updated where transformers can express the result, and then the folder also loads with plain
+``AutoModel*.from_pretrained``: MLP channels always (``intermediate_size``, GPT-2's ``n_inner``);
+Llama's heads when ``hidden_size`` stays a multiple of the new ``num_attention_heads`` (``LlamaConfig``
+requires it even with an explicit ``head_dim``, which is written). GPT-2 and BERT derive the head size
+from the hidden size and the head count, so their pruned heads never are. Where the config cannot say
+it, the config keeps the original head counts (the attention modules carry the new ones) and plain
+``from_pretrained`` refuses the folder (the weights have other shapes): use :func:`load_structured`.
+:attr:`StructuredResult.config_describes_model` says which case a model is in. In that case, code that
+sizes buffers from the config (a static KV cache) does not fit the model; the default dynamic cache
+does.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class StructuredResult:
     kv_heads: tuple[int, int]
     channels: tuple[int, int]
     params: tuple[int, int]
+    config_describes_model: bool  # the config builds these shapes: a saved folder loads with plain from_pretrained
     structure: dict = field(repr=False, default_factory=dict)  # the record structure.json holds
 
     @property
@@ -275,6 +281,15 @@ def _compose(record: dict, kind: str, keeps: list[list[int]]) -> None:
         entry[f"{kind}_kept"] = [entry[f"{kind}_kept"][k] for k in keep]
 
 
+def config_describes_model(model: nn.Module) -> bool:
+    """Whether the model's config builds the model's current per-layer sizes, so that a folder it is
+    saved to loads with plain ``from_pretrained`` (False: :func:`load_structured` is needed)."""
+    arch = _architecture(model)
+    sizes = arch.original_sizes(model.config)
+    return all(arch.heads(layer, model.config).count == sizes["heads"] and
+               arch.channels(layer, model.config).count == sizes["channels"] for layer in arch.layers(model))
+
+
 def _param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -342,7 +357,8 @@ def structured_prune(model: nn.Module, heads: float = 0.3, channels: float = 0.3
         heads_removed=[[u * r + k for u in units for k in range(r)] for units in head_removed],
         kv_heads_removed=head_removed, channels_removed=channel_removed,
         heads=(h0 * r, (h0 - n_heads) * r), kv_heads=(h0, h0 - n_heads), channels=(c0, c0 - n_channels),
-        params=(params_before, _param_count(model)), structure=record)
+        params=(params_before, _param_count(model)), config_describes_model=config_describes_model(model),
+        structure=record)
 
 
 def _apply(arch: Architecture, layers: list[nn.Module], specs: list[UnitSpec], removed: list[list[int]],
@@ -370,7 +386,7 @@ def save_structured(model: nn.Module, folder: Union[str, os.PathLike], **save_kw
     """Write ``model`` as a transformers folder (``save_pretrained(folder, **save_kwargs)``) plus
     ``structure.json``, the record of which original heads and channels every layer kept, written
     last (atomically), so a folder :func:`load_structured` accepts is complete."""
-    record = structure_of(model)
+    record = dict(structure_of(model), config_describes_model=config_describes_model(model))
     folder = os.fspath(folder)
     make_folder(folder)
     model.save_pretrained(folder, **save_kwargs)
@@ -504,5 +520,6 @@ def load_structured(folder: Union[str, os.PathLike], model_class: Any = None) ->
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(folder)
+    record.pop("config_describes_model", None)
     model.peftkit_structure = record
     return model
