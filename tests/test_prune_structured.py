@@ -197,14 +197,16 @@ def test_parameter_counts_and_config(name):
             assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size) == \
                 (*heads_in_config, d, kept_c)
             assert result.config_describes_model == says
-            assert layer.self_attn.head_dim == d and layer.self_attn.num_key_value_groups == kept_h // result.kv_heads[1]
+            assert layer.self_attn.head_dim == d
+            assert layer.self_attn.num_key_value_groups == kept_h // result.kv_heads[1]
             assert layer.self_attn.q_proj.weight.shape == (kept_h * d, c.hidden_size)
             assert layer.self_attn.k_proj.out_features == result.kv_heads[1] * d
             assert layer.self_attn.o_proj.in_features == kept_h * d
             assert layer.mlp.intermediate_size == kept_c and layer.mlp.down_proj.weight.shape[1] == kept_c
         elif kind(model) == "gpt2":
             assert (layer.attn.num_heads, layer.attn.split_size, layer.attn.head_dim) == (kept_h, kept_h * d, d)
-            assert layer.attn.c_attn.weight.shape == (c.n_embd, 3 * kept_h * d) and layer.attn.c_attn.nf == 3 * kept_h * d
+            assert layer.attn.c_attn.weight.shape == (c.n_embd, 3 * kept_h * d)
+            assert layer.attn.c_attn.nf == 3 * kept_h * d
             assert c.n_inner == kept_c and layer.mlp.c_proj.nx == kept_c and c.n_head == dense.config.n_head
         else:
             att = layer.attention.self
@@ -399,6 +401,20 @@ def test_bad_folders(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match="layers"):
         load_structured(tmp_path)
+    path.write_text(json.dumps(good))
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v for k, v in tensors.items() if k != "classifier.weight"}, weights)
+    with pytest.raises(CheckpointError, match="no tensor for 1 parameters.*classifier.weight"):
+        load_structured(tmp_path)
+    save_file(dict(tensors, **{"extra.weight": torch.ones(2)}), weights)
+    with pytest.raises(CheckpointError, match="extra.weight is not a tensor"):
+        load_structured(tmp_path)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_structured(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,3 +482,22 @@ def test_nothing_removed_is_a_no_op(tmp_path):
     assert os.path.isfile(tmp_path / "structure.json")
     x = ids(64)
     assert torch.equal(logits(load_structured(tmp_path), x), logits(model, x))
+
+
+def test_bert_model_without_a_head(tmp_path):
+    """BertModel itself (no task head): hidden states equal the masked dense model's; the folder reloads."""
+    from transformers import BertModel
+
+    model = spread(BertModel(tiny_bert_cls().config).eval())
+    dense = copy.deepcopy(model)
+    result = structured_prune(model, 0.5, 0.25)
+    x = ids(64)
+    with torch.no_grad():
+        out = model(input_ids=x).last_hidden_state
+        want = mask(dense, result)(input_ids=x).last_hidden_state
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    save_structured(model, tmp_path)
+    loaded = load_structured(tmp_path)
+    assert type(loaded) is BertModel
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).last_hidden_state, out)

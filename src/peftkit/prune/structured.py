@@ -57,7 +57,6 @@ from torch import nn
 
 from .._io import atomic_write_bytes, load_tensors, make_folder
 from ..errors import CheckpointError, ConfigError, PeftkitError
-from ..quant.loading import checkpoint_files, parameters_on_meta
 from .architectures import Architecture, UnitSpec, architecture_for, conv1d_class, shrink_layer, weight_dim
 
 IMPORTANCE = ("l1", "wanda")
@@ -114,7 +113,7 @@ def _architecture(model: nn.Module) -> Architecture:
     return arch
 
 
-def _check_modules(model: nn.Module, arch: Architecture, specs: list[UnitSpec], layers: list[nn.Module]) -> None:
+def _check_modules(model: nn.Module, specs: list[UnitSpec], layers: list[nn.Module]) -> None:
     """Every module a spec names must be a plain ``nn.Linear`` / ``Conv1D`` with a real weight."""
     names = {id(m): n for n, m in model.named_modules()}
     plain = (nn.Linear, conv1d_class())
@@ -201,7 +200,8 @@ def calibration_batches(calibration: Any) -> list[dict[str, Any]]:
 # importance
 
 
-def input_norms(model: nn.Module, modules: list[nn.Module], batches: list[dict[str, Any]]) -> dict[nn.Module, torch.Tensor]:
+def input_norms(model: nn.Module, modules: list[nn.Module],
+                batches: list[dict[str, Any]]) -> dict[nn.Module, torch.Tensor]:
     """``‖X[:, j]‖₂`` for every input feature ``j`` of each module, over every token of ``batches``
     (forward pre-hooks, one no-grad pass in eval mode; the model's modes are restored)."""
     sums: dict[nn.Module, torch.Tensor] = {}
@@ -232,7 +232,8 @@ def input_norms(model: nn.Module, modules: list[nn.Module], batches: list[dict[s
     return {m: s.sqrt() for m, s in sums.items()}
 
 
-def unit_scores(layer: nn.Module, spec: UnitSpec, norms: Optional[dict[nn.Module, torch.Tensor]] = None) -> torch.Tensor:
+def unit_scores(layer: nn.Module, spec: UnitSpec,
+                norms: Optional[dict[nn.Module, torch.Tensor]] = None) -> torch.Tensor:
     """``S(U)`` of every unit of ``spec`` in ``layer`` (float64): the sum of ``|W|`` over the unit's
     blocks, each weight element scaled by its input feature's norm when ``norms`` is given (Wanda)."""
     total = torch.zeros(spec.count, dtype=torch.float64)
@@ -327,7 +328,7 @@ def structured_prune(model: nn.Module, heads: float = 0.3, channels: float = 0.3
     config, layers = model.config, arch.layers(model)
     head_specs = _layer_specs(arch, layers, config, "heads")
     channel_specs = _layer_specs(arch, layers, config, "channels")
-    _check_modules(model, arch, head_specs + channel_specs, layers + layers)
+    _check_modules(model, head_specs + channel_specs, layers + layers)
     n_heads = _units_to_remove("heads", heads, head_specs[0])
     n_channels = _units_to_remove("channels", channels, channel_specs[0])
     record = structure_of(model)
@@ -459,12 +460,28 @@ def _shrink_to_record(model: nn.Module, arch: Architecture, record: dict, folder
                 arch.set_channels(layer, len(kept))
 
 
+def weight_files(folder: str) -> list[str]:
+    """The safetensors files of a transformers folder: model.safetensors or the shards of its index."""
+    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    try:
+        with open(index, encoding="utf-8") as fh:
+            shards = json.load(fh)["weight_map"].values()
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} has no model.safetensors (nor a sharded index).") from None
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is corrupt ({type(exc).__name__}: {exc}).") from None
+    return [os.path.join(folder, f) for f in dict.fromkeys(shards)]
+
+
 def _load_weights(model: nn.Module, folder: str) -> None:
     """Assign every tensor of the folder's safetensors file(s) to the parameter or buffer of that name
-    (shapes checked), tie the weights and check that no parameter was left without one."""
+    (shapes checked), tie the weights and check that every parameter got a tensor."""
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers())
-    for path in checkpoint_files(folder):
+    loaded: set[int] = set()
+    for path in weight_files(folder):
         for name, tensor in load_tensors(path).items():
             target = params.get(name, buffers.get(name))
             if target is None:
@@ -477,19 +494,20 @@ def _load_weights(model: nn.Module, folder: str) -> None:
             module = model.get_submodule(module_name)
             if name in params:
                 module._parameters[attr] = nn.Parameter(tensor, requires_grad=target.requires_grad)
+                loaded.add(id(module._parameters[attr]))
             else:
                 module._buffers[attr] = tensor
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in loaded]
     if missing:
         raise CheckpointError(f"{folder}: the weights have no tensor for {len(missing)} parameters (e.g. "
                               f"{missing[:3]}).")
 
 
 def load_structured(folder: Union[str, os.PathLike], model_class: Any = None) -> nn.Module:
-    """Load a folder written by :func:`save_structured`: build the model from its config with the
-    parameters on the meta device, shrink every layer to the heads and channels ``structure.json``
+    """Load a folder written by :func:`save_structured`: build the model from its config with
+    uninitialized parameters, shrink every layer to the heads and channels ``structure.json``
     says it kept, then read the weights (safetensors). Returns the model in eval mode, equal to the
     one saved, with ``peftkit_structure`` set.
 
@@ -510,7 +528,9 @@ def load_structured(folder: Union[str, os.PathLike], model_class: Any = None) ->
         raise CheckpointError(f"{folder}: {STRUCTURE_FILE} is for {record.get('architecture')!r}, the config for "
                               f"{arch.name!r}.")
     cls = _model_class(record, model_class, folder)
-    with parameters_on_meta():  # a model class is built by its constructor, an Auto class by from_config
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # empty parameters (every one is read below); computed buffers keep their values
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     _shrink_to_record(model, arch, record, folder)
     _load_weights(model, folder)
