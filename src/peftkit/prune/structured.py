@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write_bytes, load_tensors, make_folder
-from ..errors import CheckpointError, ConfigError, PeftkitError
+from ..errors import CheckpointError, ConfigError
 from .architectures import Architecture, UnitSpec, architecture_for, conv1d_class, shrink_layer, weight_dim
 
 IMPORTANCE = ("l1", "wanda")
