@@ -76,13 +76,17 @@ from .quant import (
 from .prune import (
     PruneResult,
     SparsityReport,
+    StructuredResult,
     apply_masks,
     calibration_batches,
     collect_input_norms,
     load_masks,
+    load_structured,
     prune_model,
     save_masks,
+    save_structured,
     sparsity_report,
+    structured_prune,
 )
 
 from .version import __version__  # noqa: E402
@@ -169,13 +173,17 @@ __all__ = [
     # pruning (peftkit.prune) and sparsity-preserving LoRA
     "PruneResult",
     "SparsityReport",
+    "StructuredResult",
     "apply_masks",
     "calibration_batches",
     "collect_input_norms",
     "load_masks",
+    "load_structured",
     "prune_model",
     "save_masks",
+    "save_structured",
     "sparsity_report",
+    "structured_prune",
     # QLoRA (peftkit.quant)
     "Int8Linear",
     "NF4Linear",

@@ -6,7 +6,10 @@
   hooks), and :func:`calibration_batches` to tokenize texts into batches;
 * :mod:`~peftkit.prune.targets`: which layers are pruned (nn.Linear, transformers Conv1D; not the head);
 * :mod:`~peftkit.prune.unstructured`: :func:`prune_model` (in place, all checks first), applying,
-  saving and loading masks, :func:`sparsity_report`.
+  saving and loading masks, :func:`sparsity_report`;
+* :mod:`~peftkit.prune.structured` (with :mod:`~peftkit.prune.architectures`): :func:`structured_prune`
+  removes whole attention heads and MLP channels physically (Llama, GPT-2, BERT), :func:`save_structured` /
+  :func:`load_structured`.
 
 Masks are ``torch.bool`` tensors of the stored weight's shape, True = kept.
 """
@@ -23,6 +26,14 @@ from .masks import (
     parse_nm,
     row_mask,
     wanda_scores,
+)
+from .structured import (
+    StructuredResult,
+    config_describes_model,
+    load_structured,
+    save_structured,
+    structure_of,
+    structured_prune,
 )
 from .targets import DEFAULT_EXCLUDE, prune_targets
 from .unstructured import (
@@ -45,14 +56,17 @@ __all__ = [
     "LayerSparsity",
     "PruneResult",
     "SparsityReport",
+    "StructuredResult",
     "apply_masks",
     "calibration_batches",
     "check_nm",
     "check_sparsity",
     "collect_input_norms",
+    "config_describes_model",
     "global_masks",
     "layer_mask",
     "load_masks",
+    "load_structured",
     "magnitude_scores",
     "n_pruned",
     "nm_mask",
@@ -61,7 +75,10 @@ __all__ = [
     "prune_targets",
     "row_mask",
     "save_masks",
+    "save_structured",
     "sparsity_report",
+    "structure_of",
+    "structured_prune",
     "target_input_norms",
     "wanda_scores",
 ]
