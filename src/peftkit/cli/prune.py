@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", help="N:M semi-structured sparsity, e.g. 2:4 (at most N non-zeros in every M inputs)")
     p.add_argument("--scope", choices=["layer", "row", "global"],
                    help="comparison group (default: layer for magnitude, row for wanda)")
+    p.add_argument("--heads", type=float,
+                   help="structured: the fraction of each layer's attention heads to remove physically (Llama, "
+                        "GPT-2, BERT); importance by --method (magnitude: L1, wanda: L1 x input norms)")
+    p.add_argument("--channels", type=float, help="structured: the fraction of each layer's MLP channels to remove")
     p.add_argument("--target-modules", type=converter(list[str], "--target-modules"),
                    help="modules to prune (default: every linear layer but the output head)")
     p.add_argument("--exclude", type=converter(list[str], "--exclude"), help="modules never pruned")
@@ -68,7 +72,7 @@ def _calibration(examples: list[Any], tokenizer: Any, task_type: str, n: int, ba
 
 
 def cmd_prune(argv: list[str]) -> int:
-    from ..prune import prune_model, save_masks
+    from ..prune import prune_model, save_masks, save_structured, structured_prune
     from ..train.compression import (MASKS_FILE, compare_latency_ms, latency_batch, measure, plot_layer_sparsity,
                                       print_comparison, write_report)
     from ..train.config import DataConfig
@@ -83,6 +87,10 @@ def cmd_prune(argv: list[str]) -> int:
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):
             raise PeftkitError(f"--{flag.replace('_', '-')} {path} does not exist.")
+    structured = args.heads is not None or args.channels is not None
+    if structured and (args.sparsity is not None or args.pattern or args.scope or args.target_modules or args.exclude):
+        raise PeftkitError("--heads / --channels prune whole heads and channels; --sparsity, --pattern, --scope, "
+                           "--target-modules and --exclude belong to unstructured pruning: choose one kind.")
     device = resolve_device(args.device)
     model_path = args.model or default_model_path()
     tokenizer = load_tokenizer(model_path)
@@ -98,36 +106,55 @@ def cmd_prune(argv: list[str]) -> int:
     dense_copy = copy.deepcopy(model) if args.latency else None  # timed beside the pruned model
     calibration = (_calibration(data.train.examples, tokenizer, data.task_type, args.calibration_samples)
                    if args.method == "wanda" else None)
-    kwargs: dict[str, Any] = {"sparsity": args.sparsity, "pattern": args.pattern, "scope": args.scope,
-                              "calibration": calibration, "target_modules": args.target_modules}
-    if args.exclude is not None:
-        kwargs["exclude"] = args.exclude
-    result = prune_model(model, args.method, **kwargs)
-    print(result.report)
+    if structured:
+        result = structured_prune(model, args.heads or 0.0, args.channels or 0.0, calibration=calibration,
+                                  importance="wanda" if args.method == "wanda" else "l1")
+        print(result.summary())
+    else:
+        kwargs: dict[str, Any] = {"sparsity": args.sparsity, "pattern": args.pattern, "scope": args.scope,
+                                  "calibration": calibration, "target_modules": args.target_modules}
+        if args.exclude is not None:
+            kwargs["exclude"] = args.exclude
+        result = prune_model(model, args.method, **kwargs)
+        print(result.report)
     with staging_folder(args.output_dir) as staging:
-        model.save_pretrained(staging)
+        if structured:
+            save_structured(model, staging)
+        else:
+            model.save_pretrained(staging)
+            save_masks({k: v.cpu() for k, v in result.masks.items()}, os.path.join(staging, MASKS_FILE))
         tokenizer.save_pretrained(staging)
-        save_masks({k: v.cpu() for k, v in result.masks.items()}, os.path.join(staging, MASKS_FILE))
         pruned = measure(model, tokenizer, data.eval, data.task_type, device, folder=staging)
         if dense_copy is not None and data.eval is not None and len(data.eval):
             timed = compare_latency_ms({"dense": dense_copy, "pruned": model},
                                        latency_batch(data.eval, tokenizer, data.task_type))
             dense["latency_ms"], pruned["latency_ms"] = timed["dense"], timed["pruned"]
             del dense_copy
-        layers = [dataclasses.asdict(row) for row in result.report.layers]
-        plot_layer_sparsity(layers, os.path.join(staging, "sparsity.png"),
-                            f"{result.method} {result.pattern or f'{result.sparsity:.0%}'}")
-        write_report(staging, {"model": model_path, "method": result.method, "sparsity": result.sparsity,
-                               "pattern": result.pattern, "scope": result.scope,
-                               "calibration_examples": len(data.train.examples[:args.calibration_samples])
-                               if calibration else 0,
-                               "eval_examples": len(data.eval) if data.eval is not None else 0,
-                               "dense": dense, "pruned": pruned, "layers": layers,
-                               "pruned_layers": {"numel": result.report.numel, "zeros": result.report.zeros,
-                                                 "sparsity": result.report.sparsity}})
+        common = {"model": model_path, "method": args.method, "dense": dense, "pruned": pruned,
+                  "calibration_examples": len(data.train.examples[:args.calibration_samples]) if calibration else 0,
+                  "eval_examples": len(data.eval) if data.eval is not None else 0}
+        if structured:
+            write_report(staging, {**common, "structured": {
+                "architecture": result.architecture, "importance": result.importance, "heads": result.heads,
+                "kv_heads": result.kv_heads, "channels": result.channels, "params": result.params,
+                "param_reduction": result.param_reduction,
+                "config_describes_model": result.config_describes_model}})
+        else:
+            layers = [dataclasses.asdict(row) for row in result.report.layers]
+            plot_layer_sparsity(layers, os.path.join(staging, "sparsity.png"),
+                                f"{result.method} {result.pattern or f'{result.sparsity:.0%}'}")
+            write_report(staging, {**common, "sparsity": result.sparsity, "pattern": result.pattern,
+                                   "scope": result.scope, "layers": layers,
+                                   "pruned_layers": {"numel": result.report.numel, "zeros": result.report.zeros,
+                                                     "sparsity": result.report.sparsity}})
     print()
     print_comparison({"dense": dense, "pruned": pruned})
-    print(f"wrote {args.output_dir}: the pruned model, {MASKS_FILE}, report.json, sparsity.png")
+    if structured:
+        how = ("plain from_pretrained loads it" if result.config_describes_model
+               else "load it with peftkit.load_structured: its config cannot state the new head counts")
+        print(f"wrote {args.output_dir}: the pruned model with structure.json ({how}), report.json")
+    else:
+        print(f"wrote {args.output_dir}: the pruned model, {MASKS_FILE}, report.json, sparsity.png")
     return 0
 
 

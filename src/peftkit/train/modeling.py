@@ -165,6 +165,10 @@ def load_model(model_path: str, task_type: str, *, num_labels: Optional[int] = N
                 kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}
     if quantize is not None:
         model = _load_quantized(model_path, auto, kwargs, quantize)
+    elif _needs_structured_loader(model_path):
+        from ..prune import load_structured
+
+        model = load_structured(model_path).to(kwargs["dtype"])  # heads / channels removed (peftkit prune)
     else:
         try:
             model = auto.from_pretrained(model_path, **kwargs)
@@ -173,6 +177,19 @@ def load_model(model_path: str, task_type: str, *, num_labels: Optional[int] = N
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def _needs_structured_loader(model_path: str) -> bool:
+    """A ``peftkit prune --heads/--channels`` folder whose config cannot state the new shapes (plain
+    ``from_pretrained`` would refuse it): loaded as the class it was saved as."""
+    import json
+
+    path = os.path.join(model_path, "structure.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    return not record.get("config_describes_model", True)
 
 
 def _load_quantized(model_path: str, auto: Any, kwargs: dict[str, Any], options: dict[str, Any]) -> Any:
