@@ -114,6 +114,11 @@ def _train_locked(run: RunConfig, info: DistInfo, method_name: str, output_dir: 
                   eval_data: Any, quiet: bool, callbacks: Optional[list[Any]]) -> TrainResult:
     cfg = run.train
     model_path = run.model.model or default_model_path()
+    masks = None
+    if run.model.keep_sparsity:  # checked before anything loads
+        from .compression import read_model_masks
+
+        masks = read_model_masks(model_path)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(model_path, run.model.trust_remote_code)
     data = prepare_data(run.data, tokenizer, lambda fmt: run.model.task or task_for(fmt, model_path,
@@ -130,11 +135,10 @@ def _train_locked(run: RunConfig, info: DistInfo, method_name: str, output_dir: 
 
     set_seed(cfg.seed)  # the adapter's init depends on the seed only
     peft_model = get_peft_model(model, peft_config, adapter_name=run.model.adapter_name)
-    if run.model.keep_sparsity:
+    if masks is not None:
         from ..methods.lora import keep_sparsity
-        from .compression import read_model_masks
 
-        masked = keep_sparsity(peft_model, read_model_masks(model_path))
+        masked = keep_sparsity(peft_model, masks)
         if not quiet and info.is_main:
             print(f"== sparsity kept: LoRA ΔW masked on {len(masked)} layer(s)")
     trainer = Trainer(peft_model, tokenizer, data.train, data.eval, dataclasses.replace(cfg, output_dir=output_dir),
