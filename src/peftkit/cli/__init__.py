@@ -20,6 +20,7 @@ from .eval import cmd_eval
 from .generate import cmd_generate
 from .inspect import NEAREST_TOKEN_METHODS, cmd_inspect, inspect_adapter
 from .merge import cmd_merge
+from .quantize import cmd_quantize
 from .train import TRAIN_EPILOG, build_train_parser, cmd_train
 
 _nest = nest  # the name the tests import
@@ -36,6 +37,7 @@ COMMANDS = {
     "eval": (cmd_eval, "compute task metrics of a model + adapter on a data file"),
     "generate": (cmd_generate, "generate with one or several adapters (mixed batches)"),
     "merge": (cmd_merge, "merge an adapter into a standalone Hugging Face model folder"),
+    "quantize": (cmd_quantize, "quantize a (merged) model folder to int8 for CPU inference, with a size/latency report"),
     "inspect": (cmd_inspect, "print an adapter's config, parameter counts, size, tensor shapes (and a soft "
                            "prompt's nearest tokens)"),
     "as-peft": (cmd_as_peft, "run a Python tool (lm_eval, trl, a script) with peftkit installed as `peft`"),

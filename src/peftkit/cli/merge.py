@@ -41,7 +41,7 @@ def cmd_merge(argv: list[str]) -> int:
     with torch.no_grad():
         ref = _probe_logits(model, probe, loaded.task_type)
     merged = _merge_and_unload(model, args, quantized)
-    with _staging_folder(args.output_dir) as staging:  # renamed to --output-dir only when written and verified
+    with staging_folder(args.output_dir) as staging:  # renamed to --output-dir only when written and verified
         what = _write_merged(merged, tok, staging, args, quantized)
         if args.verify:
             _verify_merged(merged, loaded.task_type, probe, ref, staging, args)
@@ -52,7 +52,7 @@ def cmd_merge(argv: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def _staging_folder(output_dir: str) -> Iterator[str]:
+def staging_folder(output_dir: str) -> Iterator[str]:
     """A hidden temporary folder beside ``output_dir`` to write into; renamed to ``output_dir`` when
     the block succeeds, removed (with any parent folders made for it) when it fails: a failed merge or
     verification leaves nothing behind."""
