@@ -34,7 +34,7 @@ def cmd_quantize(argv: list[str]) -> int:
 
         torch.set_num_threads(args.threads)
     model, tok, task = _load(model_path)
-    check_quantizable(model)  # before the float measurements: a refused model costs nothing
+    check_quantizable(model, args.skip_modules)  # before the float measurements: a refusal costs nothing
     batch = _latency_batch(tok, args.batch_size, args.max_length)
     eval_data = _eval_data(args, model_path, tok, task)
     before = _measure(model, tok, task, batch, eval_data, args)

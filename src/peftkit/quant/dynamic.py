@@ -153,7 +153,7 @@ def _inside(key: str, name: str) -> bool:
     return ("." + name + ".") in ("." + key + ".")
 
 
-def check_quantizable(model: Any) -> None:
+def _check_model(model: Any) -> None:
     """PeftkitError unless ``model`` is a plain float model: no adapter layers (merge first), no
     peftkit / bitsandbytes quantized linears (the QLoRA base), no torchao weights, nothing on meta."""
     if not isinstance(model, nn.Module):
@@ -213,22 +213,12 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def quantize_dynamic_int8(model: nn.Module, *, skip_modules: Union[str, Sequence[str]] = ("lm_head",)
-                          ) -> DynamicInt8Report:
-    """Quantize every ``nn.Linear`` of ``model`` to int8 weights with int8 dynamic activations, in place.
-
-    Args:
-        model: a float model without adapter layers (merge them first) and not quantized for QLoRA.
-        skip_modules: module names kept in float (a name matches whole dotted components, e.g.
-            ``"lm_head"``, ``"mlp"``, ``"layers.0"``). A name other than the default that matches no
-            module is a ConfigError.
-
-    Left in float as well, with the reason in the report: subclasses of ``nn.Linear``, the output
-    projection of ``nn.MultiheadAttention``, and linears whose weight is shared with another module
-    (tied). Modules of other types (embeddings, transformers ``Conv1D``) are not touched. Every
-    check runs before the first weight changes; a refused model is left as it was.
-    """
-    check_quantizable(model)
+def check_quantizable(model: Any, skip_modules: Union[str, Sequence[str]] = ("lm_head",)
+                      ) -> tuple[list[str], dict[str, str]]:
+    """Every check of :func:`quantize_dynamic_int8`, changing nothing: PeftkitError for a model with
+    adapter layers (merge first), a QLoRA base, torchao weights, weights on meta, bad ``skip_modules``
+    or nothing to quantize. Returns the names of the linears to quantize and why each other is not."""
+    _check_model(model)
     skip = _skip_list(skip_modules)
     names = [k for k, _ in model.named_modules()]
     for s in skip:
@@ -245,6 +235,26 @@ def quantize_dynamic_int8(model: nn.Module, *, skip_modules: Union[str, Sequence
                            + (f" (left in float: {', '.join(f'{k}: {r}' for k, r in skipped.items())})" if skipped else "")
                            + (f"; transformers Conv1D layers ({conv1d[0]}, ...: GPT-2 style) are not supported"
                               if conv1d else "") + ".")
+    return targets, skipped
+
+
+def quantize_dynamic_int8(model: nn.Module, *, skip_modules: Union[str, Sequence[str]] = ("lm_head",)
+                          ) -> DynamicInt8Report:
+    """Quantize every ``nn.Linear`` of ``model`` to int8 weights with int8 dynamic activations, in place.
+
+    Args:
+        model: a float model without adapter layers (merge them first) and not quantized for QLoRA.
+        skip_modules: module names kept in float (a name matches whole dotted components, e.g.
+            ``"lm_head"``, ``"mlp"``, ``"layers.0"``). A name other than the default that matches no
+            module is a ConfigError.
+
+    Left in float as well, with the reason in the report: subclasses of ``nn.Linear``, the output
+    projection of ``nn.MultiheadAttention``, and linears whose weight is shared with another module
+    (tied). Modules of other types (embeddings, transformers ``Conv1D``) are not touched. Every
+    check (:func:`check_quantizable`) runs before the first weight changes; a refused model is left
+    as it was.
+    """
+    targets, skipped = check_quantizable(model, skip_modules)
     float_bytes = sum(_tensor_bytes(model.get_submodule(k).weight) for k in targets)
     wanted = set(targets)
     config = int8_config()
@@ -389,6 +399,19 @@ def _model_class(folder: str, model_class: Any) -> Any:
     return cls or transformers.AutoModelForCausalLM
 
 
+def _check_weights_file(path: str) -> None:
+    """CheckpointError unless ``path`` is a readable safetensors file holding torchao's flattened tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type
+        raise CheckpointError(f"{path} is corrupt or truncated and cannot be read ({exc}).") from None
+    if "tensor_names" not in metadata:
+        raise CheckpointError(f"{path} does not hold torchao's flattened tensors (no tensor_names metadata).")
+
+
 def load_dynamic_int8(folder: Union[str, os.PathLike], *, model_class: Any = None) -> nn.Module:
     """The model of a :func:`save_dynamic_int8` folder, in eval mode (its outputs equal the saved model's).
 
@@ -405,10 +428,11 @@ def load_dynamic_int8(folder: Union[str, os.PathLike], *, model_class: Any = Non
     if saved.split(".")[:2] != here.split(".")[:2]:
         warnings.warn(f"{folder} was written with torchao {saved}; torchao {here} is installed.", PeftkitWarning,
                       stacklevel=2)
+    _check_weights_file(os.path.join(folder, WEIGHTS_NAME))
     cls = _model_class(folder, model_class)
     try:
         model = cls.from_pretrained(folder)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except Exception as exc:  # transformers, torchao and safetensors errors have no common base class
         raise CheckpointError(f"{folder} cannot be loaded: {type(exc).__name__}: {exc}") from None
     want = list(marker.get("quantized_modules") or [])
     got = _quantized_names(model)
