@@ -354,3 +354,37 @@ def test_cli_refusals_leave_nothing(tmp_path, capsys, bundled):
         assert message in capsys.readouterr().err, argv
         assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == ["adapter", "file", "qlora"]  # no staging folder left behind
+
+
+def test_cli_help(capsys):
+    assert main([]) == 0 and "quantize" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", "--help"])
+    assert exc.value.code == 0 and "usage: peftkit quantize" in capsys.readouterr().out
+
+
+def test_cli_quantizes_a_merged_model_folder(tmp_path, bundled, batch):
+    from .models import randomize_adapters
+
+    model, tok = bundled
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    randomize_adapters(peft, std=0.2)
+    merged = peft.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    tok.save_pretrained(tmp_path / "merged")
+    out = tmp_path / "q"
+    assert main(["quantize", str(tmp_path / "merged"), "--int8", "--output-dir", str(out), "--repeats", "1",
+                 "--batch-size", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval_data"] is None and report["eval_loss"] == {"float": None, "int8": None}  # no --data
+    quantize_dynamic_int8(merged)
+    with torch.no_grad():  # the folder holds the merged model (not the bundled one) quantized
+        reloaded = load_dynamic_int8(out)(**batch).logits
+        assert torch.equal(reloaded, merged(**batch).logits)
+        assert not torch.allclose(reloaded, _bundled_int8_logits(batch), atol=1e-3)
+
+
+def _bundled_int8_logits(batch):
+    model = peftkit.load_model()[0].eval()
+    quantize_dynamic_int8(model)
+    return model(**batch).logits
