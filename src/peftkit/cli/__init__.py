@@ -1,4 +1,5 @@
-"""The ``peftkit`` command: ``train``, ``eval``, ``generate``, ``merge``, ``inspect``, ``prune``, ``as-peft``.
+"""The ``peftkit`` command: ``train``, ``eval``, ``generate``, ``merge``, ``inspect``, ``prune``, ``quantize``,
+``as-peft``.
 
 Every flag of ``peftkit train`` is generated from a config dataclass: :class:`~peftkit.train.ModelArgs`,
 :class:`~peftkit.train.DataConfig`, :class:`~peftkit.train.TrainConfig` and the chosen method's own
@@ -21,13 +22,14 @@ from .generate import cmd_generate
 from .inspect import NEAREST_TOKEN_METHODS, cmd_inspect, inspect_adapter
 from .merge import cmd_merge
 from .prune import cmd_prune
+from .quantize import cmd_quantize
 from .train import TRAIN_EPILOG, build_train_parser, cmd_train
 
 _nest = nest  # the name the tests import
 
 __all__ = ["COMMANDS", "NEAREST_TOKEN_METHODS", "PROG", "TRAIN_EPILOG", "add_dataclass_flags", "build_train_parser",
-           "cmd_as_peft", "cmd_eval", "cmd_generate", "cmd_inspect", "cmd_merge", "cmd_prune", "cmd_train", "converter", "inspect_adapter", "main",
-           "merge_settings", "nest", "parse_set_values"]
+           "cmd_as_peft", "cmd_eval", "cmd_generate", "cmd_inspect", "cmd_merge", "cmd_prune", "cmd_quantize",
+           "cmd_train", "converter", "inspect_adapter", "main", "merge_settings", "nest", "parse_set_values"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +41,8 @@ COMMANDS = {
     "merge": (cmd_merge, "merge an adapter into a standalone Hugging Face model folder"),
     "inspect": (cmd_inspect, "print an adapter's config, parameter counts, size, tensor shapes (and a soft "
                            "prompt's nearest tokens)"),
-    "prune": (cmd_prune, "prune a model (magnitude / Wanda, unstructured or N:M): pruned folder, masks, report"),
+    "prune": (cmd_prune, "prune a model (magnitude / Wanda, unstructured, N:M or whole heads / channels), with a report"),
+    "quantize": (cmd_quantize, "quantize a (merged) model folder to int8 for CPU inference, with a size/latency report"),
     "as-peft": (cmd_as_peft, "run a Python tool (lm_eval, trl, a script) with peftkit installed as `peft`"),
 }
 

@@ -11,13 +11,22 @@ channel, and **NF4** (4-bit NormalFloat, Dettmers et al. 2023) with one absmax s
 * :mod:`~peftkit.quant.layers`: :class:`QuantizedLinear`, :class:`Int8Linear`, :class:`NF4Linear`;
 * :mod:`~peftkit.quant.convert`: quantizing / dequantizing a whole model, merges into quantized weights;
 * :mod:`~peftkit.quant.loading`: :func:`load_quantized` (layer by layer) and :func:`save_quantized`;
-* :mod:`~peftkit.quant.kbit`: :func:`prepare_model_for_kbit_training`.
+* :mod:`~peftkit.quant.kbit`: :func:`prepare_model_for_kbit_training`;
+* :mod:`~peftkit.quant.dynamic`: post-training int8 dynamic quantization of a merged model for CPU
+  inference (torchao), :func:`quantize_dynamic_int8`, :func:`save_dynamic_int8`, :func:`load_dynamic_int8`.
 
 Public API: :func:`quantize_model`, :func:`load_quantized`, :func:`dequantize_model`,
 :func:`prepare_model_for_kbit_training`, :class:`Int8Linear`, :class:`NF4Linear`.
 """
 
 from .convert import dequantize_model, dequantized, quantize_model, quantized_bytes, requantization_report, requantize_weight_
+from .dynamic import (
+    DynamicInt8Report,
+    is_dynamic_int8,
+    load_dynamic_int8,
+    quantize_dynamic_int8,
+    save_dynamic_int8,
+)
 from .formats import (
     DOUBLE_QUANT_GROUP,
     NF4_LEVELS,
@@ -44,6 +53,7 @@ from .loading import QUANT_METHOD, QUANTIZED_WEIGHTS_NAME, load_quantized, save_
 
 __all__ = [
     "COMPUTE_DTYPES",
+    "DynamicInt8Report",
     "DOUBLE_QUANT_GROUP",
     "FLOAT_DTYPES",
     "NF4_LEVELS",
@@ -59,10 +69,13 @@ __all__ = [
     "dequantize_nf4",
     "dequantize_scales",
     "dequantize_weight",
+    "is_dynamic_int8",
     "is_quantized_module",
+    "load_dynamic_int8",
     "load_quantized",
     "nf4_levels_from_definition",
     "prepare_model_for_kbit_training",
+    "quantize_dynamic_int8",
     "quantize_int8",
     "quantize_model",
     "quantize_nf4",
@@ -70,5 +83,6 @@ __all__ = [
     "quantized_bytes",
     "requantization_report",
     "requantize_weight_",
+    "save_dynamic_int8",
     "save_quantized",
 ]
