@@ -63,13 +63,18 @@ from .mapping import (
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .torch_utils import cast_mixed_precision_params, shift_tokens_right
 from .quant import (
+    DynamicInt8Report,
     Int8Linear,
     NF4Linear,
     QuantizedLinear,
     dequantize_model,
+    is_dynamic_int8,
+    load_dynamic_int8,
     load_quantized,
     prepare_model_for_kbit_training,
+    quantize_dynamic_int8,
     quantize_model,
+    save_dynamic_int8,
     save_quantized,
 )
 
@@ -193,4 +198,10 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "quantize_model",
     "save_quantized",
+    # int8 dynamic quantization for CPU inference (peftkit.quant.dynamic; torchao)
+    "DynamicInt8Report",
+    "is_dynamic_int8",
+    "load_dynamic_int8",
+    "quantize_dynamic_int8",
+    "save_dynamic_int8",
 ]
