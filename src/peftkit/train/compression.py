@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 from typing import Any, Optional
 
 import torch
@@ -59,17 +58,12 @@ def latency_batch(dataset: Dataset, tokenizer: Any, task_type: str, batch_size: 
 
 
 def forward_latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 10, warmup: int = 2) -> float:
-    """Median milliseconds of ``model(**batch)`` without autograd, over ``repeats`` runs after ``warmup``."""
+    """Median milliseconds of ``model(**batch)`` without autograd, over ``repeats`` runs after ``warmup``
+    (:func:`peftkit.quant.dynamic.latency`, the inputs moved to the model's device first)."""
+    from ..quant.dynamic import latency
+
     device = next(iter(model.parameters())).device
-    inputs = {k: v.to(device) for k, v in batch.items()}
-    times = []
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            model(**inputs)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return 1000 * latency(model, {k: v.to(device) for k, v in batch.items()}, repeats=repeats, warmup=warmup)
 
 
 def compare_latency_ms(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], rounds: int = 5,
