@@ -71,10 +71,28 @@ def _calibration(examples: list[Any], tokenizer: Any, task_type: str, n: int, ba
     return batches
 
 
+def _write_report(folder: str, result: Any, common: dict[str, Any], structured: bool) -> None:
+    """report.json (and for unstructured pruning sparsity.png) of a pruning run."""
+    from ..train.compression import plot_layer_sparsity, write_report
+
+    if structured:
+        write_report(folder, {**common, "structured": {
+            "architecture": result.architecture, "importance": result.importance, "heads": result.heads,
+            "kv_heads": result.kv_heads, "channels": result.channels, "params": result.params,
+            "param_reduction": result.param_reduction, "config_describes_model": result.config_describes_model}})
+        return
+    layers = [dataclasses.asdict(row) for row in result.report.layers]
+    plot_layer_sparsity(layers, os.path.join(folder, "sparsity.png"),
+                        f"{result.method} {result.pattern or f'{result.sparsity:.0%}'}")
+    write_report(folder, {**common, "sparsity": result.sparsity, "pattern": result.pattern, "scope": result.scope,
+                          "layers": layers, "pruned_layers": {"numel": result.report.numel,
+                                                              "zeros": result.report.zeros,
+                                                              "sparsity": result.report.sparsity}})
+
+
 def cmd_prune(argv: list[str]) -> int:
     from ..prune import prune_model, save_masks, save_structured, structured_prune
-    from ..train.compression import (MASKS_FILE, compare_latency_ms, latency_batch, measure, plot_layer_sparsity,
-                                      print_comparison, write_report)
+    from ..train.compression import MASKS_FILE, compare_latency_ms, latency_batch, measure, print_comparison
     from ..train.config import DataConfig
     from ..train.data import prepare_data
     from ..train.modeling import default_model_path, load_model, load_tokenizer, task_for
@@ -133,20 +151,7 @@ def cmd_prune(argv: list[str]) -> int:
         common = {"model": model_path, "method": args.method, "dense": dense, "pruned": pruned,
                   "calibration_examples": len(data.train.examples[:args.calibration_samples]) if calibration else 0,
                   "eval_examples": len(data.eval) if data.eval is not None else 0}
-        if structured:
-            write_report(staging, {**common, "structured": {
-                "architecture": result.architecture, "importance": result.importance, "heads": result.heads,
-                "kv_heads": result.kv_heads, "channels": result.channels, "params": result.params,
-                "param_reduction": result.param_reduction,
-                "config_describes_model": result.config_describes_model}})
-        else:
-            layers = [dataclasses.asdict(row) for row in result.report.layers]
-            plot_layer_sparsity(layers, os.path.join(staging, "sparsity.png"),
-                                f"{result.method} {result.pattern or f'{result.sparsity:.0%}'}")
-            write_report(staging, {**common, "sparsity": result.sparsity, "pattern": result.pattern,
-                                   "scope": result.scope, "layers": layers,
-                                   "pruned_layers": {"numel": result.report.numel, "zeros": result.report.zeros,
-                                                     "sparsity": result.report.sparsity}})
+        _write_report(staging, result, common, structured)
     print()
     print_comparison({"dense": dense, "pruned": pruned})
     if structured:
