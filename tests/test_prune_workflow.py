@@ -79,6 +79,27 @@ def test_structured_prune_command_writes_a_smaller_model(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == report["pruned"]["parameters"]
 
 
+@pytest.mark.slow
+def test_recovery_on_a_structured_folder_its_config_cannot_state(tmp_path):
+    """6 of 8 heads: transformers' LlamaConfig cannot say so (64 is no multiple of 6), so the folder needs
+    load_structured; train, merge and the merged folder keep working."""
+    pruned, run, merged = tmp_path / "p", tmp_path / "r", tmp_path / "m"
+    assert main(["prune", "--heads", "0.25", "--method", "magnitude", "--max-eval-samples", "8", "--no-latency",
+                 "--output-dir", str(pruned)]) == 0
+    assert json.loads((pruned / "structure.json").read_text())["config_describes_model"] is False
+    assert main(["train", "--model", str(pruned), "--max-steps", "3", "--lr", "0.01", "--eval-steps", "0",
+                 "--save-steps", "0", "--num-generations", "0", "--max-eval-samples", "8", "--no-progress",
+                 "--output-dir", str(run)]) == 0
+    assert main(["merge", str(run / "adapter"), "--output-dir", str(merged)]) == 0
+    model = peftkit.load_structured(str(merged))
+    assert model.model.layers[0].self_attn.o_proj.in_features == 48
+    base = peftkit.load_structured(str(pruned))
+    with_adapter = peftkit.PeftModel.from_pretrained(base, str(run / "adapter"))
+    ids = torch.tensor([[1, 45, 20, 310, 7, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, with_adapter(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_prune_command_bad_input(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["prune", "--sparsity", "1.5", "--output-dir", str(out)]) == 2

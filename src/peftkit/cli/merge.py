@@ -186,6 +186,11 @@ def _write_merged(merged: Any, tok: Any, folder: str, args: argparse.Namespace, 
 
         save_quantized(merged, folder)
         what = "a quantized model for peftkit.load_quantized, with the adapter merged in"
+    elif getattr(merged, "peftkit_structure", None):  # heads / channels removed (peftkit prune): keep the record
+        from ..prune import save_structured
+
+        save_structured(merged, folder)
+        what = f"a {type(merged).__name__} (structurally pruned: structure.json) with the adapter merged in"
     else:
         merged.save_pretrained(folder)
         what = f"a {type(merged).__name__} with the adapter merged in" + (" (base dequantized)" if quantized else "")
@@ -204,6 +209,10 @@ def _verify_merged(merged: Any, task_type: str, probe: Any, ref: Any, folder: st
         from ..quant import load_quantized
 
         reloaded = load_quantized(folder, model_class=auto).eval()
+    elif os.path.isfile(os.path.join(folder, "structure.json")):
+        from ..prune import load_structured
+
+        reloaded = load_structured(folder).to(getattr(torch, args.dtype)).eval()
     else:
         reloaded = auto.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     with torch.no_grad():
