@@ -17,7 +17,7 @@ top-1 token is the float model's at 97 % of the positions.
 The output head (``lm_head``), embeddings and norms stay in float: the head of a model with tied
 embeddings shares its weight with the input embedding, and quantizing it would untie the two.
 
-Why torchao (``Int8DynamicActivationInt8WeightConfig`` + ``quantize_``), pinned ``torchao>=0.18``:
+Why torchao (``Int8DynamicActivationInt8WeightConfig`` + ``quantize_``; ``torchao==0.18.0``, the ``deploy`` extra):
 it is PyTorch's maintained quantization library; ``torch.ao.quantization.quantize_dynamic``, the older
 eager API, warns that it is deprecated and will be removed ("migrate to torchao's quantize_") and its
 modules hold packed fbgemm parameters that neither safetensors nor transformers can store. torchao's
