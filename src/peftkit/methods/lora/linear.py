@@ -100,7 +100,8 @@ class Linear(LoraLayer):
         A, B = self.lora_A[name].weight, self.lora_B[name]
         mask = self._buffers["delta_mask"]
         delta = (B.weight @ A) * self.scaling[name]
-        delta = delta * (mask.T if self.fan_in_fan_out else mask).to(delta.dtype)
+        # where(), not a product with a float copy of the mask: backward then keeps the 1-byte mask only
+        delta = torch.where(mask.T if self.fan_in_fan_out else mask, delta, delta.new_zeros(()))
         bias = B.bias * self.scaling[name] if B.bias is not None else None
         return result + F.linear(xa, delta, bias).to(result.dtype)
 
