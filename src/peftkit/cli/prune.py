@@ -71,6 +71,22 @@ def _calibration(examples: list[Any], tokenizer: Any, task_type: str, n: int, ba
     return batches
 
 
+def _check_settings(args: argparse.Namespace, structured: bool) -> None:
+    """The numbers the library would refuse, refused before any model or data is read (ConfigError)."""
+    from ..prune.masks import check_sparsity, parse_nm
+
+    if structured:
+        for flag in ("heads", "channels"):
+            value = getattr(args, flag)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise PeftkitError(f"--{flag} must be a fraction in [0, 1), got {value}.")
+        return
+    if args.sparsity is not None:
+        check_sparsity(args.sparsity)
+    if args.pattern is not None:
+        parse_nm(args.pattern)
+
+
 def _write_report(folder: str, result: Any, common: dict[str, Any], structured: bool) -> None:
     """report.json (and for unstructured pruning sparsity.png) of a pruning run."""
     from ..train.compression import plot_layer_sparsity, write_report
@@ -109,6 +125,7 @@ def cmd_prune(argv: list[str]) -> int:
     if structured and (args.sparsity is not None or args.pattern or args.scope or args.target_modules or args.exclude):
         raise PeftkitError("--heads / --channels prune whole heads and channels; --sparsity, --pattern, --scope, "
                            "--target-modules and --exclude belong to unstructured pruning: choose one kind.")
+    _check_settings(args, structured)  # before anything loads
     device = resolve_device(args.device)
     model_path = args.model or default_model_path()
     tokenizer = load_tokenizer(model_path)
