@@ -438,7 +438,7 @@ BAD = [
     ("gpt2", dict(importance="wanda", calibration="hello"), "token ids"),
     ("gpt2", dict(importance="wanda", calibration=[]), "empty"),
     ("gpt2", dict(importance="wanda", calibration=[{"labels": torch.ones(1, 2)}]), "input_ids"),
-    ("llama", dict(heads=0.5, importance="wanda", calibration=torch.full((1, 4), 10_000)), "batch 0 failed"),
+    ("llama", dict(heads=0.5, importance="wanda", calibration=torch.full((1, 4), 10_000)), "calibration batch 0"),
 ]
 
 

@@ -23,8 +23,8 @@ columns/rows of ``c_proj`` for GPT-2):
 
 - ``"l1"``: ``S(U) = Σ_s Σ_{i,j ∈ U} |W_s[i, j]|``;
 - ``"wanda"``: ``S(U) = Σ_s Σ_{i,j ∈ U} |W_s[i, j]| · ‖X_s[:, j]‖₂``, where ``X_s`` stacks the inputs
-  of the module of ``W_s`` over every token of the calibration batches (Wanda's score, Sun et al. 2023,
-  summed over the unit). The input norms are collected with forward pre-hooks in one pass.
+  of the module of ``W_s`` over every token of the calibration batches, padding left out (Wanda's score,
+  Sun et al. 2023, summed over the unit; the norms of :mod:`peftkit.prune.calibration`).
 
 The units with the smallest ``S`` are removed (ties: the lower index goes first).
 
@@ -58,6 +58,7 @@ from torch import nn
 from .._io import atomic_write_bytes, load_tensors, make_folder
 from ..errors import CheckpointError, ConfigError
 from .architectures import Architecture, UnitSpec, architecture_for, conv1d_class, shrink_layer, weight_dim
+from .calibration import target_input_norms
 
 IMPORTANCE = ("l1", "wanda")
 STRUCTURE_FILE = "structure.json"
@@ -165,7 +166,7 @@ def _layer_specs(arch: Architecture, layers: list[nn.Module], config: Any, kind:
     return specs
 
 
-def calibration_batches(calibration: Any) -> list[dict[str, Any]]:
+def forward_batches(calibration: Any) -> list[dict[str, Any]]:
     """The calibration data as a list of forward keyword arguments. Accepts a LongTensor of token
     ids (``[batch, seq]`` or ``[seq]``), a dict of forward arguments, or an iterable of either."""
     if calibration is None:
@@ -200,36 +201,13 @@ def calibration_batches(calibration: Any) -> list[dict[str, Any]]:
 # importance
 
 
-def input_norms(model: nn.Module, modules: list[nn.Module],
-                batches: list[dict[str, Any]]) -> dict[nn.Module, torch.Tensor]:
-    """``‖X[:, j]‖₂`` for every input feature ``j`` of each module, over every token of ``batches``
-    (forward pre-hooks, one no-grad pass in eval mode; the model's modes are restored)."""
-    sums: dict[nn.Module, torch.Tensor] = {}
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().float()
-        sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
-        sums[module] = sums[module] + sq if module in sums else sq
-
-    modes = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_pre_hook(hook) for m in dict.fromkeys(modules)]
-    device = next(model.parameters()).device
-    try:
-        model.eval()
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                try:
-                    model(**kwargs)
-                except Exception as exc:  # the model's own errors: bad ids, shapes, ...
-                    raise ConfigError(f"calibration batch {i} failed in the model's forward "
-                                      f"({type(exc).__name__}: {exc}).") from exc
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
-    return {m: s.sqrt() for m, s in sums.items()}
+def _input_norms(model: nn.Module, modules: list[nn.Module],
+                 batches: list[dict[str, Any]]) -> dict[nn.Module, torch.Tensor]:
+    """``‖X[:, j]‖₂`` for every input feature ``j`` of each module over the calibration tokens (padding left
+    out): Wanda's norms of :func:`peftkit.prune.calibration.target_input_norms`, keyed by module."""
+    name_of = {module: name for name, module in model.named_modules()}
+    targets = {name_of[module]: module for module in dict.fromkeys(modules)}
+    return {targets[name]: norm for name, norm in target_input_norms(model, targets, batches).items()}
 
 
 def unit_scores(layer: nn.Module, spec: UnitSpec,
@@ -324,7 +302,7 @@ def structured_prune(model: nn.Module, heads: float = 0.3, channels: float = 0.3
         raise ConfigError(f"importance must be one of {list(IMPORTANCE)}, got {importance!r}.")
     if importance == "l1" and calibration is not None:
         raise ConfigError("calibration data is used by importance='wanda' only; drop it or pass importance='wanda'.")
-    batches = calibration_batches(calibration) if importance == "wanda" else None
+    batches = forward_batches(calibration) if importance == "wanda" else None
     config, layers = model.config, arch.layers(model)
     head_specs = _layer_specs(arch, layers, config, "heads")
     channel_specs = _layer_specs(arch, layers, config, "channels")
@@ -338,7 +316,7 @@ def structured_prune(model: nn.Module, heads: float = 0.3, channels: float = 0.3
     if batches is not None:
         modules = [layer.get_submodule(s.path) for layer, h, c in zip(layers, head_specs, channel_specs)
                    for spec, n in ((h, n_heads), (c, n_channels)) if n for s in spec.slices]
-        norms = input_norms(model, modules, batches) if modules else {}
+        norms = _input_norms(model, modules, batches) if modules else {}
     head_removed = [_removed(unit_scores(layer, spec, norms), n_heads) if n_heads else []
                     for layer, spec in zip(layers, head_specs)]
     channel_removed = [_removed(unit_scores(layer, spec, norms), n_channels) if n_channels else []
