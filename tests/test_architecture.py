@@ -29,7 +29,8 @@ RANKS = {
     "peftkit.as_peft": 1,
     "peftkit.config": 2, "peftkit.model_card": 2,
     "peftkit.core": 3,
-    "peftkit.quant": 4, "peftkit.prune": 4,  # frozen quantized bases; pruning (masks, structured)
+    "peftkit.quant": 4,
+    "peftkit.prune": 4.25,  # pruning (masks, structured): above quant, whose quantized layers it refuses
     "peftkit.checkpoint": 5, "peftkit.tuner": 5, "peftkit.status": 5,
     "peftkit.model_api": 5.5, "peftkit.adapter_io": 5.5,  # PeftModel's mixin and its folder reading
     "peftkit.model": 6, "peftkit.base_state": 6,

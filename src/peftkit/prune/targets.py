@@ -23,6 +23,7 @@ from ..core.dispatch import is_conv1d_transposed
 from ..core.layer import AdapterLayer
 from ..core.targets import closest_module_names, linear_module_names, matches_names, outer_modules
 from ..errors import ConfigError, TargetError
+from ..quant import is_quantized_module
 
 # Task heads never pruned unless ``exclude`` says otherwise (Wanda and SparseGPT keep the head dense).
 DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "embed_out", "output_layer", "classifier", "score", "qa_outputs")
@@ -30,17 +31,9 @@ DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "embed_out", "output_layer", "cla
 Names = Union[None, str, Sequence[str]]
 
 
-def is_quantized(module: nn.Module) -> bool:
-    """A peftkit quantized linear or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (by type name)."""
-    if getattr(module, "is_quantized_linear", False):
-        return True
-    cls = type(module)
-    return cls.__module__.startswith("bitsandbytes") and cls.__name__ in ("Linear4bit", "Linear8bitLt")
-
-
 def is_prunable(module: nn.Module) -> bool:
     """``nn.Linear`` or transformers ``Conv1D`` (quantized linears are not: their weights are codes)."""
-    return (isinstance(module, nn.Linear) or is_conv1d_transposed(module)) and not is_quantized(module)
+    return (isinstance(module, nn.Linear) or is_conv1d_transposed(module)) and not is_quantized_module(module)
 
 
 def base_of(module: nn.Module) -> nn.Module:
@@ -92,7 +85,7 @@ def prune_targets(model: nn.Module, target_modules: Names = None,
         if not key or not _wanted(key, target_modules, default):
             continue
         base = base_of(module)
-        if not (is_prunable(base) or is_quantized(base)):
+        if not (is_prunable(base) or is_quantized_module(base)):
             if target_modules is not None and not isinstance(target_modules, str):
                 raise TargetError(f"{key} is a {type(base).__name__}; pruning targets nn.Linear and transformers "
                                   "Conv1D layers: name the linear layers inside it (e.g. 'q_proj', 'mlp.down_proj').")
@@ -103,7 +96,7 @@ def prune_targets(model: nn.Module, target_modules: Names = None,
         found[key] = base
     _check_found(model, found, matched, target_modules, exclude)
     for key, base in found.items():
-        if is_quantized(base):
+        if is_quantized_module(base):
             raise ConfigError(f"{key} is already quantized ({type(base).__name__}): its weight is stored as codes. "
                               "Prune the float model before quantize_model(), or dequantize_model() it first.")
     check_not_shared(model, found)
@@ -152,4 +145,4 @@ def check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
 
 
 __all__ = ["DEFAULT_EXCLUDE", "base_of", "check_names", "check_not_shared", "in_features", "is_prunable",
-           "is_quantized", "prune_targets", "to_stored", "weight_oi"]
+           "prune_targets", "to_stored", "weight_oi"]
