@@ -33,7 +33,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import PREFIX, adapter_entries, check_state_dict, load_peft_weights
+from .checkpoint import PREFIX, adapter_entries, base_of, check_state_dict, load_peft_weights
 from .config import PeftConfig
 from .core.layer import AdapterLayer
 from .errors import AdapterNameError, ConfigError, HotswapError
@@ -53,7 +53,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     """(module path relative to the user's model, layer) of every LoRA layer of ``model`` (a
     PeftModel, a compiled one, or a model with injected layers)."""
     root = unwrap_compiled(model)
-    base = root.get_base_model() if callable(getattr(root, "get_base_model", None)) else root
+    base = base_of(root)
     layer_types = lookup("LORA").layer_types
     for key, module in base.named_modules():
         if isinstance(module, layer_types):

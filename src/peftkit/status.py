@@ -66,14 +66,20 @@ def _all_or_irregular(values: list) -> Union[bool, Irregular]:
     return "irregular"
 
 
+def _is_peft_model(model: nn.Module) -> bool:
+    """A PeftModel (configs, a tuner and its base), not a transformers model with injected adapters (which
+    has ``peft_config`` and transformers' own ``base_model`` too)."""
+    return (isinstance(getattr(model, "peft_config", None), dict)
+            and isinstance(getattr(model, "base_model", None), nn.Module)
+            and callable(getattr(model, "get_base_model", None)))
+
+
 def _adapted_root(model: nn.Module) -> nn.Module:
     """The module whose adapter layers are reported: a PeftModel's tuner, else ``model`` itself."""
     if not isinstance(model, nn.Module):
         raise PeftkitError(f"get_layer_status / get_model_status take a model (an nn.Module), got {type(model).__name__}.")
-    configs = getattr(model, "peft_config", None)
-    if isinstance(configs, dict) and isinstance(getattr(model, "base_model", None), nn.Module) \
-            and callable(getattr(model, "get_base_model", None)):
-        if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):
+    if _is_peft_model(model):
+        if any(getattr(c, "is_prompt_learning", False) for c in model.peft_config.values()):
             raise TypeError(f"{type(model).__name__} holds soft-prompt adapters, which have no adapter layers; "
                             "get_layer_status / get_model_status report layer methods (LoRA, IA3, ...).")
         return model.base_model
@@ -147,12 +153,9 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
 def get_model_status(model: nn.Module) -> TunerModelStatus:
     """The adapter status of ``model`` summed over its layers (see :class:`TunerModelStatus`)."""
     layers = get_layer_status(model)
-    configs = getattr(model, "peft_config", None)
-    is_peft = isinstance(configs, dict) and isinstance(getattr(model, "base_model", None), nn.Module) \
-        and callable(getattr(model, "get_base_model", None))  # not a transformers model with injected adapters
-    if is_peft:
+    if _is_peft_model(model):
         base_type, adapter_type = type(model.get_base_model()).__name__, type(model.base_model).__name__
-        peft_types = {name: str(c.peft_type) for name, c in configs.items()}
+        peft_types = {name: str(c.peft_type) for name, c in model.peft_config.items()}
     else:
         base_type = type(model).__name__ if hasattr(model, "config") and hasattr(model, "can_generate") else "other"
         adapter_type, peft_types = "None", {}
