@@ -1,16 +1,19 @@
 """What the ``peftkit`` commands share: flags generated from dataclass fields (the string -> value converters, the
 help formatter), the settings merge of ``peftkit train`` (``--config`` file, ``--set``, flags) and the small flag
-helpers of the inference commands (adapter specs, ``--quantize``, ``--device``)."""
+helpers of the inference commands (adapter specs, ``--quantize``, ``--device``, new output folders written
+through a staging folder)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import json
 import os
 import types
 import typing
+from collections.abc import Iterator
 from typing import Any, Literal, Optional, Union
 
 from ..errors import PeftkitError
@@ -359,3 +362,49 @@ def check_output_file(path: str, flag: str = "--output") -> None:
         raise PeftkitError(f"{flag} {path}: the folder {parent} does not exist.")
     if not os.access(parent, os.W_OK):
         raise PeftkitError(f"{flag} {path}: the folder {parent} is not writable; choose another path.")
+
+
+def check_new_output_dir(path: str) -> None:
+    """PeftkitError unless ``path`` can become a new folder: not a file, not under one, and empty if it exists
+    (the commands that write a model folder never overwrite one)."""
+    from .._io import check_output_folder
+
+    check_output_folder(path)
+    if os.path.isdir(path) and os.listdir(path):
+        raise PeftkitError(f"{path} exists and is not empty; choose a new --output-dir.")
+
+
+@contextlib.contextmanager
+def staging_folder(output_dir: str) -> Iterator[str]:
+    """A hidden temporary folder beside ``output_dir`` to write into; renamed to ``output_dir`` when
+    the block succeeds, removed (with any parent folders made for it) when it fails: a failed merge or
+    verification leaves nothing behind."""
+    import shutil
+    import tempfile
+
+    from .._io import dir_mode, fsync_dir, set_mode
+
+    target = os.path.abspath(output_dir)
+    parent = os.path.dirname(target)
+    made = []
+    probe = parent
+    while not os.path.isdir(probe):
+        made.append(probe)
+        probe = os.path.dirname(probe)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(target)}-", dir=parent)
+    try:
+        set_mode(staging, dir_mode())
+        yield staging
+        if os.path.isdir(target):
+            os.rmdir(target)  # empty (checked before the merge); a folder that filled up since is not replaced
+        os.rename(staging, target)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:  # innermost first
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        raise

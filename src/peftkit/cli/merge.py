@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import Any
 
-from .._io import check_output_folder
 from ..errors import PeftkitError
-from .args import PROG, Formatter, Parser, add_quantize_flag, quantize_arg
+from .args import PROG, Formatter, Parser, add_quantize_flag, check_new_output_dir, quantize_arg, staging_folder
 
 
 def cmd_merge(argv: list[str]) -> int:
@@ -25,9 +22,7 @@ def cmd_merge(argv: list[str]) -> int:
         raise PeftkitError("Give the adapter folder to merge.")
     if not os.path.isdir(adapter):
         raise PeftkitError(f"Adapter folder {adapter} does not exist.")
-    check_output_folder(args.output_dir)
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        raise PeftkitError(f"{args.output_dir} exists and is not empty; choose a new --output-dir.")
+    check_new_output_dir(args.output_dir)
     loaded = load_for_inference([("default", adapter)], args.model, dtype=args.dtype,
                                 quantize=quantize_arg(args.quantize), keep_sparsity=args.keep_sparsity)
     masks = _pruning_masks(loaded.model_path, adapter, args.keep_sparsity)
@@ -52,42 +47,6 @@ def cmd_merge(argv: list[str]) -> int:
 
     print(f"wrote {args.output_dir} ({human_bytes(folder_bytes(args.output_dir))}): {what}")
     return 0
-
-
-@contextlib.contextmanager
-def staging_folder(output_dir: str) -> Iterator[str]:
-    """A hidden temporary folder beside ``output_dir`` to write into; renamed to ``output_dir`` when
-    the block succeeds, removed (with any parent folders made for it) when it fails: a failed merge or
-    verification leaves nothing behind."""
-    import shutil
-    import tempfile
-
-    from .._io import dir_mode, fsync_dir, set_mode
-
-    target = os.path.abspath(output_dir)
-    parent = os.path.dirname(target)
-    made = []
-    probe = parent
-    while not os.path.isdir(probe):
-        made.append(probe)
-        probe = os.path.dirname(probe)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(target)}-", dir=parent)
-    try:
-        set_mode(staging, dir_mode())
-        yield staging
-        if os.path.isdir(target):
-            os.rmdir(target)  # empty (checked before the merge); a folder that filled up since is not replaced
-        os.rename(staging, target)
-        fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for folder in made:  # innermost first
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
-        raise
 
 
 def _pruning_masks(model_path: str, adapter: str, keep: bool) -> Any:

@@ -20,10 +20,8 @@ import dataclasses
 import os
 from typing import Any
 
-from .._io import check_output_folder
 from ..errors import PeftkitError
-from .args import PROG, Formatter, Parser, converter, int_at_least, resolve_device
-from .merge import staging_folder
+from .args import PROG, Formatter, Parser, check_new_output_dir, converter, int_at_least, resolve_device, staging_folder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,9 +112,7 @@ def cmd_prune(argv: list[str]) -> int:
     from ..train.modeling import default_model_path, load_model, load_tokenizer, task_for
 
     args = _parser().parse_args(argv)
-    check_output_folder(args.output_dir)
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        raise PeftkitError(f"{args.output_dir} exists and is not empty; choose a new --output-dir.")
+    check_new_output_dir(args.output_dir)
     for flag in ("data", "eval_data"):
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):

@@ -9,10 +9,8 @@ import json
 import os
 from typing import Any, Optional
 
-from .._io import check_output_folder
 from ..errors import PeftkitError
-from .args import PROG, Formatter, Parser, int_at_least
-from .merge import staging_folder
+from .args import PROG, Formatter, Parser, check_new_output_dir, int_at_least, staging_folder
 
 REPORT_NAME = "report.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -25,9 +23,7 @@ def cmd_quantize(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if not args.int8:
         raise PeftkitError("Choose the format: --int8 (int8 weights, int8 dynamic activations; the only one so far).")
-    check_output_folder(args.output_dir)
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        raise PeftkitError(f"{args.output_dir} exists and is not empty; choose a new --output-dir.")
+    check_new_output_dir(args.output_dir)
     model_path = _model_folder(args)
     if args.data is not None and not os.path.isfile(args.data):
         raise PeftkitError(f"--data {args.data} does not exist.")
