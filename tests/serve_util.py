@@ -116,3 +116,32 @@ def running_server(options: Any = None, model: Any = None, tokenizer: Any = None
         web.should_exit = True
         thread.join(timeout=30)
         server.close()
+
+
+class Reply:
+    """A plain HTTP reply: ``status_code``, ``text``, ``json()``."""
+
+    def __init__(self, status: int, body: bytes):
+        self.status_code, self.text = status, body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.text)
+
+
+def http(method: str, url: str, json_body: Any = None, content: Optional[bytes] = None,
+         headers: Optional[dict] = None, timeout: float = 120) -> Reply:
+    """One HTTP request with the standard library (errors are replies too)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(json_body).encode() if json_body is not None else content
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
+                                                                          **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return Reply(r.status, r.read())
+    except urllib.error.HTTPError as e:
+        return Reply(e.code, e.read())

@@ -62,10 +62,13 @@ def adapter_method(path: str) -> str:
 
 def scan_folder(root: str) -> list[tuple[str, str]]:
     """(name, folder) of every adapter folder directly in ``root`` or one level down (``runs/x/adapter``
-    is named ``x``)."""
+    is named ``x``); links that lead out of ``root`` are skipped."""
     found = []
+    real_root = os.path.realpath(root)
     for entry in sorted(os.listdir(root)):
         path = os.path.join(root, entry)
+        if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
+            continue
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
             found.append((entry, path))
         elif os.path.isfile(os.path.join(path, "adapter", "adapter_config.json")):
