@@ -286,7 +286,7 @@ def test_timeout_and_full_queue(kinds):
 def test_256_concurrent_requests_over_32_adapters_equal_offline(tmp_path):
     adapters = make_adapters(tmp_path, 32)
     names = list(adapters)
-    late = make_adapters(tmp_path / "late", 2, kinds=["lora", "prompt"])
+    late = {f"late-{n}": p for n, p in make_adapters(tmp_path / "late", 2, kinds=["lora", "prompt"]).items()}
     jobs = [(names[i % 32], PROMPTS[i % len(PROMPTS)], i % 2 == 0) for i in range(256)]
     opts = ServeOptions(adapters=list(adapters.items()), adapter_dirs=[str(tmp_path / "late")], max_adapters=12)
     with running_server(opts) as (url, server):
