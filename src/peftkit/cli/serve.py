@@ -34,24 +34,24 @@ def build_serve_parser() -> Parser:
                         "folders POST /v1/load_lora_adapter may load from (repeat)")
     p.add_argument("--runs", default="runs", metavar="DIR",
                    help="with no --adapter/--adapter-dir: serve the adapters of the last peftkit train runs in DIR")
-    p.add_argument("--last-runs", type=int_at_least(0), default=8, metavar="N", help="how many of those runs")
+    p.add_argument("--last-runs", type=int_at_least(0, "--last-runs"), default=8, metavar="N", help="how many of those runs")
     p.add_argument("--base-name", help="the base model's id in the API (default: its folder's name)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int_at_least(0), default=8000)
-    p.add_argument("--max-adapters", type=int_at_least(1), default=32, help="adapters installed at once (LRU)")
-    p.add_argument("--max-batch", type=int_at_least(1), default=64, help="rows decoded together")
-    p.add_argument("--max-prefill-tokens", type=int_at_least(1), default=8192,
+    p.add_argument("--port", type=int_at_least(0, "--port"), default=8000)
+    p.add_argument("--max-adapters", type=int_at_least(1, "--max-adapters"), default=32, help="adapters installed at once (LRU)")
+    p.add_argument("--max-batch", type=int_at_least(1, "--max-batch"), default=64, help="rows decoded together")
+    p.add_argument("--max-prefill-tokens", type=int_at_least(1, "--max-prefill-tokens"), default=8192,
                    help="prompt tokens prefilled in one forward")
-    p.add_argument("--max-waiting", type=int_at_least(1), default=4096, help="queued requests before 429")
-    p.add_argument("--max-tokens-limit", type=int_at_least(1), default=4096, help="largest max_tokens accepted")
-    p.add_argument("--max-request-bytes", type=int_at_least(1024), default=1 << 20, help="largest request body")
+    p.add_argument("--max-waiting", type=int_at_least(1, "--max-waiting"), default=4096, help="queued requests before 429")
+    p.add_argument("--max-tokens-limit", type=int_at_least(1, "--max-tokens-limit"), default=4096, help="largest max_tokens accepted")
+    p.add_argument("--max-request-bytes", type=int_at_least(1024, "--max-request-bytes"), default=1 << 20, help="largest request body")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in all")
     p.add_argument("--api-key", default=os.environ.get("PEFTKIT_API_KEY"),
                    help="require this key (Authorization: Bearer KEY); default $PEFTKIT_API_KEY")
     p.add_argument("--api-keys", metavar="FILE", help="JSON/YAML file mapping keys to tenants and their models")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int_at_least(1), help="torch threads")
+    p.add_argument("--threads", type=int_at_least(1, "--threads"), help="torch threads")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--engine", default="peftkit", choices=["peftkit", "vllm"],
                    help="vllm: check every adapter against the base for vLLM, then start vLLM's server (LoRA only)")

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
+import weakref
 from concurrent.futures import Future
 from importlib import resources
 from typing import Any, Optional
@@ -174,11 +176,52 @@ def _routes(app: FastAPI, server: Server) -> None:
         return {"object": "adapter", "id": body.lora_name, "status": "unloaded"}
 
 
+class Mailbox:
+    """Events from the engine thread to the event loop, handed over in batches: one wake-up of the loop
+    per engine step instead of one per token (each ``call_soon_threadsafe`` is a system call and a
+    loop iteration)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
+
+
+def mailbox() -> Mailbox:
+    """The running event loop's mailbox."""
+    loop = asyncio.get_running_loop()
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = Mailbox(loop)
+    return box
+
+
 class Job:
     """The engine requests of one API call (one per prompt, ``n`` rows each) and their merged events."""
 
     def __init__(self, server: Server, model: str, prompts: list[list[int]], params: SamplingParams, n: int):
-        self.loop = asyncio.get_running_loop()
+        self.mailbox = mailbox()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.n = n
         self.choices = [Choice() for _ in range(n * len(prompts))]
@@ -189,10 +232,7 @@ class Job:
 
     def _listener(self, prompt_index: int) -> Any:
         def deliver(event: Event) -> None:
-            try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (prompt_index, event))
-            except RuntimeError:  # the event loop is gone (shutdown)
-                pass
+            self.mailbox.post(self.queue, (prompt_index, event))
         return deliver
 
     def cancel(self) -> None:

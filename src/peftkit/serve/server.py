@@ -129,6 +129,8 @@ class Server:
                              max_prefill_tokens=options.max_prefill_tokens, max_waiting=options.max_waiting,
                              metrics=self.metrics)
         self.engine.start()
+        for name in self.store.names()[:options.max_adapters]:  # install what fits now, not on first use
+            self.store.request_install(name)
 
     def _wake(self) -> None:
         if self.engine is not None:
