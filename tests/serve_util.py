@@ -30,7 +30,7 @@ def config_for(kind: str, i: int) -> Any:
     if kind == "dora":
         return LoraConfig(task_type=task, r=4, use_dora=True, target_modules=["q_proj", "v_proj"])
     if kind == "ia3":
-        return IA3Config(task_type=task, target_modules=["k_proj", "up_proj"], feedforward_modules=["up_proj"])
+        return IA3Config(task_type=task)  # its defaults (k, v, down_proj): stacked on LoRA's v_proj
     if kind == "bottleneck":
         return BottleneckConfig(task_type=task, style="pfeiffer", reduction_factor=8)
     if kind == "prompt":

@@ -67,12 +67,14 @@ def adapter_entries(root: nn.Module, adapter_name: str, bias: str = "none",
     """
     seen: set[int] = set()
     layers = []
-    for key, module in root.named_modules():
+    modules = dict(root.named_modules())
+    for key, module in modules.items():
         if isinstance(module, AdapterLayer):
             layers.append((key, module))
+            fkey = strip_stacks(key, module, modules)
             for local, tensor in module.adapter_param_items(adapter_name):
                 seen.add(id(tensor))
-                yield prefix + f"{key}.{local}", prefix + strip_wrappers(f"{key}.{module.file_key(local, adapter_name)}"), tensor
+                yield prefix + f"{key}.{local}", prefix + strip_wrappers(f"{fkey}.{module.file_key(local, adapter_name)}"), tensor
     if bias == "all":
         wrapped = {id(p) for _, m in layers if isinstance(m, ModulesToSaveWrapper) for p in m.parameters()}
         adapter_ids = {id(p) for _, m in layers for attr in m.adapter_layer_names for p in getattr(m, attr).parameters()}
@@ -125,10 +127,12 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
 def buffer_entries(root: nn.Module, adapter_name: str, prefix: str = "") -> Iterator[tuple[str, str, torch.Tensor]]:
     """(in-memory key, file key, buffer) of every saved buffer of ``adapter_name`` (running statistics
     of a BatchNorm in modules_to_save): saved, and loaded when a file has them."""
-    for key, module in root.named_modules():
+    modules = dict(root.named_modules())
+    for key, module in modules.items():
         if isinstance(module, AdapterLayer):
+            fkey = strip_stacks(key, module, modules)
             for local, buffer in module.adapter_buffer_items(adapter_name):
-                yield (prefix + f"{key}.{local}", prefix + strip_wrappers(f"{key}.{module.file_key(local, adapter_name)}"),
+                yield (prefix + f"{key}.{local}", prefix + strip_wrappers(f"{fkey}.{module.file_key(local, adapter_name)}"),
                        buffer)
 
 
@@ -239,6 +243,22 @@ def embedding_entries(model: nn.Module, wrapped_only: bool = False) -> Iterator[
 
 
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def strip_stacks(key: str, layer: AdapterLayer, modules: dict[str, nn.Module]) -> str:
+    """``key`` without the ``base_layer`` segments of other methods' adapter layers stacked around it
+    (``v_proj.base_layer`` under an IA3 layer is LoRA's ``v_proj``), so an adapter's file keys are the
+    same whether or not another method shares its modules."""
+    parts = key.split(".")
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        if part == "base_layer" and i > 0:
+            holder = modules.get(".".join(parts[:i]))
+            if (isinstance(holder, AdapterLayer) and holder.stackable
+                    and type(holder).adapter_layer_names != type(layer).adapter_layer_names):
+                continue
+        out.append(part)
+    return ".".join(out)
 
 
 def strip_wrappers(key: str) -> str:

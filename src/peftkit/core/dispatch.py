@@ -18,6 +18,13 @@ from ..errors import PeftkitWarning
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def wrapped_module(target: nn.Module) -> nn.Module:
+    """The module whose type decides how ``target`` is adapted: the plain module inside when ``target`` is
+    another method's adapter layer (methods stack: the new layer wraps the old one), else ``target``."""
+    get_base = getattr(target, "get_base_layer", None)
+    return get_base() if callable(get_base) else target
+
+
 def is_conv1d_transposed(module: nn.Module) -> bool:
     """A transformers ``Conv1D`` (GPT-2's linear layer, weight stored (in, out))."""
     from transformers.pytorch_utils import Conv1D
@@ -57,4 +64,5 @@ def linear_in_out(module: nn.Module) -> Optional[tuple[int, int]]:
     return None
 
 
-__all__ = ["CONV_TYPES", "is_conv1d_transposed", "is_linear", "linear_fan_in_fan_out", "linear_in_out"]
+__all__ = ["CONV_TYPES", "is_conv1d_transposed", "is_linear", "linear_fan_in_fan_out", "linear_in_out",
+           "wrapped_module"]

@@ -15,7 +15,7 @@ import copy
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
 
@@ -96,15 +96,15 @@ def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets
                 raise TargetError(f"{key}: its parameter {target.parameter_name!r} is adapted through "
                                   "target_parameters by another adapter, so the module cannot also be targeted "
                                   "with target_modules.")
-            if isinstance(target, AdapterLayer):
-                if not isinstance(target, method.layer_types):
-                    raise TargetError(
-                        f"{key} already holds a {type(target).__name__} adapter; a {config.peft_type} adapter cannot be "
-                        "added on the same module: one method per module."
-                    )
+            if isinstance(target, AdapterLayer) and isinstance(target, method.layer_types):
                 extended.append(target)  # first: a failing update_layer may have created some tensors
                 target.update_layer(adapter_name, config, key)
                 continue
+            if isinstance(target, AdapterLayer) and not (target.stackable and stackable(method)):
+                raise TargetError(
+                    f"{key} already holds a {type(target).__name__} adapter; a {config.peft_type} adapter cannot be "
+                    "added on the same module (only LoRA, IA3 and bottleneck layers stack on one module)."
+                )
             new = method.make_layer(target, config, adapter_name, key)
             parent, child = get_submodule_parent(model, key)
             setattr(parent, child, new)
@@ -122,6 +122,11 @@ def inject(model: nn.Module, config: "PeftConfig", adapter_name: str, *, targets
             setattr(parent, child, original)
         raise
     return keys
+
+
+def stackable(method: Any) -> bool:
+    """Whether ``method``'s layers may wrap another method's layer (see ``AdapterLayer.stackable``)."""
+    return all(getattr(t, "stackable", False) for t in method.layer_types)
 
 
 def param_layer_for(module: nn.Module, param_name: str, key: str) -> Optional[AdapterLayer]:

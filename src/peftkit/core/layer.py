@@ -47,6 +47,11 @@ class AdapterLayer(nn.Module):
     # such layers nest, one per parameter of the same module (None: the layer wraps the module)
     parameter_name: Optional[str] = None
 
+    # Layers of methods that may wrap another method's layer on the same module (the outer one's base
+    # is the inner wrapper): their forward calls ``base_layer`` and adds or scales, their merge writes the
+    # innermost weight, so a stack computes and merges as the composition it is (inner first).
+    stackable = False
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer

@@ -106,12 +106,31 @@ def untie_config(model: nn.Module) -> None:
             cfg.tie_word_embeddings = False
 
 
+def check_stack_order(todo: Sequence[tuple[str, AdapterLayer]], adapter_names: Optional[Sequence[str]]) -> None:
+    """MergeError if an adapter would merge while another method's layer inside it (stacked on the same
+    module) keeps unmerged adapters: the inner layer's output feeds the outer one, so a merged outer
+    delta would apply to the inner adapters' rows in the wrong order. Merge the inner ones first (or
+    together: inner layers merge first)."""
+    merging = {id(layer): set(layer.adapters_to_merge(adapter_names)) for _, layer in todo}
+    for key, layer in todo:
+        inner = layer.base_layer
+        while isinstance(inner, AdapterLayer):
+            if inner.stackable and type(inner).adapter_layer_names != type(layer).adapter_layer_names:
+                left = [n for n in inner.adapter_names
+                        if n not in inner.merged_adapters and n not in merging.get(id(inner), set())]
+                if left:
+                    raise MergeError(f"{key}: its adapters wrap {type(inner).__name__} adapters {left} of another "
+                                     "method on the same module; merge those first (or in the same call).")
+            inner = inner.base_layer
+
+
 def prepare_merge(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer]],
                   adapter_names: Optional[Sequence[str]], safe_merge: bool) -> list[tuple[str, AdapterLayer]]:
     """The first two steps of a merge (see the module doc): every layer of ``layers`` that has something
     to merge is checked, then its shared weights are untied. Returns those layers."""
     todo = layers_to_merge(layers, adapter_names)
     check_merges(todo, adapter_names, safe_merge)
+    check_stack_order(todo, adapter_names)
     untie_shared_weights(model, todo)
     return todo
 
@@ -122,9 +141,9 @@ def merge_layers(model: nn.Module, layers: Sequence[tuple[str, AdapterLayer]],
     checked first, shared weights untied, then merged (see the module doc). Warns, as Hugging Face PEFT
     does, when adapters are merged already."""
     warn_merged_already(layers, adapter_names)
-    for _, layer in prepare_merge(model, layers, adapter_names, safe_merge):
+    for _, layer in reversed(prepare_merge(model, layers, adapter_names, safe_merge)):  # inner layers first
         layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
 
-__all__ = ["check_merges", "layers_to_merge", "merge_layers", "prepare_merge", "untie_config",
+__all__ = ["check_merges", "check_stack_order", "layers_to_merge", "merge_layers", "prepare_merge", "untie_config",
            "untie_shared_weights"]

@@ -59,6 +59,7 @@ class BottleneckLayer(AdapterLayer):
     """
 
     adapter_layer_names = ("adapter_down", "adapter_up", "adapter_ln")
+    stackable = True
     other_param_names = ("adapter_scaling", "adapter_act", "adapter_dropout")
     mergeable = False
     merge_hint = (" A bottleneck adapter applies a non-linearity, U·f(D·h), which no change of the base weights can "

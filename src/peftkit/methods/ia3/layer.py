@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...core.dispatch import CONV_TYPES, linear_fan_in_fan_out
+from ...core.dispatch import CONV_TYPES, linear_fan_in_fan_out, wrapped_module
 from ...core.layer import AdapterLayer, check_merged_finite
 from ...core.mixed import MixedBatch
 from ...errors import MergeError, PeftkitWarning, TargetError
@@ -43,6 +43,7 @@ class IA3Layer(AdapterLayer):
     """Shared bookkeeping of (IA)³ layers: one vector ``ia3_l[name]`` per adapter (see module doc)."""
 
     adapter_layer_names = ("ia3_l",)
+    stackable = True
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
         super().__init__(base_layer)
@@ -237,14 +238,15 @@ class ConvNd(IA3Layer):
 def make_layer(target: nn.Module, config: IA3Config, adapter_name: str, key: str) -> IA3Layer:
     """The (IA)³ layer for ``target`` (a linear map, transformers Conv1D or a convolution)."""
     ff = is_feedforward(config, key)
-    fan_in_fan_out = linear_fan_in_fan_out(target, config.fan_in_fan_out)
-    if isinstance(target, CONV_TYPES):
+    kind = wrapped_module(target)  # another method's adapter layer on the module: the new layer wraps it
+    fan_in_fan_out = linear_fan_in_fan_out(kind, config.fan_in_fan_out)
+    if isinstance(kind, CONV_TYPES):
         layer: IA3Layer = ConvNd(target, ff)
     elif fan_in_fan_out is not None:
         layer = Linear(target, ff, fan_in_fan_out=fan_in_fan_out)
     else:
         raise TargetError(
-            f"Target module {key} ({type(target).__name__}) is not supported by (IA)³. Supported: nn.Linear, "
+            f"Target module {key} ({type(kind).__name__}) is not supported by (IA)³. Supported: nn.Linear, "
             "transformers Conv1D, nn.Conv1d/2d/3d; target its linear submodules instead."
         )
     layer.update_layer(adapter_name, config, key)

@@ -51,6 +51,7 @@ class LoraLayer(AdapterLayer):
     """
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    stackable = True
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "dora", "lora_bias")
     save_key_renames = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}
     dora_variant: Optional[type[DoraVariant]] = None  # DoRA on this layer type (None: not supported)
