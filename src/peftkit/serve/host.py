@@ -11,9 +11,9 @@ Two hosts share the one base model (``base``, a transformers causal LM):
   read as ``[P; E(x)]``, or per-layer key/value prefixes, written in front of the row's cache.
 
 So a batch runs the base model once, with the layer adapters routed per row and the soft prompts laid
-into the rows' inputs and caches. A module holds adapters of one layer method only (peftkit's rule):
-:meth:`AdapterHost.install` refuses an adapter that needs a module another method's adapter occupies.
-Only the engine thread calls :meth:`install` and :meth:`remove` (between forward passes).
+into the rows' inputs and caches. LoRA, IA3 and bottleneck layers stack on a shared module (default
+LoRA and IA3 configs both adapt ``v_proj``); other layer methods need modules of their own, and an
+adapter that cannot be installed fails its requests with the reason. Only the engine thread calls :meth:`install` and :meth:`remove` (between forward passes).
 """
 
 from __future__ import annotations
