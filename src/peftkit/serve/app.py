@@ -240,24 +240,32 @@ class Job:
             r.cancel()
 
     async def events(self) -> Any:
-        """(choice index, event) until every choice is done; raises the first error."""
+        """Lists of (choice index, event), each all the events that had arrived, until every choice is
+        done; raises the first error. A slow reader gets several tokens at once, not a backlog."""
         while self.open:
-            p, event = await self.queue.get()
-            if event.kind == "error":
-                self.cancel()
-                raise event.error
-            i = p * self.n + event.index
-            c = self.choices[i]
-            if event.kind == "token":
-                c.tokens.append(event.token)
-                c.text += event.text
-                if event.logprob is not None:
-                    c.logprobs.append((event.token, event.logprob, event.top))
-            else:
-                c.text += event.text
-                c.finish_reason = event.finish_reason
-                self.open -= 1
-            yield i, event
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            out = []
+            for p, event in items:
+                if event.kind == "error":
+                    self.cancel()
+                    raise event.error
+                i = p * self.n + event.index
+                self._record(self.choices[i], event)
+                out.append((i, event))
+            yield out
+
+    def _record(self, c: Choice, event: Event) -> None:
+        if event.kind == "token":
+            c.tokens.append(event.token)
+            c.text += event.text
+            if event.logprob is not None:
+                c.logprobs.append((event.token, event.logprob, event.top))
+        else:
+            c.text += event.text
+            c.finish_reason = event.finish_reason
+            self.open -= 1
 
     @property
     def completion_tokens(self) -> int:
@@ -357,10 +365,10 @@ async def _stream(server: Server, job: Job, body: Any, rid: str, chat: bool, inf
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(len(job.choices))])
-        async for i, event in job.events():
-            piece = _piece(server, i, event, chat, want_logprobs, body.return_token_ids)
-            if piece is not None:
-                yield chunk([piece])
+        async for batch in job.events():
+            pieces = _pieces(server, batch, chat, want_logprobs, body.return_token_ids)
+            if pieces:
+                yield "".join(chunk([piece]) for piece in pieces)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield chunk([], usage=usage(job.prompt_tokens, job.completion_tokens))
         yield "data: [DONE]\n\n"
@@ -376,23 +384,32 @@ async def _stream(server: Server, job: Job, body: Any, rid: str, chat: bool, inf
         _finish(server, job, info, status)
 
 
-def _piece(server: Server, i: int, event: Event, chat: bool, want_logprobs: bool, token_ids: bool
-           ) -> Optional[dict]:
-    """The streamed choice for one event (None when it carries nothing to send)."""
+def _pieces(server: Server, batch: list, chat: bool, want_logprobs: bool, token_ids: bool) -> list[dict]:
+    """The streamed choices for a batch of events: one per choice, its tokens' text joined, in the order
+    the choices first appear (a choice that ends gets its finish_reason in it)."""
+    merged: dict[int, list[Event]] = {}
+    for i, event in batch:
+        merged.setdefault(i, []).append(event)
     tok = server.tokenizer
-    entry = [(event.token, event.logprob, event.top)] if want_logprobs and event.logprob is not None else []
-    if event.kind == "token" and not event.text and not entry and not token_ids:
-        return None
-    item: dict[str, Any] = {"index": i, "finish_reason": event.finish_reason}
-    if chat:
-        item["delta"] = {"content": event.text} if event.text or event.kind == "token" else {}
-        item["logprobs"] = chat_logprobs(tok, entry) if entry else None
-    else:
-        item["text"] = event.text
-        item["logprobs"] = completion_logprobs(tok, entry) if entry else None
-    if token_ids:
-        item["token_ids"] = [event.token] if event.kind == "token" else []
-    return item
+    out = []
+    for i, events in merged.items():
+        text = "".join(e.text for e in events)
+        tokens = [e for e in events if e.kind == "token"]
+        entries = [(e.token, e.logprob, e.top) for e in tokens if e.logprob is not None] if want_logprobs else []
+        finish = next((e.finish_reason for e in events if e.kind == "done"), None)
+        if not text and not entries and finish is None and not (token_ids and tokens):
+            continue
+        item: dict[str, Any] = {"index": i, "finish_reason": finish}
+        if chat:
+            item["delta"] = {"content": text} if text or tokens else {}
+            item["logprobs"] = chat_logprobs(tok, entries) if entries else None
+        else:
+            item["text"] = text
+            item["logprobs"] = completion_logprobs(tok, entries) if entries else None
+        if token_ids:
+            item["token_ids"] = [e.token for e in tokens]
+        out.append(item)
+    return out
 
 
 def _finish(server: Server, job: Job, info: dict, status: int, error: Optional[str] = None) -> None:
