@@ -150,7 +150,10 @@ class AdapterStore:
     def request_install(self, name: str, waiter: Optional[Future] = None) -> None:
         """Make sure ``name`` is (being) installed; ``waiter`` completes when it is."""
         with self._lock:
-            adapter = self.adapters[name]
+            adapter = self.adapters.get(name)
+            if adapter is None:
+                raise ServeError(f"The model {name!r} does not exist or you do not have access to it.", status=404,
+                                 code="model_not_found", param="model")
             if adapter.state == "installed":
                 if waiter is not None:
                     waiter.set_result(None)

@@ -147,15 +147,16 @@ class Engine:
             self._cond.notify_all()
 
     def submit(self, req: Request) -> None:
-        """Queue ``req``; ServeError 429 when the queue is full."""
-        with self._cond:
-            if len(self.waiting) >= self.max_waiting:
-                raise ServeError("The server is busy (too many waiting requests); retry later.", status=429,
-                                 code="queue_full")
-            self.waiting.append(req)
-            self._cond.notify_all()
+        """Queue ``req`` (and have its adapter installed); ServeError 429 when the queue is full, 404 when
+        the adapter is gone."""
+        if len(self.waiting) >= self.max_waiting:
+            raise ServeError("The server is busy (too many waiting requests); retry later.", status=429,
+                             code="queue_full")
         if req.adapter != self.host.base_name:
             self.store.request_install(req.adapter)
+        with self._cond:
+            self.waiting.append(req)
+            self._cond.notify_all()
 
     def queue_length(self) -> int:
         return len(self.waiting)
