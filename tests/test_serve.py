@@ -271,11 +271,14 @@ def test_runtime_load_unload_and_path_checks(kinds, tmp_path):
 
 
 def test_timeout_and_full_queue(kinds):
-    opts = ServeOptions(adapters=list(kinds.items())[:1], request_timeout=0.0, max_waiting=1)
+    opts = ServeOptions(adapters=list(kinds.items())[:1], request_timeout=0.0)
     with running_server(opts) as (url, server):
         with pytest.raises(openai.APIStatusError) as err:
             client(url).completions.create(model=server.base_name, prompt="x", max_tokens=5)
-        assert err.value.status_code == 504
+        assert err.value.status_code == 504 and "timed out" in err.value.message
+        server.engine.max_waiting = 0  # a full queue answers 429 at once
+        with pytest.raises(openai.RateLimitError, match="busy"):
+            client(url).completions.create(model=server.base_name, prompt="x", max_tokens=5)
 
 
 # ---------------------------------------------------------------------------------------------
