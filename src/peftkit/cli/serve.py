@@ -51,7 +51,9 @@ def build_serve_parser() -> Parser:
     p.add_argument("--api-keys", metavar="FILE", help="JSON/YAML file mapping keys to tenants and their models")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int_at_least(1, "--threads"), help="torch threads")
+    p.add_argument("--threads", type=int_at_least(1, "--threads"),
+                   help="torch threads (default: the cores torch would use, less one left to the HTTP server and "
+                        "its clients, at least 1)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--engine", default="peftkit", choices=["peftkit", "vllm"],
                    help="vllm: check every adapter against the base for vLLM, then start vLLM's server (LoRA only)")
