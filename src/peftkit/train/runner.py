@@ -222,6 +222,8 @@ def _resolved_settings(run: RunConfig, model_path: str, method_name: str, peft_m
         "eval_examples": len(data.eval) if data.eval is not None else 0,
         "label_names": data.label_names,
         "precision": trainer.precision,
+        "batching": trainer.batching,
+        "loss_head": trainer.loss_head.describe(),
         "versions": {"peftkit": str(__version__), "torch": str(torch.__version__),
                      "transformers": str(transformers.__version__)},
     }
