@@ -308,7 +308,8 @@ class Trainer:
             return {}
         metrics = evaluate(self.model, self.eval_data, self.tokenizer, task_type=self.task_type, device=self.device,
                            batch_size=max(self.micro, 8), generate_samples=self.config.eval_generate_samples,
-                           max_new_tokens=self.config.max_new_tokens, precision=self.precision, dist_info=self.info)
+                           max_new_tokens=self.config.max_new_tokens, precision=self.precision, dist_info=self.info,
+                           loss_head=self.loss_head)
         self.log.log({"event": "eval", "step": self.step, "tag": tag, **metrics})
         if not self.quiet:
             shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
