@@ -20,9 +20,9 @@ own (its peak RSS is its own), the sides alternating --repeats times. Tokens/s c
 (labels that are not -100) over the training time; the eval loss (same function for all) is over
 --eval-examples held-out examples. Sides: the peer, Hugging Face PEFT + transformers.Trainer with the
 padding-free ``DataCollatorWithFlattening`` (--peer flatten) or padded batches with
-``train_sampling_strategy="group_by_length"`` (--peer group_by_length); and peftkit, by default at its
-defaults, with --ladder also at the ladder's steps (padded and full logits, then packed, then the chunked
-loss-position head).
+``train_sampling_strategy="group_by_length"`` (--peer group_by_length); and peftkit, by default at
+its defaults, with --ladder also at the ladder's steps (padded and full logits, then packed, then the
+chunked loss-position head).
 
     python bench/bench_train.py --model llama100m --examples 48 --repeats 2 --threads 2 [--ladder]
 """

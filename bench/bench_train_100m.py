@@ -77,8 +77,8 @@ def run_peftkit(args: Any, packing: Any, loss_head: str) -> dict[str, Any]:
     targets = sum(int((b["labels"][:, 1:] != -100).sum()) for s in range(trainer.total_steps)
                   for b in trainer.micro_batches(s))
     result = trainer.fit()
-    return {"seconds": result.report["train_seconds"], "targets": targets, "eval_loss": result.metrics_after["eval_loss"],
-            "steps": trainer.total_steps, "how": f"{trainer.batching}; {trainer.loss_head.describe()}"}
+    return {"seconds": result.report["train_seconds"], "targets": targets,
+            "eval_loss": result.metrics_after["eval_loss"], "steps": trainer.total_steps, "how": f"{trainer.batching}; {trainer.loss_head.describe()}"}
 
 
 class Records(torch.utils.data.Dataset):
@@ -197,17 +197,19 @@ def main_100m(args: Any) -> None:
 def report(args: Any, rows: dict[str, list[dict[str, Any]]]) -> None:
     import transformers
 
-    print(f"\n== llama100m (110M, random weights), E2E instruction data: {args.examples} examples, batch {args.batch}, "
-          f"LoRA r=16 all linear, lr {args.lr}, torch threads {torch.get_num_threads() if not args.threads else args.threads}, "
+    threads = args.threads or torch.get_num_threads()
+    print(f"\n== llama100m (110M, random weights), E2E instruction data: {args.examples} examples, batch "
+          f"{args.batch}, LoRA r=16 all linear, lr {args.lr}, torch threads {threads}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
     hf = rows["hf"]
+    peer_loss = statistics.mean(x["eval_loss"] for x in hf)
     for name, runs in rows.items():
         tps = [x["tps"] for x in runs]
         ratios = [a["tps"] / b["tps"] for a, b in zip(runs, hf)]
+        loss = statistics.mean(x["eval_loss"] for x in runs)
         print(f"   {name:<24} tokens/s median {statistics.median(tps):8,.1f} (runs {', '.join(f'{t:,.1f}' for t in tps)})"
               f"  x peer per pair {', '.join(f'{q:.2f}' for q in ratios)}  peak RSS "
-              f"{max(x['peak_rss'] for x in runs) / 2**20:,.0f} MiB  eval loss "
-              f"{statistics.mean(x['eval_loss'] for x in runs):.4f}"
-              + ("" if name == "hf" else f" ({100 * (statistics.mean(x['eval_loss'] for x in runs) / statistics.mean(x['eval_loss'] for x in hf) - 1):+.2f}% vs peer)"))
+              f"{max(x['peak_rss'] for x in runs) / 2**20:,.0f} MiB  eval loss {loss:.4f}"
+              + ("" if name == "hf" else f" ({100 * (loss / peer_loss - 1):+.2f}% vs peer)"))
     assert all(math.isfinite(x["eval_loss"]) for v in rows.values() for x in v)
