@@ -78,7 +78,8 @@ def run_peftkit(args: Any, packing: Any, loss_head: str) -> dict[str, Any]:
                   for b in trainer.micro_batches(s))
     result = trainer.fit()
     return {"seconds": result.report["train_seconds"], "targets": targets,
-            "eval_loss": result.metrics_after["eval_loss"], "steps": trainer.total_steps, "how": f"{trainer.batching}; {trainer.loss_head.describe()}"}
+            "eval_loss": result.metrics_after["eval_loss"], "steps": trainer.total_steps,
+            "how": f"{trainer.batching}; {trainer.loss_head.describe()}"}
 
 
 class Records(torch.utils.data.Dataset):
