@@ -14,7 +14,8 @@ computed by the same function (token-weighted cross-entropy over the eval set's 
 instruction form (the meaning representation is the prompt, masked from the loss; 160 tokens on average
 with the bundled tokenizer, 46% of them targets), LoRA r=16 alpha=16 on every linear layer of the blocks,
 AdamW lr --lr (default 1e-3 here), no warmup (the two count warmup steps differently), linear decay,
-clipping 1.0. Token budget: one pass over the first --examples training examples, for every side; --batch examples a step (packed runs: rows of --row-length
+clipping 1.0. Token budget: one pass over the first --examples training examples, for every side;
+--batch examples a step (packed runs: rows of --row-length
 tokens, as many a step as hold the same number of tokens on average). Each run is a child process of its
 own (its peak RSS is its own), the sides alternating --repeats times. Tokens/s count the target tokens
 (labels that are not -100) over the training time; the eval loss (same function for all) is over

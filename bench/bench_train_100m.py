@@ -209,7 +209,8 @@ def report(args: Any, rows: dict[str, list[dict[str, Any]]]) -> None:
         tps = [x["tps"] for x in runs]
         ratios = [a["tps"] / b["tps"] for a, b in zip(runs, hf)]
         loss = statistics.mean(x["eval_loss"] for x in runs)
-        print(f"   {name:<24} tokens/s median {statistics.median(tps):8,.1f} (runs {', '.join(f'{t:,.1f}' for t in tps)})"
+        shown = ", ".join(f"{t:,.1f}" for t in tps)
+        print(f"   {name:<24} tokens/s median {statistics.median(tps):8,.1f} (runs {shown})"
               f"  x peer per pair {', '.join(f'{q:.2f}' for q in ratios)}  peak RSS "
               f"{max(x['peak_rss'] for x in runs) / 2**20:,.0f} MiB  eval loss {loss:.4f}"
               + ("" if name == "hf" else f" ({100 * (loss / peer_loss - 1):+.2f}% vs peer)"))
