@@ -253,7 +253,9 @@ def test_peftkit_train_reports_its_choices_and_matches_the_full_path(tmp_path):
              "--num-generations", "0", "--max-eval-samples", "16", "--max-length", "128", "--no-progress"]
     assert main(["train", "--output-dir", str(tmp_path / "auto"), *flags]) == 0
     assert main(["train", "--output-dir", str(tmp_path / "full"), "--loss-head", "full", *flags]) == 0
-    runs = {name: yaml.safe_load((tmp_path / name / "run.yaml").read_text())["resolved"] for name in ("auto", "full")}
+    files = {name: yaml.safe_load((tmp_path / name / "run.yaml").read_text()) for name in ("auto", "full")}
+    assert files["auto"]["data"]["packing"] is True  # none (auto) resolved
+    runs = {name: files[name]["resolved"] for name in ("auto", "full")}
     assert runs["auto"]["loss_head"].startswith("chunked") and runs["full"]["loss_head"].startswith("full logits")
     assert runs["auto"]["batching"].startswith("packed rows")  # the default packs: the model keeps examples apart
     ev = [[json.loads(x) for x in open(tmp_path / n / "metrics.jsonl")][-1]["eval_loss"] for n in ("auto", "full")]
