@@ -8,6 +8,24 @@ training batches over the training time only (no evaluation, no saving). The eva
 computed by the same function (token-weighted cross-entropy over the eval set's target tokens).
 
     python bench/bench_train.py [--steps 60] [--repeats 2] [--threads 1] [--targets all-linear]
+
+``--model llama100m``: the real-sized row. A random-weight Llama of 110M parameters (hidden 768, 12 layers,
+12 heads, intermediate 2048, vocab 32,000, tied embeddings; seeded) on the bundled E2E NLG data in its
+instruction form (the meaning representation is the prompt, masked from the loss; 160 tokens on average
+with the bundled tokenizer, 46% of them targets), LoRA r=16 alpha=16 on every linear layer of the blocks,
+AdamW lr --lr (default 1e-3 here), no warmup (the two count warmup steps differently), linear decay,
+clipping 1.0. Token budget: one pass over the first --examples training examples, for every side;
+--batch examples a step (packed runs: rows of --row-length
+tokens, as many a step as hold the same number of tokens on average). Each run is a child process of its
+own (its peak RSS is its own), the sides alternating --repeats times. Tokens/s count the target tokens
+(labels that are not -100) over the training time; the eval loss (same function for all) is over
+--eval-examples held-out examples. Sides: the peer, Hugging Face PEFT + transformers.Trainer with the
+padding-free ``DataCollatorWithFlattening`` (--peer flatten) or padded batches with
+``train_sampling_strategy="group_by_length"`` (--peer group_by_length); and peftkit, by default at
+its defaults, with --ladder also at the ladder's steps (padded and full logits, then packed, then the
+chunked loss-position head).
+
+    python bench/bench_train.py --model llama100m --examples 48 --repeats 2 --threads 2 [--ladder]
 """
 
 from __future__ import annotations
@@ -24,14 +42,29 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("bundled", "llama100m"), default="bundled")
+    parser.add_argument("--examples", type=int, default=48, help="llama100m: training examples (one pass)")
+    parser.add_argument("--eval-examples", type=int, default=16, help="llama100m: eval examples")
+    parser.add_argument("--batch", type=int, default=8, help="llama100m: examples a step")
+    parser.add_argument("--row-length", type=int, default=512, help="llama100m: tokens of a packed row")
+    parser.add_argument("--ladder", action="store_true", help="llama100m: also peftkit's ladder steps")
+    parser.add_argument("--peer", choices=("flatten", "group_by_length"), default="flatten")
+    parser.add_argument("--profile", action="store_true", help="llama100m: profile one peftkit step, then stop")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--targets", default="q_proj,v_proj")
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default: 5e-3 (bundled), 1e-3 (llama100m)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.lr is None:
+        args.lr = 1e-3 if args.model == "llama100m" else 5e-3
+    if args.model == "llama100m":
+        from bench_train_100m import main_100m
+
+        main_100m(args)
+        return
     import peft
     import transformers
 
@@ -56,7 +89,8 @@ def main() -> None:
                           max_grad_norm=1.0, eval_steps=0, save_steps=0, num_generations=0, eval_generate_samples=0,
                           progress=False, seed=0)
         with tempfile.TemporaryDirectory() as out:
-            trainer = Trainer(pm, tok, data.train, data.eval, cfg, task_type="CAUSAL_LM", output_dir=out, quiet=True)
+            trainer = Trainer(pm, tok, data.train, data.eval, cfg, task_type="CAUSAL_LM", output_dir=out, quiet=True,
+                              packing=False)  # the batches of the peer (the llama100m row measures packing)
             result = trainer.fit()
         return result.report["tokens_per_second"], result.metrics_after["eval_loss"], result.report["train_seconds"]
 

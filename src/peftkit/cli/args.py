@@ -202,7 +202,7 @@ def add_dataclass_flags(parser: argparse._ActionsContainer, cls: type, *, dest_p
         dest = dest_prefix + f.name
         names = [flag] + ([_flag(flag_prefix + f.name).replace("-", "_").replace("__", "--", 1)]
                           if "_" in f.name else [])
-        if inner is bool and not optional:
+        if inner is bool:  # Optional[bool]: absent keeps the default (None), --x / --no-x set it
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:

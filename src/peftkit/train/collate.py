@@ -95,6 +95,25 @@ def pack(examples: Sequence[Example], max_length: int) -> list[PackedRow]:
     return rows
 
 
+def length_grouped(order: Sequence[int], lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+                   megabatch: int = 50) -> list[int]:
+    """``order`` regrouped so that each global batch holds examples of similar lengths (less padding).
+
+    As transformers' ``group_by_length``: ``order`` is cut into megabatches of ``megabatch * batch_size``
+    examples, each sorted by length (longest first) and cut into batches; here the full batches of a
+    megabatch are then shuffled with ``generator``, so long and short batches alternate through the epoch.
+    """
+    out: list[int] = []
+    size = megabatch * batch_size
+    for start in range(0, len(order), size):
+        mega = sorted(order[start:start + size], key=lambda i: -lengths[i])
+        batches = [mega[k:k + batch_size] for k in range(0, len(mega), batch_size)]
+        full = len(mega) // batch_size  # a last, incomplete batch stays last (the epoch drops it)
+        for j in torch.randperm(full, generator=generator).tolist() + list(range(full, len(batches))):
+            out += batches[j]
+    return out
+
+
 def _collate_packed(rows: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(r.input_ids) for r in rows)
     n = len(rows)

@@ -81,6 +81,9 @@ class DataConfig:
         eval_fraction: share of ``data`` held out for evaluation when ``eval_data`` is not given.
         max_eval_samples: evaluate on at most this many examples.
         packing: pack several examples into each row (causal LMs); examples never attend to each other.
+            Default (none): pack where the model is checked to keep packed examples apart, else pad
+            batches of examples grouped by length (the run says which and why); true: pack or fail;
+            false: padded batches in random order.
         separator: text between source and target (seq2seq on a decoder-only model).
         prompt_template: template of the instruction format; fields {instruction} and {input}.
         prompt_template_no_input: the same for records without an input.
@@ -93,7 +96,7 @@ class DataConfig:
     max_length: int = 256
     eval_fraction: float = 0.1
     max_eval_samples: Optional[int] = 200
-    packing: bool = False
+    packing: Optional[bool] = None
     separator: str = "\n"
     prompt_template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
     prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -138,6 +141,10 @@ class TrainConfig:
         metric_for_best: the eval metric early stopping watches (eval_loss: lower is better; others higher).
         gradient_checkpointing: recompute activations in the backward pass (saves memory).
         precision: auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16 or fp16.
+        loss_head: causal LMs: chunked computes the LM head and the cross-entropy only at target positions,
+            a chunk of rows at a time (no full tokens x vocab logits; same loss and gradients); full takes
+            the model's logits everywhere; auto: chunked where the model's logits are plain lm_head(hidden),
+            else full (the run says which and why).
         num_generations: prompts generated and printed before and after training.
         eval_generate_samples: eval examples scored by generation (exact match, ROUGE-L); 0: none.
         max_new_tokens: generation length for those.
@@ -166,6 +173,7 @@ class TrainConfig:
     metric_for_best: str = "eval_loss"
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    loss_head: Literal["auto", "chunked", "full"] = "auto"
     num_generations: int = 3
     eval_generate_samples: int = 32
     max_new_tokens: int = 48

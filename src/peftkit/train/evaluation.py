@@ -13,6 +13,7 @@ from ..errors import PeftkitError
 from .collate import collate, generation_batch
 from .data import Dataset
 from .distributed import DistInfo, all_reduce_sum
+from .loss_head import LossHead, chunked_loss_sum
 from .metrics import MetricSums
 from .step import autocast_context, batch_count, loss_sum
 from .trainable import unwrap
@@ -62,8 +63,11 @@ def check_context(model: nn.Module, prompts: list[list[int]], max_new_tokens: in
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, tokenizer: Any, *, task_type: str, device: torch.device,
              batch_size: int = 16, generate_samples: int = 0, max_new_tokens: int = 48, precision: str = "fp32",
-             dist_info: Optional[DistInfo] = None) -> dict[str, float]:
+             dist_info: Optional[DistInfo] = None, loss_head: Optional[LossHead] = None) -> dict[str, float]:
     """Loss (+ perplexity), accuracy/F1 or exact match/ROUGE-L of ``model`` on ``dataset``.
+
+    ``loss_head``: a run's :class:`~peftkit.train.loss_head.LossHead`; when chunked, the loss is taken
+    through it (the LM head only at target positions; the same loss).
 
     Under data parallelism each process scores every ``world_size``-th example and the sums are
     all-reduced, so every process gets the numbers of the whole set.
@@ -78,7 +82,10 @@ def evaluate(model: nn.Module, dataset: Dataset, tokenizer: Any, *, task_type: s
         for i in range(0, len(mine), batch_size):
             batch = {k: v.to(device) for k, v in collate(mine[i:i + batch_size], tokenizer.pad_token_id, task_type).items()}
             with autocast_context(precision, device):
-                loss, out = loss_sum(m, batch, task_type)
+                if loss_head is not None and loss_head.path == "chunked":
+                    loss, out = chunked_loss_sum(loss_head, batch), None
+                else:
+                    loss, out = loss_sum(m, batch, task_type)
             sums.loss_sum += float(loss)
             sums.count += batch_count(batch, task_type)
             if task_type == "SEQ_CLS":

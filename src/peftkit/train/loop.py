@@ -29,11 +29,12 @@ from torch import nn
 from ..errors import PeftkitError
 from . import checkpoints as ckpt
 from . import resume as resume_mod
-from .collate import check_packing, collate, pack
+from .collate import check_packing, collate, length_grouped, pack
 from .config import TrainConfig
 from .data import Dataset
 from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects
 from .evaluation import evaluate, generate_texts, print_samples, sample_outputs
+from .loss_head import LossForward, choose_loss_head
 from .reporting import MetricsLog, folder_bytes, human_bytes, peak_memory, plot_losses, print_report
 from .step import (
     autocast_context,
@@ -72,8 +73,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, tokenizer: Any, train_data: Dataset, eval_data: Optional[Dataset],
                  config: TrainConfig, *, task_type: str, dist_info: Optional[DistInfo] = None,
-                 output_dir: Optional[str] = None, packing: bool = False, max_length: int = 256, quiet: bool = False,
-                 callbacks: Optional[list[Any]] = None) -> None:
+                 output_dir: Optional[str] = None, packing: Optional[bool] = None, max_length: int = 256,
+                 quiet: bool = False, callbacks: Optional[list[Any]] = None) -> None:
         self.config = config
         self.callbacks = list(callbacks or [])
         self.info = dist_info or DistInfo()
@@ -87,7 +88,9 @@ class Trainer:
         self.model = self._place_model(model)
         self.units = self._training_units(train_data, packing, max_length)
         self.train_data = train_data
-        self._plan_batches(packing)
+        self._plan_batches(self.packed)
+        self.loss_head = choose_loss_head(self.model, task_type, config.loss_head, self.device)
+        self.loss_forward = LossForward(self.model, task_type, self.loss_head)
         self._build_optimization()
         self.ddp = self._wrap_ddp()
         self.log = MetricsLog(os.path.join(output_dir, "metrics.jsonl") if output_dir else os.devnull,
@@ -106,21 +109,35 @@ class Trainer:
             enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
-    def _training_units(self, train_data: Dataset, packing: bool, max_length: int) -> list[Any]:
-        """The rows the steps draw from: the training examples, or rows packed from them."""
+    def _training_units(self, train_data: Dataset, packing: Optional[bool], max_length: int) -> list[Any]:
+        """The rows the steps draw from: the training examples, or rows packed from them. ``packing``
+        None (auto) packs where it is exact, else groups padded batches by length (causal LMs);
+        ``self.batching`` says which and why."""
         units = list(train_data.examples)
-        if not packing:
+        self.packed, self.group_by_length = False, False
+        self.batching = "padded batches in random order" + (" (packing off)" if packing is False else "")
+        if packing is False:
             return units
-        if self.task_type != "CAUSAL_LM":
-            raise PeftkitError("Packing is for causal LMs; turn --packing off for this task.")
-        if is_prompt_learning(self.model):
-            raise PeftkitError("Packing cannot be combined with prompt-learning methods (virtual tokens are "
-                               "prepended per row); turn --packing off.")
-        base = unwrap(self.model)
-        problem = check_packing(base, getattr(base.config, "vocab_size", 100), self.device)
-        if problem:
+        problem = self._packing_problem()
+        if problem is None:
+            self.packed = True
+            self.batching = f"packed rows of up to {max_length} tokens (examples kept apart: position ids restart)"
+            return pack(units, max_length)
+        if packing:
             raise PeftkitError(f"--packing is not safe for this model: {problem}. Turn --packing off.")
-        return pack(units, max_length)
+        self.group_by_length = self.task_type == "CAUSAL_LM"
+        if self.group_by_length:
+            self.batching = f"padded batches grouped by length (not packed: {problem})"
+        return units
+
+    def _packing_problem(self) -> Optional[str]:
+        """None when packed rows keep this model's examples apart, else why packing does not apply."""
+        if self.task_type != "CAUSAL_LM":
+            return "packing is for causal LMs"
+        if is_prompt_learning(self.model):
+            return "prompt-learning methods prepend virtual tokens per row"
+        base = unwrap(self.model)
+        return check_packing(base, getattr(base.config, "vocab_size", 100), self.device)
 
     def _plan_batches(self, packing: bool) -> None:
         """The batch geometry: micro-batch size, accumulation, steps per epoch and in all."""
@@ -163,8 +180,9 @@ class Trainer:
     def _wrap_ddp(self) -> Optional[nn.Module]:
         if not self.info.enabled:
             return None
+        # DDP wraps the training forward (loss included): the chunked loss head calls the body directly
         return nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.loss_forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _init_progress(self) -> None:
         """The counters a checkpoint saves and restores, and this invocation's own."""
@@ -184,7 +202,10 @@ class Trainer:
         """The epoch's example order (seeded; computed once per epoch, not once per step)."""
         if self._order_cache[0] != epoch:
             g = torch.Generator().manual_seed(self.config.seed * 1000003 + epoch)
-            self._order_cache = (epoch, torch.randperm(len(self.units), generator=g).tolist())
+            order = torch.randperm(len(self.units), generator=g).tolist()
+            if self.group_by_length:
+                order = length_grouped(order, [len(u.input_ids) for u in self.units], self.config.batch_size, g)
+            self._order_cache = (epoch, order)
         return self._order_cache[1]
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
@@ -287,7 +308,8 @@ class Trainer:
             return {}
         metrics = evaluate(self.model, self.eval_data, self.tokenizer, task_type=self.task_type, device=self.device,
                            batch_size=max(self.micro, 8), generate_samples=self.config.eval_generate_samples,
-                           max_new_tokens=self.config.max_new_tokens, precision=self.precision, dist_info=self.info)
+                           max_new_tokens=self.config.max_new_tokens, precision=self.precision, dist_info=self.info,
+                           loss_head=self.loss_head)
         self.log.log({"event": "eval", "step": self.step, "tag": tag, **metrics})
         if not self.quiet:
             shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
@@ -341,8 +363,10 @@ class Trainer:
             "processes": self.info.world_size,
             "global batch": f"{self.config.batch_size} = {self.micro} micro x {self.accum} accumulation x "
                             f"{self.info.world_size} processes",
-            "examples / steps": f"{len(self.units)} {'packed rows' if len(self.units) != len(self.train_data) else 'examples'}, "
+            "examples / steps": f"{len(self.units)} {'packed rows' if self.packed else 'examples'}, "
                                 f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps",
+            "batches": self.batching,
+            "loss head": self.loss_head.describe(),
         }
         self._report_numbers = {"trainable_params": trainable, "total_params": total, "adapter_bytes": size}
         return report
@@ -384,7 +408,7 @@ class Trainer:
 
     def _accumulate(self, micro_batches: list[dict[str, torch.Tensor]], scale: float) -> torch.Tensor:
         """Forward and backward of each micro-batch (DDP syncs on the last one); their summed loss."""
-        runner = self.ddp if self.ddp is not None else self.model
+        runner = self.ddp if self.ddp is not None else self.loss_forward
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on device: no sync per batch
         for i, batch in enumerate(micro_batches):
             self._count_tokens(batch)  # on the host, before the copy to the device
@@ -393,7 +417,7 @@ class Trainer:
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
             with ctx:
                 with autocast_context(self.precision, self.device):
-                    loss, _ = loss_sum(runner, batch, self.task_type)
+                    loss = runner(batch)
                 scaled = loss * scale
                 if self.scaler is not None:
                     self.scaler.scale(scaled).backward()

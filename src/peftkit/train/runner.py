@@ -211,6 +211,8 @@ def _resolved_settings(run: RunConfig, model_path: str, method_name: str, peft_m
     out["data"]["eval_data"] = os.fspath(ev) if ev is not None else None
     out["data"]["format"] = data.format
     out["data"]["columns"] = dict(data.columns)
+    if trainer.packed:  # auto (none) resolved: a --config of this run.yaml packs as this run did
+        out["data"]["packing"] = True
     out["train"]["output_dir"] = output_dir
     out["train"]["micro_batch_size"] = trainer.micro
     out["resolved"] = {
@@ -222,6 +224,8 @@ def _resolved_settings(run: RunConfig, model_path: str, method_name: str, peft_m
         "eval_examples": len(data.eval) if data.eval is not None else 0,
         "label_names": data.label_names,
         "precision": trainer.precision,
+        "batching": trainer.batching,
+        "loss_head": trainer.loss_head.describe(),
         "versions": {"peftkit": str(__version__), "torch": str(torch.__version__),
                      "transformers": str(transformers.__version__)},
     }
