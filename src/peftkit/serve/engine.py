@@ -94,7 +94,8 @@ class Request:
 class Row:
     """One choice of a request being generated."""
 
-    def __init__(self, req: Request, index: int, layer_name: str, tokenizer: Any):
+    def __init__(self, req: Request, index: int, layer_name: str, tokenizer: Any,
+                 device: Optional[torch.device] = None):
         self.req, self.index, self.layer_name = req, index, layer_name
         self.text = TextStream(tokenizer, req.params.stop)
         self.length = 0  # real entries in the cache
@@ -103,7 +104,7 @@ class Row:
         self.generator: Optional[torch.Generator] = None
         if req.params.temperature > 0:
             seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
-            self.generator = torch.Generator().manual_seed((seed + index) % 2**63)
+            self.generator = torch.Generator(device=device or "cpu").manual_seed((seed + index) % 2**63)
 
 
 class Engine:
@@ -236,7 +237,7 @@ class Engine:
             self.waiting.remove(req)
             self.store.touch(req.adapter)
             layer_name = self.host.layer_name(req.adapter)
-            rows.extend(Row(req, i, layer_name, self.tok) for i in range(req.n))
+            rows.extend(Row(req, i, layer_name, self.tok, self.host.device) for i in range(req.n))
         return rows
 
     def _forward(self, rows: list[Row], inputs: dict[str, Any]) -> torch.Tensor:
