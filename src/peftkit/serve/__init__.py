@@ -1,0 +1,1 @@
+"""peftkit serve: one base model, many adapters, an OpenAI-compatible server (and a hand-over to vLLM)."""
