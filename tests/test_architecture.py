@@ -37,11 +37,11 @@ RANKS = {
     "peftkit.auto": 7, "peftkit.prompt": 7,
     "peftkit.methods": 8,
     "peftkit": 9, "peftkit.inject": 9, "peftkit.prompt_model": 9,  # also hotswap, helpers, optimizers, PEFT paths
-    "peftkit.train": 10,
+    "peftkit.train": 10, "peftkit.serve": 10.5,  # the toolkit: training, then the server (which reads models as train does)
     "peftkit.cli": 11,
     "peftkit.__main__": 12,
 }
-TOOLKIT = ("peftkit.train", "peftkit.cli", "peftkit.__main__")
+TOOLKIT = ("peftkit.train", "peftkit.serve", "peftkit.cli", "peftkit.__main__")
 MODULES_FOUND = [".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
                  for p in SRC.rglob("*.py")]
 # modules that only re-export names for old imports (nothing in the library imports them)

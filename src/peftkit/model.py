@@ -40,17 +40,17 @@ from .tuner import BaseTuner
 AdapterModel = BaseTuner  # the name of the tuner class before it offered Hugging Face PEFT's API
 
 
-def check_clean_base(model: Any) -> None:
+def check_clean_base(model: Any, config: Any = None) -> None:
     """PeftkitError unless ``model`` can be the base of a new PeftModel: an ``nn.Module`` that is not a
     PeftModel and holds no adapter layers (a second PeftModel on it would re-create, and on error
-    delete, the first one's adapters)."""
+    delete, the first one's adapters; a soft-prompt ``config`` leaves the layers alone, so it may)."""
     if isinstance(model, PeftModel):
         raise PeftkitError("The model is already a PeftModel; add another adapter to it with "
                            "peft_model.load_adapter(path, adapter_name) or peft_model.add_adapter(name, config), or "
                            "pass a fresh base model.")
     if not isinstance(model, nn.Module):
         raise PeftkitError(f"The base model must be a torch.nn.Module, got {type(model).__name__}.")
-    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+    if not getattr(config, "is_prompt_learning", False) and any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise PeftkitError("The model already holds adapter layers (it is the base of another PeftModel, or "
                            "inject_adapter_in_model was called on it); a new PeftModel would re-initialise them. Use the "
                            "existing PeftModel's add_adapter / load_adapter, or start from a fresh base model (or "
@@ -71,7 +71,7 @@ class PeftModel(PeftModelApi, nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
-        check_clean_base(model)
+        check_clean_base(model, peft_config)
         self._check_kind(peft_config)
         check_new_name(adapter_name, [])
         self.peft_config: dict[str, PeftConfig] = {}
@@ -402,9 +402,9 @@ class PeftModel(PeftModelApi, nn.Module):
                         **kwargs: Any) -> "PeftModel":
         """Load an adapter folder (or Hub repo id) onto ``model``, a plain model (not a PeftModel: add
         adapters to one with :meth:`load_adapter`). On any error the model is left unchanged."""
-        check_clean_base(model)
         check_plain_name(adapter_name)
         source, config, weights = read_adapter(model_id, subfolder, revision, is_trainable, config, kwargs)
+        check_clean_base(model, config)
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
             target_cls = MODEL_TYPE_TO_PEFT_MODEL[str(config.task_type)]
@@ -534,7 +534,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     """Wrap ``model`` with a new adapter; returns the PeftModel subclass for ``peft_config.task_type``."""
     if not isinstance(peft_config, PeftConfig):
         raise ConfigError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}.")
-    check_clean_base(model)  # a second PeftModel on one base would re-initialise the first one's adapters
+    check_clean_base(model, peft_config)  # a second PeftModel on one base would re-initialise the first one's adapters
     peft_config = copy.deepcopy(peft_config)
     if revision is not None:
         peft_config.revision = revision

@@ -1,5 +1,5 @@
 """The ``peftkit`` command: ``train``, ``eval``, ``generate``, ``merge``, ``inspect``, ``prune``, ``quantize``,
-``as-peft``.
+``serve``, ``as-peft``.
 
 Every flag of ``peftkit train`` is generated from a config dataclass: :class:`~peftkit.train.ModelArgs`,
 :class:`~peftkit.train.DataConfig`, :class:`~peftkit.train.TrainConfig` and the chosen method's own
@@ -23,12 +23,13 @@ from .inspect import NEAREST_TOKEN_METHODS, cmd_inspect, inspect_adapter
 from .merge import cmd_merge
 from .prune import cmd_prune
 from .quantize import cmd_quantize
+from .serve import cmd_serve
 from .train import TRAIN_EPILOG, build_train_parser, cmd_train
 
 _nest = nest  # the name the tests import
 
 __all__ = ["COMMANDS", "NEAREST_TOKEN_METHODS", "PROG", "TRAIN_EPILOG", "add_dataclass_flags", "build_train_parser",
-           "cmd_as_peft", "cmd_eval", "cmd_generate", "cmd_inspect", "cmd_merge", "cmd_prune", "cmd_quantize",
+           "cmd_as_peft", "cmd_eval", "cmd_generate", "cmd_inspect", "cmd_merge", "cmd_prune", "cmd_quantize", "cmd_serve",
            "cmd_train", "converter", "inspect_adapter", "main", "merge_settings", "nest", "parse_set_values"]
 
 
@@ -43,6 +44,7 @@ COMMANDS = {
                            "prompt's nearest tokens)"),
     "prune": (cmd_prune, "prune a model (magnitude / Wanda, unstructured, N:M or whole heads / channels), with a report"),
     "quantize": (cmd_quantize, "quantize a (merged) model folder to int8 for CPU inference, with a size/latency report"),
+    "serve": (cmd_serve, "serve a base model and many adapters of every kind (OpenAI-compatible, continuously batched)"),
     "as-peft": (cmd_as_peft, "run a Python tool (lm_eval, trl, a script) with peftkit installed as `peft`"),
 }
 
