@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ import peftkit
 from peftkit import (BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
                      PromptTuningConfig, get_peft_model)
 from peftkit.errors import CheckpointError, ConfigError
-from peftkit.serve.vllm import VLLM_MAX_LORA_RANKS, check_vllm_adapter, smallest_max_lora_rank, vllm_command
+from peftkit.serve.vllm import (VLLM_MAX_LORA_RANKS, check_vllm_adapter, serve_with_vllm, smallest_max_lora_rank,
+                                vllm_command)
 
 from .models import tiny_gpt2, tiny_llama
 
@@ -278,3 +280,30 @@ def test_smallest_max_lora_rank():
     assert VLLM_MAX_LORA_RANKS[-1] == 512
     with pytest.raises(ConfigError, match="largest"):
         smallest_max_lora_rank(513)
+
+
+def test_serve_with_vllm_checks_prints_and_runs_the_command(base, good, tmp_path, monkeypatch, capsys):
+    """The hand-over runs ``python -m vllm.entrypoints.openai.api_server ...``: here a stand-in
+    ``vllm`` package on PYTHONPATH that records the argv it was started with."""
+    fake = tmp_path / "fake" / "vllm" / "entrypoints" / "openai"
+    fake.mkdir(parents=True)
+    for folder in (fake.parent.parent, fake.parent, fake):
+        (folder / "__init__.py").write_text("")
+    record = tmp_path / "argv.json"
+    script = f"import json, sys\nopen({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\nsys.exit(3)\n"
+    (fake / "api_server.py").write_text(script)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake"))
+    assert serve_with_vllm(base, {"g": good}, port=8124, dry_run=True) == 0
+    assert not record.exists()
+    printed = capsys.readouterr()
+    assert "g: LoRA r=8" in printed.err and "--lora-modules" in printed.out
+    assert serve_with_vllm(base, {"g": good}, port=8124, python=sys.executable) == 3
+    argv = json.loads(record.read_text())
+    assert argv[argv.index("--lora-modules") + 1] == f"g={good}"
+    assert argv[argv.index("--max-lora-rank") + 1] == "8" and argv[argv.index("--port") + 1] == "8124"
+
+
+def test_serve_with_vllm_checks_every_adapter_before_starting(base, good, tmp_path):
+    ia3 = save_adapter(tiny_llama(), IA3Config(target_modules=["k_proj"], feedforward_modules=[]), tmp_path / "ia3")
+    with pytest.raises(CheckpointError, match="IA3 adapter"):
+        serve_with_vllm(base, {"g": good, "bad": ia3}, python="/nonexistent/python")

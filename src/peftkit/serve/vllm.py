@@ -31,8 +31,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
 
 from ..errors import CheckpointError, ConfigError, closest
 
@@ -343,4 +346,32 @@ def smallest_max_lora_rank(rank: int) -> int:
     raise ConfigError(f"Rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]}).")
 
 
-__all__ = ["VLLM_MAX_LORA_RANKS", "check_vllm_adapter", "smallest_max_lora_rank", "vllm_command"]
+def serve_with_vllm(base_path: str | os.PathLike, adapters: Mapping[str, str | os.PathLike], host: str = "127.0.0.1",
+                    port: int = 8000, max_loras: int = 8, python: Optional[str] = None,
+                    extra_args: Sequence[str] = (), dry_run: bool = False, out: Optional[TextIO] = None) -> int:
+    """``peftkit serve --engine vllm``: check every adapter against the base (:func:`check_vllm_adapter`,
+    all before anything starts), print vLLM's command, then run it (unless ``dry_run``) and return its
+    exit status. ``python``: vLLM's interpreter (default ``$PEFTKIT_VLLM_PYTHON``, else this one);
+    ``--max-lora-rank`` is the smallest vLLM value that fits the largest adapter rank."""
+    out = sys.stdout if out is None else out
+    if not adapters:
+        raise ConfigError("--engine vllm needs at least one LoRA adapter (--adapter NAME=DIR).")
+    checked = {name: check_vllm_adapter(base_path, path) for name, path in adapters.items()}
+    for name, info in checked.items():
+        print(f"{name}: LoRA r={info['rank']} (largest {info['max_rank']}), {info['modules']} modules "
+              f"({', '.join(info['target_modules'])}): fits the base, vLLM can serve it", file=sys.stderr)
+    rank = smallest_max_lora_rank(max(info["max_rank"] for info in checked.values()))
+    python = python or os.environ.get("PEFTKIT_VLLM_PYTHON") or sys.executable
+    argv = vllm_command(base_path, adapters, host=host, port=port, max_loras=max_loras, max_lora_rank=rank,
+                        extra_args=extra_args, python=python)
+    print(shlex.join(argv), file=out, flush=True)
+    if dry_run:
+        return 0
+    try:
+        return subprocess.call(argv)
+    except FileNotFoundError:
+        raise ConfigError(f"{python} does not exist; point PEFTKIT_VLLM_PYTHON at the python of vLLM's "
+                          "environment.") from None
+
+
+__all__ = ["VLLM_MAX_LORA_RANKS", "check_vllm_adapter", "serve_with_vllm", "smallest_max_lora_rank", "vllm_command"]
