@@ -215,8 +215,17 @@ async def run_load(port: int, names: list[str], prompts: list[str], new_tokens: 
     return seconds, sum(t for _, t in out), [f for f, _ in out]
 
 
+class RowFailed(RuntimeError):
+    """A server stopped answering during the run (its row is dropped, the others go on)."""
+
+
 def measure_server(server: Server, row: str, names: list[str], prompts: list[str], new_tokens: int) -> Result:
-    seconds, tokens, ttft = asyncio.run(run_load(server.port, names, prompts, new_tokens))
+    try:
+        seconds, tokens, ttft = asyncio.run(run_load(server.port, names, prompts, new_tokens))
+    except Exception as exc:
+        state = "running" if server.proc.poll() is None else f"exited with {server.proc.returncode}"
+        raise RowFailed(f"({row}) {ROW_NAMES[row]} failed ({type(exc).__name__}: {exc}); the server is {state}; "
+                        f"its log {server.log.name} ends:\n{server.log_tail()}") from None
     if tokens != new_tokens * len(prompts):
         print(f"  note: {ROW_NAMES[row]} made {tokens} tokens, not {new_tokens * len(prompts)}", flush=True)
     return Result(row, len(names), len(prompts), seconds, tokens, ttft)
@@ -360,6 +369,21 @@ def measure(engine: object, row: str, names: list[str], prompts: list[str], new_
     return measure_server(engine, row, names, prompts, new_tokens)
 
 
+def measure_or_drop(engines: dict[str, object], row: str, names: list[str], prompts: list[str],
+                    new_tokens: int) -> Optional[Result]:
+    """``measure``; a row whose server fails is reported, stopped and dropped from ``engines``."""
+    if row not in engines:
+        return None
+    try:
+        return measure(engines[row], row, names, prompts, new_tokens)
+    except RowFailed as exc:
+        print(f"dropping a row: {exc}", flush=True)
+        engine = engines.pop(row)
+        if isinstance(engine, Server):
+            engine.stop()
+        return None
+
+
 def run_rounds(engines: dict[str, object], args, prompts: list[str]) -> dict[tuple[str, int], list[Result]]:
     """For each adapter count: one warm-up per engine, then ``--repeat`` rounds, the rows' order
     alternating between rounds; each (K, round) uses its own slice of prompts, the same for every row."""
@@ -369,14 +393,16 @@ def run_rounds(engines: dict[str, object], args, prompts: list[str]) -> dict[tup
         names = [f"a{i:02d}" for i in range(k)]
         warm = prompt_slice(prompts, offset, min(16, args.requests))
         offset += len(warm)
-        for row, engine in engines.items():
-            measure(engine, row, names, warm, 4)
+        for row in list(engines):
+            measure_or_drop(engines, row, names, warm, 4)
         for r in range(args.repeat):
             batch = prompt_slice(prompts, offset, args.requests)
             offset += args.requests
             order = list(engines) if r % 2 == 0 else list(reversed(engines))
             for row in order:
-                res = measure(engines[row], row, names, batch, args.new_tokens)
+                res = measure_or_drop(engines, row, names, batch, args.new_tokens)
+                if res is None:
+                    continue
                 results.setdefault((row, k), []).append(res)
                 print(f"  K={k:2d} round {r + 1}: ({row}) {res.tok_s:7.1f} tok/s, TTFT p50 "
                       f"{percentile(res.ttft, 50) * 1e3:6.0f} ms", flush=True)
