@@ -34,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import statistics
@@ -138,7 +139,7 @@ class Server:
         self.log.close()
 
 
-def start_peftkit(base: str, paths: dict[str, str]) -> tuple[Optional[Server], str]:
+def start_peftkit(base: str, paths: dict[str, str], extra: list[str]) -> tuple[Optional[Server], str]:
     """Row (a): ``python -m peftkit serve``, or (None, why) where this checkout has no such command."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     probe = subprocess.run([sys.executable, "-m", "peftkit", "serve", "--help"], env=env, capture_output=True,
@@ -150,7 +151,7 @@ def start_peftkit(base: str, paths: dict[str, str]) -> tuple[Optional[Server], s
     argv = [sys.executable, "-m", "peftkit", "serve", "--model", base]
     for name, path in paths.items():
         argv += ["--adapter", f"{name}={path}"]
-    argv += ["--host", "127.0.0.1", "--port", str(port), "--max-adapters", "64"]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--max-adapters", "64", *extra]
     return Server("peftkit serve", argv, port, env), ""
 
 
@@ -164,7 +165,7 @@ def vllm_python(venv: str) -> tuple[Optional[str], str]:
     return python, ""
 
 
-def start_vllm(venv: str, base: str, paths: dict[str, str]) -> tuple[Optional[Server], str]:
+def start_vllm(venv: str, base: str, paths: dict[str, str], more: list[str]) -> tuple[Optional[Server], str]:
     """Row (c): vLLM's OpenAI server on ``base`` with every adapter, each checked against the base first."""
     from peftkit.serve.vllm import check_vllm_adapter, smallest_max_lora_rank, vllm_command
 
@@ -174,7 +175,7 @@ def start_vllm(venv: str, base: str, paths: dict[str, str]) -> tuple[Optional[Se
     rank = max(check_vllm_adapter(base, p)["max_rank"] for p in paths.values())
     port = free_port()
     extra = ["--dtype", "float32", "--max-model-len", "1024", "--max-cpu-loras", str(max(8, len(paths))),
-             "--no-enable-prefix-caching", "--disable-uvicorn-access-log", "--seed", "0"]
+             "--no-enable-prefix-caching", "--disable-uvicorn-access-log", "--seed", "0", *more]
     argv = vllm_command(base, paths, host="127.0.0.1", port=port, max_loras=8,
                         max_lora_rank=smallest_max_lora_rank(rank), extra_args=extra, python=python)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
@@ -297,9 +298,15 @@ def vllm_tokens(port: int, name: str, prompt: str, new_tokens: int) -> tuple[lis
     return list(extra.get("prompt_token_ids") or []), list(extra.get("token_ids") or [])
 
 
+def upto_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
 def check_vllm(server: Server, base: str, paths: dict[str, str], prompts: list[str], new_tokens: int) -> bool:
     """Every adapter on every prompt: vLLM's tokens == peftkit ``generate(adapter_names=[name])``'s.
-    peftkit runs one unpadded mixed batch per prompt (one row per adapter)."""
+    peftkit runs one unpadded mixed batch per prompt (one row per adapter). vLLM runs with
+    ``ignore_eos`` (it goes on after an end-of-sequence token) and ``generate`` stops there, so both
+    are compared up to and including the first end-of-sequence token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -311,23 +318,26 @@ def check_vllm(server: Server, base: str, paths: dict[str, str], prompts: list[s
                                       adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(paths[name], adapter_name=name)
-    same, total, first_bad = 0, 0, None
+    same, total, stopped, first_bad = 0, 0, 0, None
     for prompt in prompts:
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             out = model.generate(input_ids=ids.expand(len(names), -1), attention_mask=torch.ones_like(ids).expand(
-                len(names), -1), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                adapter_names=names, pad_token_id=tok.eos_token_id)
+                len(names), -1), max_new_tokens=new_tokens, do_sample=False, adapter_names=names,
+                pad_token_id=tok.eos_token_id)
         for row, name in enumerate(names):
             prompt_ids, got = vllm_tokens(server.port, name, prompt, new_tokens)
-            want = out[row, ids.shape[1]:].tolist()
+            want = upto_eos(out[row, ids.shape[1]:].tolist(), tok.eos_token_id)
+            got = upto_eos(got, tok.eos_token_id)
+            stopped += len(want) < new_tokens
             total += 1
             ok = got == want and prompt_ids == ids[0].tolist()
             same += ok
             if not ok and first_bad is None:
                 first_bad = (name, prompt[:40], prompt_ids == ids[0].tolist(), got, want)
     print(f"--check-vllm: {same}/{total} (adapter, prompt) pairs token-identical to peftkit's offline generate "
-          f"({len(names)} adapters x {len(prompts)} prompts x {new_tokens} tokens)", flush=True)
+          f"({len(names)} adapters x {len(prompts)} prompts x {new_tokens} tokens; {stopped} stopped early at the "
+          "end-of-sequence token)", flush=True)
     if first_bad is not None:
         name, prompt, same_prompt, got, want = first_bad
         print(f"  first difference: {name} on {prompt!r}: prompt ids equal: {same_prompt}\n"
@@ -349,7 +359,8 @@ def start_rows(rows: list[str], base: str, paths: dict[str, str], args) -> dict[
                 continue
             engines[row] = HFPeft(base, paths, args.hf_batch)
         else:
-            server, why = start_peftkit(base, paths) if row == "a" else start_vllm(args.vllm_venv, base, paths)
+            server, why = (start_peftkit(base, paths, shlex.split(args.peftkit_args)) if row == "a" else
+                           start_vllm(args.vllm_venv, base, paths, shlex.split(args.vllm_args)))
             if server is None:
                 print(f"skipping ({row}) {ROW_NAMES[row]}: {why}", flush=True)
                 continue
@@ -452,6 +463,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--check-vllm", action="store_true", help="check vLLM's greedy tokens against peftkit's")
     ap.add_argument("--vllm-venv", default=DEFAULT_VENV, help=f"vLLM's venv (default {DEFAULT_VENV})")
     ap.add_argument("--model-dir", default=DEFAULT_OUT, help=f"bench model folder (default {DEFAULT_OUT})")
+    ap.add_argument("--peftkit-args", default="", help="more arguments of peftkit serve, e.g. '--threads 1'")
+    ap.add_argument("--vllm-args", default="", help="more arguments of vLLM's server")
     ap.add_argument("--json", help="also write the summary as JSON to this file")
     args = ap.parse_args(argv)
     args.adapters = sorted({int(k) for k in args.adapters.split(",") if k.strip()})
