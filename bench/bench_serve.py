@@ -20,7 +20,11 @@ unfinished: the random model emits byte tokens). A row whose engine is missing i
 The model (bench/serve_model.py): a random Llama, hidden 256, 8 heads of 32 (vLLM's CPU attention
 needs head_dim >= 32), 4 layers, vocabulary 512, float32, and 32 LoRA adapters (r 8, all linear layers
 of the blocks). ``--repeat`` rounds alternate the rows' order, so shared load hits every row alike;
-the table gives medians over rounds and the spread of throughput (min-max).
+the table gives medians over rounds and the spread of throughput (min-max). Threads: vLLM's CPU build
+keeps a core for its front end and computes on the others (its log here: ``reserve_cpu_num=1``,
+``core ids=[0]``); rows (a) and (b) compute on ``--threads`` (default: cores - 1) to match. Two
+intra-op threads on 2 shared cores, beside a server's own threads, collapse under load (measured:
+peftkit serve 44-110 tok/s with 2 threads, 820-840 with 1, in the same minutes).
 
 ``--check-vllm``: vLLM's greedy tokens for every adapter (two prompts each) against peftkit's offline
 ``PeftModel.generate(..., adapter_names=[name], do_sample=False)``, token for token; every adapter is
@@ -53,7 +57,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_model import DEFAULT_OUT, write_bench_model  # noqa: E402
 
-THREADS = 2
 ROW_NAMES = {"a": "peftkit serve", "b": "HF PEFT (batch per adapter)", "c": "vLLM CPU"}
 DEFAULT_VENV = os.environ.get("VLLM_VENV", "/work/vllm-venv")
 
@@ -139,7 +142,8 @@ class Server:
         self.log.close()
 
 
-def start_peftkit(base: str, paths: dict[str, str], extra: list[str]) -> tuple[Optional[Server], str]:
+def start_peftkit(base: str, paths: dict[str, str], extra: list[str],
+                  threads: int) -> tuple[Optional[Server], str]:
     """Row (a): ``python -m peftkit serve``, or (None, why) where this checkout has no such command."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     probe = subprocess.run([sys.executable, "-m", "peftkit", "serve", "--help"], env=env, capture_output=True,
@@ -152,6 +156,8 @@ def start_peftkit(base: str, paths: dict[str, str], extra: list[str]) -> tuple[O
     for name, path in paths.items():
         argv += ["--adapter", f"{name}={path}"]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--max-adapters", "64", *extra]
+    if "--threads" not in extra:
+        argv += ["--threads", str(threads)]
     return Server("peftkit serve", argv, port, env), ""
 
 
@@ -359,8 +365,10 @@ def start_rows(rows: list[str], base: str, paths: dict[str, str], args) -> dict[
                 continue
             engines[row] = HFPeft(base, paths, args.hf_batch)
         else:
-            server, why = (start_peftkit(base, paths, shlex.split(args.peftkit_args)) if row == "a" else
-                           start_vllm(args.vllm_venv, base, paths, shlex.split(args.vllm_args)))
+            if row == "a":
+                server, why = start_peftkit(base, paths, shlex.split(args.peftkit_args), args.threads)
+            else:
+                server, why = start_vllm(args.vllm_venv, base, paths, shlex.split(args.vllm_args))
             if server is None:
                 print(f"skipping ({row}) {ROW_NAMES[row]}: {why}", flush=True)
                 continue
@@ -463,6 +471,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--check-vllm", action="store_true", help="check vLLM's greedy tokens against peftkit's")
     ap.add_argument("--vllm-venv", default=DEFAULT_VENV, help=f"vLLM's venv (default {DEFAULT_VENV})")
     ap.add_argument("--model-dir", default=DEFAULT_OUT, help=f"bench model folder (default {DEFAULT_OUT})")
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="compute threads of rows a (peftkit serve --threads) and b (torch); default cores - 1, "
+                         "as vLLM's CPU build (it keeps one core for its front end)")
     ap.add_argument("--peftkit-args", default="", help="more arguments of peftkit serve, e.g. '--threads 1'")
     ap.add_argument("--vllm-args", default="", help="more arguments of vLLM's server")
     ap.add_argument("--json", help="also write the summary as JSON to this file")
@@ -471,8 +482,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if not args.adapters or min(args.adapters) < 1 or any(r not in ROW_NAMES for r in args.rows):
         ap.error("--adapters takes positive integers; --rows takes a, b and c")
-    if min(args.requests, args.new_tokens, args.repeat, args.hf_batch) < 1:
-        ap.error("--requests, --new-tokens, --repeat and --hf-batch must be positive")
+    if min(args.requests, args.new_tokens, args.repeat, args.hf_batch, args.threads) < 1:
+        ap.error("--requests, --new-tokens, --repeat, --hf-batch and --threads must be positive")
     return args
 
 
@@ -480,7 +491,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     import torch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     base, paths = write_bench_model(args.model_dir, max(args.adapters))
     prompts = load_prompts()
     rows = list(args.rows)
