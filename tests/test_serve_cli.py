@@ -85,3 +85,16 @@ def test_peftkit_serve_with_no_arguments_serves_the_last_runs(tmp_path):
     assert proc.returncode == 0, err
     assert "serving the adapters of the last peftkit train runs in" in err and "e2e-prefix" in err
     assert '"event": "request"' in err  # one structured log line per request
+
+
+def test_engine_vllm_checks_adapters_and_prints_its_command(tmp_path, capsys):
+    from peftkit.cli import main
+
+    make_adapter(str(tmp_path / "good"), "lora", 0, 1)
+    make_adapter(str(tmp_path / "dora"), "dora", 0, 2)
+    assert main(["serve", "--engine", "vllm", "--adapter", f"good={tmp_path / 'good'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "vllm.entrypoints.openai.api_server" in out and f"good={tmp_path / 'good'}" in out
+    assert "--enable-lora" in out
+    assert main(["serve", "--engine", "vllm", "--adapter", f"d={tmp_path / 'dora'}", "--dry-run"]) != 0
+    assert "DoRA" in capsys.readouterr().err

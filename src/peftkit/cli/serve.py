@@ -102,11 +102,24 @@ def options_from(args: Any) -> Any:
                         dtype=args.dtype, device=args.device, threads=args.threads)
 
 
+def cmd_vllm(args: Any) -> int:
+    """``--engine vllm``: check every LoRA adapter against the base for vLLM, print vLLM's command, run it."""
+    from ..serve.adapters import scan_folder
+    from ..serve.vllm import serve_with_vllm
+    from ..train.modeling import default_model_path
+
+    adapters = dict(adapter_specs(args.adapter)) if args.adapter else {}
+    for root in args.adapter_dir:
+        if not os.path.isdir(root):
+            raise PeftkitError(f"--adapter-dir {root} is not a folder.")
+        adapters.update((n, p) for n, p in scan_folder(root) if n not in adapters)
+    return serve_with_vllm(args.model or default_model_path(), adapters, host=args.host, port=args.port,
+                           max_loras=min(args.max_adapters, max(1, len(adapters))), dry_run=args.dry_run)
+
+
 def cmd_serve(argv: Optional[list[str]] = None) -> int:
     args = build_serve_parser().parse_args(argv)
     if args.engine == "vllm":
-        from ..serve.vllm import cmd_vllm
-
         return cmd_vllm(args)
     if args.dry_run:
         raise PeftkitError("--dry-run goes with --engine vllm.")
@@ -129,4 +142,4 @@ def cmd_serve(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-__all__ = ["build_serve_parser", "cmd_serve", "last_runs", "options_from"]
+__all__ = ["build_serve_parser", "cmd_serve", "cmd_vllm", "last_runs", "options_from"]
