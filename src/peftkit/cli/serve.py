@@ -39,7 +39,7 @@ def build_serve_parser() -> Parser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int_at_least(0, "--port"), default=8000)
     p.add_argument("--max-adapters", type=int_at_least(1, "--max-adapters"), default=32, help="adapters installed at once (LRU)")
-    p.add_argument("--max-batch", type=int_at_least(1, "--max-batch"), default=64, help="rows decoded together")
+    p.add_argument("--max-batch", type=int_at_least(1, "--max-batch"), default=256, help="rows decoded together")
     p.add_argument("--max-prefill-tokens", type=int_at_least(1, "--max-prefill-tokens"), default=8192,
                    help="prompt tokens prefilled in one forward")
     p.add_argument("--max-waiting", type=int_at_least(1, "--max-waiting"), default=4096, help="queued requests before 429")

@@ -30,11 +30,14 @@ class MixedBatch:
     the result is cached per adapter order so that a forward computes it once per distinct order.
     ``expand``: the rows may be a multiple of the names, row ``i`` of the caller's batch becoming
     rows ``i*k .. i*k+k-1`` (``generate()`` expands rows for beams / ``num_return_sequences``); in a
-    plain forward every layer must see exactly one row per name.
+    plain forward every layer must see exactly one row per name. ``static``: the caller promises that
+    no adapter weight changes in place while it runs such batches (a server between installs), so
+    layers may reuse what they built from the weights without re-checking them each forward.
     """
 
     names: tuple[str, ...]
     expand: bool = False
+    static: bool = False
     _cache: dict = field(default_factory=dict)
 
     def index(self, slots: tuple[str, ...], device: torch.device, batch: int) -> torch.Tensor:
@@ -111,13 +114,13 @@ def current_mixed_batch() -> Optional[MixedBatch]:
 
 
 class mixed_batch:
-    """Context manager: route each row of the batches run inside it to its own adapter (``expand``:
-    see :class:`MixedBatch`; only ``generate()`` sets it)."""
+    """Context manager: route each row of the batches run inside it to its own adapter (``expand``,
+    ``static``: see :class:`MixedBatch`; ``generate()`` sets ``expand``, the server ``static``)."""
 
-    def __init__(self, names: Optional[Sequence[str]], expand: bool = False):
+    def __init__(self, names: Optional[Sequence[str]], expand: bool = False, static: bool = False):
         if names is not None and len(names) == 0:
             raise PeftkitError("adapter_names is empty; give one adapter name per row (\"__base__\" for none).")
-        self.batch = MixedBatch(tuple(names), expand) if names is not None else None
+        self.batch = MixedBatch(tuple(names), expand, static) if names is not None else None
         self._token = None
 
     def __enter__(self) -> Optional[MixedBatch]:

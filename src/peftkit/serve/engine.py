@@ -111,7 +111,7 @@ class Engine:
     """The engine thread (see the module docstring). ``metrics``: an object with the hooks of
     :class:`peftkit.serve.metrics.Metrics` (or None)."""
 
-    def __init__(self, host: AdapterHost, store: AdapterStore, tokenizer: Any, *, max_batch: int = 64,
+    def __init__(self, host: AdapterHost, store: AdapterStore, tokenizer: Any, *, max_batch: int = 256,
                  max_prefill_tokens: int = 8192, max_waiting: int = 4096, metrics: Any = None):
         self.host, self.store, self.tok = host, store, tokenizer
         self.max_batch, self.max_prefill_tokens, self.max_waiting = max_batch, max_prefill_tokens, max_waiting
@@ -242,7 +242,8 @@ class Engine:
 
     def _forward(self, rows: list[Row], inputs: dict[str, Any]) -> torch.Tensor:
         """The last position's logits (rows, vocab) of one forward of ``rows`` through their adapters."""
-        routed = mixed_batch([r.layer_name for r in rows]) if self.host.layers is not None else contextlib.nullcontext()
+        routed = (mixed_batch([r.layer_name for r in rows], static=True) if self.host.layers is not None
+                  else contextlib.nullcontext())  # static: adapters change only between forwards
         with routed:
             out = self.host.base(**inputs, use_cache=True)
         self.steps += 1

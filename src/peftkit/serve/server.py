@@ -41,7 +41,7 @@ class ServeOptions:
     adapter_dirs: list[str] = field(default_factory=list)  # scanned at start, and the roots of runtime loads
     base_name: Optional[str] = None  # the base model's id in the API (default: the folder's name)
     max_adapters: int = 32
-    max_batch: int = 64
+    max_batch: int = 256
     max_prefill_tokens: int = 8192
     max_waiting: int = 4096
     max_tokens_limit: int = 4096

@@ -146,12 +146,16 @@ class Linear(LoraLayer):
         return result + (self.lora_B[name](self.lora_A[name](xd)) * self.scaling[name]).to(result.dtype)
 
     # -- mixed batches ------------------------------------------------------------------------
-    def _stacked(self, names: tuple[str, ...], device: torch.device):
+    def _stacked(self, names: tuple[str, ...], device: torch.device, static: bool = False):
         """All adapters' A (n+1, in, r_pad) and s·B (n+1, r_pad, out), slot 0 zeros ("no adapter"),
         ranks zero-padded to the largest (rounded up to a multiple of 8 for grouped matmuls); plus
         the DoRA factors f (n+1, out) (ones for non-DoRA slots) or None, and the scaled lora_B
         biases (n+1, out) or None. Cached while no gradient is needed and no weight changed
-        (tracked by tensor versions)."""
+        (tracked by tensor versions; ``static``: the caller promises no weight changed in place, so only
+        the adapter names are compared: installing or deleting an adapter clears the cache)."""
+        hit = self._stack_cache
+        if static and hit is not None and hit[0][0] == names and hit[0][-1] == device:
+            return hit[1]
         # plain dict lookups (not nn.Module attribute access): this runs on every mixed-batch forward
         mods_a, mods_b = self.lora_A._modules, self.lora_B._modules
         params = [mods_a[n]._parameters["weight"] for n in names] + [mods_b[n]._parameters["weight"] for n in names]
@@ -205,7 +209,7 @@ class Linear(LoraLayer):
         rows = x.shape[0]
         plan = mixed.plan(names, x.device, rows)
         idx = plan.idx
-        A, B, factors, bias = self._stacked(names, x.device)
+        A, B, factors, bias = self._stacked(names, x.device, mixed.static)
         shape = x.shape
         x3 = x.reshape(rows, -1, shape[-1]).to(A.dtype)
         if self.training:
