@@ -30,8 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Event, Request as GenRequest, SamplingParams
 from .errors import ServeError
-from .protocol import (ChatRequest, Choice, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, chat_body,
-                       chat_logprobs, chat_prompt_ids, completion_body, completion_logprobs, new_id, usage)
+from .protocol import (ChatRequest, Choice, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest,
+                       chat_logprobs, chat_prompt_ids, completion_logprobs, new_id, response_body, usage)
 from .server import Server
 
 log = logging.getLogger("peftkit.serve")
@@ -344,9 +344,8 @@ async def _collect(server: Server, job: Job, body: Any, request: Request, rid: s
         _finish(server, job, info, err.status, error=str(err))
         raise
     want_logprobs = body.logprobs if chat else body.logprobs is not None
-    make = chat_body if chat else completion_body
-    out = make(rid, body.model, job.choices, server.tokenizer, bool(want_logprobs), body.return_token_ids,
-               job.prompt_tokens)
+    out = response_body(rid, body.model, job.choices, server.tokenizer, bool(want_logprobs), body.return_token_ids,
+                        job.prompt_tokens, chat)
     _finish(server, job, info, 200)
     return out
 

@@ -117,13 +117,18 @@ class AdapterHost:
             self._install_prompt(name, config, weights, source)
         self.methods[name] = str(config.peft_type)
 
+    def _add(self, attr: str, name: str, config: PeftConfig) -> bool:
+        """Add ``name`` to the host model in ``attr`` ("layers" or "prompts"), creating it for the first
+        adapter of its kind; True when it was created."""
+        host = getattr(self, attr)
+        if host is None:
+            setattr(self, attr, get_peft_model(self.base, config, adapter_name=name))
+            return True
+        host.add_adapter(name, config)
+        return False
+
     def _install_layer(self, name: str, config: PeftConfig, weights: dict, source: str) -> None:
-        if self.layers is None:
-            self.layers = get_peft_model(self.base, config, adapter_name=name)
-            created = True
-        else:
-            self.layers.add_adapter(name, config)
-            created = False
+        created = self._add("layers", name, config)
         try:
             set_peft_model_state_dict(self.layers, weights, name, source=source)
         except Exception:
@@ -139,12 +144,7 @@ class AdapterHost:
             self.layers.delete_adapter(name)  # type: ignore[union-attr]
 
     def _install_prompt(self, name: str, config: PeftConfig, weights: dict, source: str) -> None:
-        if self.prompts is None:
-            self.prompts = get_peft_model(self.base, config, adapter_name=name)
-            created = True
-        else:
-            self.prompts.add_adapter(name, config)
-            created = False
+        created = self._add("prompts", name, config)
         try:
             set_peft_model_state_dict(self.prompts, weights, name, source=source)
             self.prompts.eval()

@@ -188,33 +188,26 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(rid: str, model: str, choices: list[Choice], tok: Any, want_logprobs: bool, token_ids: bool,
-                    prompt_tokens: int) -> dict[str, Any]:
+def response_body(rid: str, model: str, choices: list[Choice], tok: Any, want_logprobs: bool, token_ids: bool,
+                  prompt_tokens: int, chat: bool) -> dict[str, Any]:
+    """The non-streamed response: a ``chat.completion`` (each choice a ``message``) or a ``text_completion``."""
     out = []
     for i, c in enumerate(choices):
-        item = {"index": i, "text": c.text, "logprobs": completion_logprobs(tok, c.logprobs) if want_logprobs else None,
-                "finish_reason": c.finish_reason}
+        item: dict[str, Any] = {"index": i}
+        if chat:
+            item["message"] = {"role": "assistant", "content": c.text}
+            item["logprobs"] = chat_logprobs(tok, c.logprobs) if want_logprobs else None
+        else:
+            item["text"] = c.text
+            item["logprobs"] = completion_logprobs(tok, c.logprobs) if want_logprobs else None
+        item["finish_reason"] = c.finish_reason
         if token_ids:
             item["token_ids"] = c.tokens
         out.append(item)
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": out,
-            "usage": usage(prompt_tokens, sum(len(c.tokens) for c in choices))}
-
-
-def chat_body(rid: str, model: str, choices: list[Choice], tok: Any, want_logprobs: bool, token_ids: bool,
-              prompt_tokens: int) -> dict[str, Any]:
-    out = []
-    for i, c in enumerate(choices):
-        item = {"index": i, "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(tok, c.logprobs) if want_logprobs else None,
-                "finish_reason": c.finish_reason}
-        if token_ids:
-            item["token_ids"] = c.tokens
-        out.append(item)
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": out,
-            "usage": usage(prompt_tokens, sum(len(c.tokens) for c in choices))}
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": out, "usage": usage(prompt_tokens, sum(len(c.tokens) for c in choices))}
 
 
 __all__ = ["ChatMessage", "ChatRequest", "Choice", "CompletionRequest", "LoadAdapterRequest", "StreamOptions",
-           "UnloadAdapterRequest", "chat_body", "chat_logprobs", "chat_prompt_ids", "completion_body",
-           "completion_logprobs", "new_id", "usage"]
+           "UnloadAdapterRequest", "chat_logprobs", "chat_prompt_ids", "completion_logprobs", "new_id",
+           "response_body", "usage"]
