@@ -358,3 +358,14 @@ def test_pick_tokens_greedy_top_p_and_seeded_sampling():
         p = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p)
         picks = {pick_tokens(logits[:1], [p], [torch.Generator().manual_seed(s)])[0][0] for s in range(200)}
         assert picks == allowed, top_p
+
+
+def test_length_groups_cut_padding_and_keep_every_row():
+    from peftkit.serve.engine import length_groups
+
+    lengths = [10, 100, 12, 95, 11, 50, 98]
+    groups = length_groups(list(range(7)), lengths)
+    assert sorted(i for g in groups for i in g) == list(range(7)) and len(groups) <= 4
+    for g in groups:  # each group pads at most 25% over its real tokens (or is the last one allowed)
+        assert max(lengths[i] for i in g) * len(g) <= 1.25 * sum(lengths[i] for i in g) or g is groups[-1]
+    assert length_groups([], []) == [] and length_groups(["x"], [5]) == [["x"]]

@@ -190,8 +190,8 @@ class Engine:
     def _iteration(self) -> None:
         self._expire()
         rows = self._admit()
-        if rows:
-            self._prefill(rows)
+        for group in length_groups(rows, [self._entries(r) for r in rows]):
+            self._prefill(group)
         if self.batch.rows:
             self._decode()
         if self.metrics is not None:
@@ -248,6 +248,11 @@ class Engine:
             out = self.host.base(**inputs, use_cache=True)
         self.steps += 1
         return out.logits[:, -1].float()
+
+    def _entries(self, row: Row) -> int:
+        """The cache entries a row's prefill makes (its adapter's virtual tokens and its prompt)."""
+        t = self.host.tokens.get(row.req.adapter)
+        return len(row.req.prompt_ids) + (t.n if t is not None else 0)
 
     def _prefill(self, rows: list[Row]) -> None:
         tokens = [self.host.tokens.get(r.req.adapter) for r in rows]
@@ -324,6 +329,25 @@ class Engine:
                 self.waiting.popleft().deliver(Event("error", error=err))
 
 
+def length_groups(rows: list, lengths: list[int], waste: float = 0.25, most: int = 4) -> list[list]:
+    """``rows`` cut into at most ``most`` groups of similar ``lengths`` (rows sorted by length, a new group
+    started where padding to the group's longest row would add more than ``waste`` of its real
+    tokens), so that a prefill of prompts of different lengths computes little padding."""
+    if len(rows) <= 1:
+        return [rows] if rows else []
+    order = sorted(range(len(rows)), key=lambda i: lengths[i])
+    groups: list[list[int]] = [[order[0]]]
+    for i in order[1:]:
+        group = groups[-1]
+        padded = lengths[i] * (len(group) + 1)
+        real = sum(lengths[j] for j in group) + lengths[i]
+        if padded > (1 + waste) * real and len(groups) < most:
+            groups.append([i])
+        else:
+            group.append(i)
+    return [[rows[i] for i in group] for group in groups]
+
+
 def pick_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[Optional[torch.Generator]]
                 ) -> list[tuple[int, Optional[float], list[tuple[int, float]]]]:
     """Each row's next token (greedy, or sampled at its temperature within its top-p nucleus) with its
@@ -353,4 +377,4 @@ def pick_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: 
     return out
 
 
-__all__ = ["Engine", "Event", "Request", "Row", "SamplingParams", "pick_tokens"]
+__all__ = ["Engine", "Event", "Request", "Row", "SamplingParams", "length_groups", "pick_tokens"]
