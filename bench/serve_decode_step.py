@@ -1,0 +1,66 @@
+"""What one decode step of ``peftkit serve``'s engine costs, without HTTP: the bench model of
+bench/serve_model.py with its 32 LoRA adapters installed, B rows spread over K adapters, one token each.
+
+    python bench/serve_decode_step.py [--model-dir /tmp/peftkit-serve-bench] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve_model import DEFAULT_OUT, write_bench_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", default=DEFAULT_OUT)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=16)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.adapter_io import read_adapter
+    from peftkit.core.mixed import mixed_batch
+    from peftkit.serve.batch import build_prefill
+    from peftkit.serve.host import AdapterHost
+
+    base, adapters = write_bench_model(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    host = AdapterHost(model, "base")
+    names = sorted(adapters)
+    for name in names:
+        source, config, weights = read_adapter(adapters[name], None, None, False, None, {})
+        host.install(name, config, weights, source)
+    prompt = list(range(5, 25))
+    print(f"decode step, {args.threads} thread(s), {len(names)} adapters installed")
+    for B in (64, 128, 256):
+        for K in (1, 8, 32):
+            rows = [names[i % K] for i in range(B)]
+            with torch.inference_mode():
+                pre = build_prefill(model, [prompt] * B, [None] * B, torch.device("cpu"), torch.float32)
+                with mixed_batch(rows, static=True):
+                    out = model(**pre.inputs, use_cache=True, logits_to_keep=1)
+                cache, mask = pre.inputs["past_key_values"], pre.inputs["attention_mask"]
+                t = time.perf_counter()
+                for step in range(args.steps):
+                    mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+                    ids = out.logits[:, -1].argmax(-1, keepdim=True)
+                    with mixed_batch(rows, static=True):
+                        out = model(input_ids=ids, attention_mask=mask, position_ids=torch.full((B, 1), 20 + step),
+                                    past_key_values=cache, use_cache=True)
+                dt = (time.perf_counter() - t) / args.steps
+            print(f"  {B:4d} rows over {K:2d} adapters: {dt * 1000:6.1f} ms per step, {B / dt:6.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()
