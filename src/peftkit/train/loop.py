@@ -34,8 +34,9 @@ from .config import TrainConfig
 from .data import Dataset
 from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects
 from .evaluation import evaluate, generate_texts, print_samples, sample_outputs
-from .loss_head import LossForward, choose_loss_head
+from .loss_head import LossForward, choose_loss_head, target_index
 from .reporting import MetricsLog, folder_bytes, human_bytes, peak_memory, plot_losses, print_report
+from .speed import enable_checkpointing, plan_speed
 from .step import (
     autocast_context,
     batch_count,
@@ -91,6 +92,7 @@ class Trainer:
         self._plan_batches(self.packed)
         self.loss_head = choose_loss_head(self.model, task_type, config.loss_head, self.device)
         self.loss_forward = LossForward(self.model, task_type, self.loss_head)
+        self._plan_speed()
         self._build_optimization()
         self.ddp = self._wrap_ddp()
         self.log = MetricsLog(os.path.join(output_dir, "metrics.jsonl") if output_dir else os.devnull,
@@ -103,11 +105,18 @@ class Trainer:
         model = model.to(self.device)
         if self.config.gradient_checkpointing:
             base = unwrap(model)
-            enable = getattr(base, "gradient_checkpointing_enable", None)
-            if not callable(enable):
+            if not enable_checkpointing(base):
                 raise PeftkitError(f"{type(base).__name__} does not support gradient checkpointing.")
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
+
+    def _plan_speed(self) -> None:
+        """Checkpointing by the memory estimate (when not set), then compiling the blocks (when chosen)."""
+        longest = max(self.units, key=lambda u: len(u.input_ids))
+        probe = collate([longest], self.tokenizer.pad_token_id, self.task_type)
+        with autocast_context(self.precision, self.device):
+            self.checkpointing, self.compile_plan, self.fused_lora = plan_speed(
+                unwrap(self.model), self.loss_forward, probe, self.micro * len(longest.input_ids), self.config,
+                self.device)
 
     def _training_units(self, train_data: Dataset, packing: Optional[bool], max_length: int) -> list[Any]:
         """The rows the steps draw from: the training examples, or rows packed from them. ``packing``
@@ -367,6 +376,9 @@ class Trainer:
                                 f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps",
             "batches": self.batching,
             "loss head": self.loss_head.describe(),
+            "activation checkpointing": self.checkpointing.describe(),
+            "compile": self.compile_plan.describe(),
+            "fused LoRA": self.fused_lora,
         }
         self._report_numbers = {"trainable_params": trainable, "total_params": total, "adapter_bytes": size}
         return report
@@ -412,7 +424,9 @@ class Trainer:
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on device: no sync per batch
         for i, batch in enumerate(micro_batches):
             self._count_tokens(batch)  # on the host, before the copy to the device
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            if self.loss_head.path == "chunked":  # the loss positions, found on the host: no sync on the device
+                batch["target_index"] = target_index(batch["labels"])
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             sync = self.ddp is None or i == len(micro_batches) - 1
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
             with ctx:
