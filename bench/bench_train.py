@@ -48,6 +48,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="llama100m: examples a step")
     parser.add_argument("--row-length", type=int, default=512, help="llama100m: tokens of a packed row")
     parser.add_argument("--ladder", action="store_true", help="llama100m: also peftkit's ladder steps")
+    parser.add_argument("--rungs", default=None, help="llama100m: only these ladder steps (indices, e.g. 2,3,4)")
+    parser.add_argument("--step-times", action="store_true",
+                        help="llama100m: steady-state step times of the speed options in one process, then stop")
+    parser.add_argument("--timed-steps", type=int, default=6, help="--step-times: steps timed after 2 warm-up steps")
+    parser.add_argument("--step-rows", type=int, default=3, help="--step-times: packed rows a step")
     parser.add_argument("--peer", choices=("flatten", "group_by_length"), default="flatten")
     parser.add_argument("--profile", action="store_true", help="llama100m: profile one peftkit step, then stop")
     parser.add_argument("--steps", type=int, default=60)
