@@ -87,7 +87,8 @@ def run_peftkit(args: Any, packing: Any, settings: dict[str, Any]) -> dict[str, 
     return {"seconds": result.report["train_seconds"], "targets": targets,
             "eval_loss": result.metrics_after["eval_loss"], "steps": trainer.total_steps,
             "how": f"{trainer.batching}; {trainer.loss_head.describe()}; checkpointing "
-                   f"{trainer.checkpointing.describe()}; {trainer.compile_plan.describe()}; fused LoRA {trainer.fused_lora}"}
+                   f"{trainer.checkpointing.describe()}; {trainer.compile_plan.describe()}; "
+                   f"fused LoRA {trainer.fused_lora}"}
 
 
 class Records(torch.utils.data.Dataset):

@@ -177,7 +177,7 @@ def test_activation_estimate_drops_with_checkpointing():
     plain = speed.activation_bytes_per_token(forward(pm), pm, batch)
     assert torch.equal(torch.random.get_rng_state(), state)  # the probe's dropout draws are undone
     assert all(p.grad is None for p in pm.parameters())
-    pm.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    speed.enable_checkpointing(pm.base_model.model)
     checkpointed = speed.activation_bytes_per_token(forward(pm), pm, batch)
     # at least the hidden states of a block (16 floats a token) are saved; checkpointing keeps less
     assert plain > 16 * 4 and checkpointed < 0.7 * plain

@@ -116,7 +116,7 @@ class Trainer:
         with autocast_context(self.precision, self.device):
             self.checkpointing, self.compile_plan, self.fused_lora = plan_speed(
                 unwrap(self.model), self.loss_forward, probe, self.micro * len(longest.input_ids), self.config,
-                self.device)
+                self.device, prompt_learning=is_prompt_learning(self.model))
 
     def _training_units(self, train_data: Dataset, packing: Optional[bool], max_length: int) -> list[Any]:
         """The rows the steps draw from: the training examples, or rows packed from them. ``packing``

@@ -166,7 +166,7 @@ def choose_checkpointing(setting: Optional[bool], estimate: Callable[[], float],
     if setting is not None:
         return CheckpointPlan(setting, "asked for" if setting else "turned off")
     if not can_checkpoint:
-        return CheckpointPlan(False, "the model has no gradient_checkpointing_enable()")
+        return CheckpointPlan(False, "the model has no activation_checkpointing_enable()")
     free = available_memory(device)
     if free is None:
         return CheckpointPlan(False, f"the free memory of {device.type} is unknown")
@@ -177,12 +177,23 @@ def choose_checkpointing(setting: Optional[bool], estimate: Callable[[], float],
     return CheckpointPlan(share > CHECKPOINT_SHARE, text)
 
 
+def checkpointing_switch(model: nn.Module) -> Optional[Callable[[], None]]:
+    """A call that turns on transformers' per-block checkpointing of ``model`` (non-reentrant), through
+    ``activation_checkpointing_enable`` or its older name; None if the model has neither."""
+    for name, kwarg in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+                        ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
+        enable = getattr(model, name, None)
+        if callable(enable):
+            return lambda: enable(**{kwarg: {"use_reentrant": False}})
+    return None
+
+
 def enable_checkpointing(model: nn.Module) -> bool:
     """Turn on transformers' per-block checkpointing of ``model`` (non-reentrant); False if it has none."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if not callable(enable):
+    enable = checkpointing_switch(model)
+    if enable is None:
         return False
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable()
     return True
 
 
@@ -203,12 +214,13 @@ def plan_fused_lora(model: nn.Module, enabled: bool) -> str:
 
 
 def plan_speed(model: nn.Module, loss_forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-               probe: dict[str, torch.Tensor], tokens: int, config: TrainConfig,
-               device: torch.device) -> tuple[CheckpointPlan, CompilePlan, str]:
+               probe: dict[str, torch.Tensor], tokens: int, config: TrainConfig, device: torch.device,
+               prompt_learning: bool = False) -> tuple[CheckpointPlan, CompilePlan, str]:
     """A run's checkpointing (``config.gradient_checkpointing``; None: by the activations of ``loss_forward``
     on the ``probe`` batch, in training mode, times the ``tokens`` of the largest micro-batch) and its
     compile plan (``config.compile``), both applied to ``model``, and the fused LoRA road's report line
-    (``config.fused_lora``)."""
+    (``config.fused_lora``). ``prompt_learning``: the model prepends virtual tokens or key/value prefixes,
+    which checkpointing may not support (it is then never chosen by the estimate, only when asked for)."""
 
     def estimate() -> float:
         batch = {k: v.to(device) for k, v in probe.items()}
@@ -219,8 +231,11 @@ def plan_speed(model: nn.Module, loss_forward: Callable[[dict[str, torch.Tensor]
         finally:
             model.train(was_training)
 
-    can = callable(getattr(model, "gradient_checkpointing_enable", None))
-    checkpointing = choose_checkpointing(config.gradient_checkpointing, estimate, tokens, device, can)
+    if prompt_learning and config.gradient_checkpointing is None:
+        checkpointing = CheckpointPlan(False, "not chosen for prompt-learning methods; --gradient-checkpointing asks")
+    else:
+        checkpointing = choose_checkpointing(config.gradient_checkpointing, estimate, tokens, device,
+                                             checkpointing_switch(model) is not None)
     if checkpointing.enabled and config.gradient_checkpointing is None:
         enable_checkpointing(model)
     fused = plan_fused_lora(model, config.fused_lora)
@@ -230,5 +245,6 @@ def plan_speed(model: nn.Module, loss_forward: Callable[[dict[str, torch.Tensor]
 
 
 __all__ = ["CHECKPOINT_SHARE", "COMPILE_AUTO_DEVICES", "COMPILE_MODES", "CheckpointPlan", "CompilePlan",
-           "activation_bytes_per_token", "apply_compile", "available_memory", "choose_checkpointing",
-           "choose_compile", "decoder_blocks", "enable_checkpointing", "plan_fused_lora", "plan_speed"]
+           "activation_bytes_per_token", "apply_compile", "available_memory", "checkpointing_switch",
+           "choose_checkpointing", "choose_compile", "decoder_blocks", "enable_checkpointing", "plan_fused_lora",
+           "plan_speed"]
