@@ -254,3 +254,18 @@ def test_trainer_reports_its_speed_choices(tok, small_data):
     forced = trainer(tok, small_data, gradient_checkpointing=True, compile="off")
     assert forced.start_report()["activation checkpointing"] == "on (asked for)"
     assert forced.start_report()["compile"] == "eager (compile off)"
+
+
+def test_fused_lora_saves_a_bool_mask_for_dropout():
+    """With dropout the plain path keeps the dropped input and the float noise per layer; the fused
+    node keeps x, the rank-r product and a bool mask: fewer activation bytes, none more without dropout."""
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(6))
+    batch = {"input_ids": ids, "labels": ids}
+    sizes = {}
+    for dropout in (0.0, 0.2):
+        pm = lora_llama(dropout)
+        for fused in (False, True):
+            set_fused_training(pm, fused)
+            sizes[dropout, fused] = speed.activation_bytes_per_token(lambda b: pm(**b).loss, pm, batch)
+    assert sizes[0.0, True] == sizes[0.0, False]
+    assert sizes[0.2, True] < sizes[0.2, False]
