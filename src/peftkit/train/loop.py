@@ -36,7 +36,7 @@ from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects
 from .evaluation import evaluate, generate_texts, print_samples, sample_outputs
 from .loss_head import LossForward, choose_loss_head, target_index
 from .reporting import MetricsLog, folder_bytes, human_bytes, peak_memory, plot_losses, print_report
-from .speed import enable_checkpointing, plan_speed
+from .speed import eager_stance, enable_checkpointing, plan_speed, remove_compile
 from .step import (
     autocast_context,
     batch_count,
@@ -315,10 +315,12 @@ class Trainer:
     def run_eval(self, tag: str) -> dict[str, float]:
         if self.eval_data is None:
             return {}
-        metrics = evaluate(self.model, self.eval_data, self.tokenizer, task_type=self.task_type, device=self.device,
-                           batch_size=max(self.micro, 8), generate_samples=self.config.eval_generate_samples,
-                           max_new_tokens=self.config.max_new_tokens, precision=self.precision, dist_info=self.info,
-                           loss_head=self.loss_head)
+        with eager_stance(self.compile_plan):
+            metrics = evaluate(self.model, self.eval_data, self.tokenizer, task_type=self.task_type,
+                               device=self.device, batch_size=max(self.micro, 8),
+                               generate_samples=self.config.eval_generate_samples,
+                               max_new_tokens=self.config.max_new_tokens, precision=self.precision,
+                               dist_info=self.info, loss_head=self.loss_head)
         self.log.log({"event": "eval", "step": self.step, "tag": tag, **metrics})
         if not self.quiet:
             shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
@@ -344,8 +346,9 @@ class Trainer:
         if self.eval_data is None or self.quiet:
             return
         cfg = self.config
-        samples = sample_outputs(self.model, self.eval_data, self.tokenizer, self.task_type, self.device,
-                                 cfg.num_generations, cfg.max_new_tokens, self.precision)
+        with eager_stance(self.compile_plan):
+            samples = sample_outputs(self.model, self.eval_data, self.tokenizer, self.task_type, self.device,
+                                     cfg.num_generations, cfg.max_new_tokens, self.precision)
         print_samples(title, samples, self.task_type)
 
     def _write(self, text: str) -> None:
@@ -546,6 +549,7 @@ class Trainer:
     def _after_training(self) -> dict[str, float]:
         """The final eval; the adapter; the samples and resources at end; the plot and summary."""
         unwrap(self.model).eval()
+        remove_compile(unwrap(self.model), self.compile_plan)  # the model leaves as it came
         after = self.run_eval("after")
         if self.output_dir and self.info.is_main:
             save_trainable(self.model, os.path.join(self.output_dir, "adapter"))

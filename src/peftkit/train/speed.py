@@ -10,7 +10,8 @@ their code, so one compiled graph serves them all. Shapes: a micro-batch is (row
 the longest row in it; torch compiles the first width statically and, on the first other width,
 once more with a dynamic sequence length (torch's automatic dynamic shapes), so packed and padded
 batches alike cost two compilations at most. The mask, the embeddings, the head and the loss stay
-eager. ``"auto"`` compiles where it was measured faster on this kind of machine (see
+eager, and so do evaluation and generation (:func:`eager_stance`); the trainer restores the eager
+blocks when training ends (:func:`remove_compile`). ``"auto"`` compiles where it was measured faster on this kind of machine (see
 :data:`COMPILE_AUTO_DEVICES`); ``"on"`` asks for it anywhere.
 
 Checkpointing. :func:`activation_bytes_per_token` measures what the training forward keeps for the
@@ -22,6 +23,7 @@ multiplies it by the tokens of a micro-batch and turns checkpointing on when tha
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -90,6 +92,19 @@ def apply_compile(model: nn.Module, plan: CompilePlan) -> None:
     for block in decoder_blocks(model):
         if getattr(block, "_compiled_call_impl", None) is None:
             block.compile(dynamic=None)
+
+
+def eager_stance(plan: CompilePlan) -> contextlib.AbstractContextManager:
+    """Inside, compiled blocks run eagerly: evaluation and generation (no gradient, other shapes, a KV
+    cache) would otherwise compile anew for little gain."""
+    return torch.compiler.set_stance("force_eager") if plan.enabled else contextlib.nullcontext()
+
+
+def remove_compile(model: nn.Module, plan: CompilePlan) -> None:
+    """Undo :func:`apply_compile`: the blocks of ``model`` run their eager forward again."""
+    if plan.enabled:
+        for block in decoder_blocks(model):
+            block._compiled_call_impl = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,5 +261,5 @@ def plan_speed(model: nn.Module, loss_forward: Callable[[dict[str, torch.Tensor]
 
 __all__ = ["CHECKPOINT_SHARE", "COMPILE_AUTO_DEVICES", "COMPILE_MODES", "CheckpointPlan", "CompilePlan",
            "activation_bytes_per_token", "apply_compile", "available_memory", "checkpointing_switch",
-           "choose_checkpointing", "choose_compile", "decoder_blocks", "enable_checkpointing", "plan_fused_lora",
-           "plan_speed"]
+           "choose_checkpointing", "choose_compile", "decoder_blocks", "eager_stance", "enable_checkpointing", "plan_fused_lora",
+           "plan_speed", "remove_compile"]
