@@ -15,7 +15,7 @@ blocks when training ends (:func:`remove_compile`). ``"auto"`` compiles where it
 :data:`COMPILE_AUTO_DEVICES`); ``"on"`` asks for it anywhere.
 
 Checkpointing. :func:`activation_bytes_per_token` measures what the training forward keeps for the
-backward pass (saved tensors, the parameters excepted) on a probe row; :func:`choose_checkpointing`
+backward pass (saved tensors, the parameters excepted) on a short probe row; :func:`choose_checkpointing`
 multiplies it by the tokens of a micro-batch and turns checkpointing on when that exceeds
 :data:`CHECKPOINT_SHARE` of the memory available (``torch.cuda.mem_get_info`` on a GPU,
 ``MemAvailable`` of ``/proc/meminfo`` or psutil on a CPU).
@@ -37,6 +37,10 @@ from .config import TrainConfig
 COMPILE_MODES = ("auto", "on", "off")
 # device types where "auto" compiles: measured faster and exact there (docs/benchmarks.md)
 COMPILE_AUTO_DEVICES: tuple[str, ...] = ()
+# tokens of the probe row the activations are measured on (its first ones): per token, the saved tensors of a
+# block do not depend on the length (attention saves O(length) with SDPA); a short probe keeps the probe's own
+# memory (which the allocator may keep after it is freed) far below a training step's
+PROBE_TOKENS = 64
 # checkpointing turns on when the activations of a micro-batch would take more than this share of the free memory
 CHECKPOINT_SHARE = 0.5
 
@@ -232,13 +236,14 @@ def plan_speed(model: nn.Module, loss_forward: Callable[[dict[str, torch.Tensor]
                probe: dict[str, torch.Tensor], tokens: int, config: TrainConfig, device: torch.device,
                prompt_learning: bool = False) -> tuple[CheckpointPlan, CompilePlan, str]:
     """A run's checkpointing (``config.gradient_checkpointing``; None: by the activations of ``loss_forward``
-    on the ``probe`` batch, in training mode, times the ``tokens`` of the largest micro-batch) and its
+    on the first PROBE_TOKENS of the ``probe`` row, in training mode, times the ``tokens`` of the largest
+    micro-batch) and its
     compile plan (``config.compile``), both applied to ``model``, and the fused LoRA road's report line
     (``config.fused_lora``). ``prompt_learning``: the model prepends virtual tokens or key/value prefixes,
     which checkpointing may not support (it is then never chosen by the estimate, only when asked for)."""
 
     def estimate() -> float:
-        batch = {k: v.to(device) for k, v in probe.items()}
+        batch = {k: (v[:, :PROBE_TOKENS] if v.dim() == 2 else v).to(device) for k, v in probe.items()}
         was_training = model.training
         model.train()
         try:
@@ -259,7 +264,7 @@ def plan_speed(model: nn.Module, loss_forward: Callable[[dict[str, torch.Tensor]
     return checkpointing, compiling, fused
 
 
-__all__ = ["CHECKPOINT_SHARE", "COMPILE_AUTO_DEVICES", "COMPILE_MODES", "CheckpointPlan", "CompilePlan",
+__all__ = ["CHECKPOINT_SHARE", "PROBE_TOKENS", "COMPILE_AUTO_DEVICES", "COMPILE_MODES", "CheckpointPlan", "CompilePlan",
            "activation_bytes_per_token", "apply_compile", "available_memory", "checkpointing_switch",
            "choose_checkpointing", "choose_compile", "decoder_blocks", "eager_stance", "enable_checkpointing", "plan_fused_lora",
            "plan_speed", "remove_compile"]
