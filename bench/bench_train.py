@@ -22,10 +22,17 @@ own (its peak RSS is its own), the sides alternating --repeats times. Tokens/s c
 --eval-examples held-out examples. Sides: the peer, Hugging Face PEFT + transformers.Trainer with the
 padding-free ``DataCollatorWithFlattening`` (--peer flatten) or padded batches with
 ``train_sampling_strategy="group_by_length"`` (--peer group_by_length); and peftkit, by default at
-its defaults, with --ladder also at the ladder's steps (padded and full logits, then packed, then the
-chunked loss-position head).
+its defaults, with --ladder also at the ladder's steps, each adding one technique: padded and full
+logits, packed, the chunked loss-position head, the fused LoRA road, torch.compile of the blocks,
+activation checkpointing (a memory rung: compare the peak RSS) (--rungs 3,5: only those steps).
 
-    python bench/bench_train.py --model llama100m --examples 48 --repeats 2 --threads 2 [--ladder]
+    python bench/bench_train.py --model llama100m --examples 48 --repeats 2 --threads 2 [--ladder | --rungs 3,5]
+
+``--step-times``: the steady-state step time of the speed options (chunked eager, + fused LoRA, + compile)
+in one process, the sides alternating step by step on the same packed batches; the first two steps (the
+compilations) are reported apart, and per-step pairs give the spread (a few minutes on 2 CPUs):
+
+    python bench/bench_train.py --model llama100m --step-times --timed-steps 12 --threads 2 --examples 200
 """
 
 from __future__ import annotations
@@ -48,6 +55,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="llama100m: examples a step")
     parser.add_argument("--row-length", type=int, default=512, help="llama100m: tokens of a packed row")
     parser.add_argument("--ladder", action="store_true", help="llama100m: also peftkit's ladder steps")
+    parser.add_argument("--rungs", default=None, help="llama100m: only these ladder steps (indices, e.g. 2,3,4)")
+    parser.add_argument("--step-times", action="store_true",
+                        help="llama100m: steady-state step times of the speed options in one process, then stop")
+    parser.add_argument("--timed-steps", type=int, default=6, help="--step-times: steps timed after 2 warm-up steps")
+    parser.add_argument("--step-rows", type=int, default=3, help="--step-times: packed rows a step")
     parser.add_argument("--peer", choices=("flatten", "group_by_length"), default="flatten")
     parser.add_argument("--profile", action="store_true", help="llama100m: profile one peftkit step, then stop")
     parser.add_argument("--steps", type=int, default=60)

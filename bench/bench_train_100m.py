@@ -19,9 +19,16 @@ import torch
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# peftkit's ladder: (name, packing, loss_head); the last is peftkit's defaults on this model
-LADDER = [("peftkit padded+full", False, "full"), ("peftkit packed+full", True, "full"),
-          ("peftkit packed+chunked", None, "auto")]
+# peftkit's ladder: (name, packing, TrainConfig settings), each rung adding one technique to the one before;
+# the speed options are set on every rung so that a change of their defaults leaves the rungs as they are
+PLAIN = {"loss_head": "full", "fused_lora": False, "compile": "off", "gradient_checkpointing": False}
+LADDER = [("padded+full", False, PLAIN), ("packed+full", True, PLAIN),
+          ("packed+chunked", True, {**PLAIN, "loss_head": "chunked"}),
+          ("+fused LoRA", True, {**PLAIN, "loss_head": "chunked", "fused_lora": True}),
+          ("+compile", True, {**PLAIN, "loss_head": "chunked", "fused_lora": True, "compile": "on"}),
+          ("+checkpointing", True, {**PLAIN, "loss_head": "chunked", "fused_lora": True,
+                                    "gradient_checkpointing": True})]
+DEFAULTS = ("peftkit defaults", None, {})  # whatever peftkit chooses on this model and machine
 
 
 def build_model() -> Any:
@@ -53,7 +60,7 @@ def target_tokens(examples: list[Any]) -> int:
     return sum(sum(1 for x in e.labels[1:] if x != -100) for e in examples)
 
 
-def run_peftkit(args: Any, packing: Any, loss_head: str) -> dict[str, Any]:
+def run_peftkit(args: Any, packing: Any, settings: dict[str, Any]) -> dict[str, Any]:
     import peftkit
     from peftkit.train.config import TrainConfig
     from peftkit.train.loop import Trainer
@@ -67,7 +74,7 @@ def run_peftkit(args: Any, packing: Any, loss_head: str) -> dict[str, Any]:
     rows = max(1, round(args.batch * mean_len / args.row_length))
     cfg = TrainConfig(epochs=1, batch_size=1, lr=args.lr, warmup_steps=0, scheduler="linear",
                       max_grad_norm=1.0, eval_steps=0, save_steps=0, num_generations=0, eval_generate_samples=0,
-                      progress=False, seed=0, loss_head=loss_head)
+                      progress=False, seed=0, **settings)
     kw = dict(task_type="CAUSAL_LM", quiet=True, packing=packing, max_length=args.row_length)
     probe = Trainer(pm, tok, data.train, data.eval, cfg, **kw)  # packed or not (packed: rows a step)
     import dataclasses
@@ -79,7 +86,9 @@ def run_peftkit(args: Any, packing: Any, loss_head: str) -> dict[str, Any]:
     result = trainer.fit()
     return {"seconds": result.report["train_seconds"], "targets": targets,
             "eval_loss": result.metrics_after["eval_loss"], "steps": trainer.total_steps,
-            "how": f"{trainer.batching}; {trainer.loss_head.describe()}"}
+            "how": f"{trainer.batching}; {trainer.loss_head.describe()}; checkpointing "
+                   f"{trainer.checkpointing.describe()}; {trainer.compile_plan.describe()}; "
+                   f"fused LoRA {trainer.fused_lora}"}
 
 
 class Records(torch.utils.data.Dataset):
@@ -134,16 +143,16 @@ def run_hf(args: Any) -> dict[str, Any]:
             "steps": trainer.state.global_step, "how": f"HF PEFT + Trainer, peer {args.peer}"}
 
 
-def child(args: Any, side: tuple[str, Any, str], queue: Any) -> None:
+def child(args: Any, side: tuple[str, Any, dict[str, Any]], queue: Any) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    name, packing, loss_head = side
-    out = run_hf(args) if name == "hf" else run_peftkit(args, packing, loss_head)
+    name, packing, settings = side
+    out = run_hf(args) if name == "hf" else run_peftkit(args, packing, settings)
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     queue.put(out)
 
 
-def run_child(args: Any, side: tuple[str, Any, str]) -> dict[str, Any]:
+def run_child(args: Any, side: tuple[str, Any, dict[str, Any]]) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=child, args=(args, side, queue))
@@ -176,11 +185,70 @@ def profile_step(args: Any) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
+STEP_SIDES = [("chunked, eager", {**PLAIN, "loss_head": "chunked"}),
+              ("+fused LoRA", {**PLAIN, "loss_head": "chunked", "fused_lora": True}),
+              ("+fused +compile", {**PLAIN, "loss_head": "chunked", "fused_lora": True, "compile": "on"})]
+
+
+def step_times(args: Any) -> None:
+    """Steady-state step times of the speed options, in one process: a trainer per side (same seeded
+    model and data), the sides alternating step by step on the same batches; the first 2 steps (compile:
+    the first width, then the dynamic-shape recompile) are reported apart as the compile cost."""
+    import peftkit
+    from peftkit.train.config import TrainConfig
+    from peftkit.train.loop import Trainer
+
+    tok, data = load_data(args.examples, args.eval_examples)
+    steps = args.timed_steps + 2
+    trainers = {}
+    for name, settings in STEP_SIDES:
+        torch.manual_seed(0)
+        pm = peftkit.get_peft_model(build_model(), peftkit.LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=16,
+                                                                      target_modules=LORA_TARGETS))
+        cfg = TrainConfig(max_steps=steps, batch_size=args.step_rows, progress=False, eval_steps=0, save_steps=0,
+                          num_generations=0, eval_generate_samples=0, seed=0, lr=args.lr, **settings)
+        trainers[name] = Trainer(pm, tok, data.train, data.eval, cfg, task_type="CAUSAL_LM", quiet=True,
+                                 packing=True, max_length=args.row_length)
+        pm.train()
+    wall = {n: [] for n in trainers}
+    cpu = {n: [] for n in trainers}
+    losses = {n: [] for n in trainers}
+    for step in range(steps):
+        for name, trainer in trainers.items():
+            batches = trainer.micro_batches(step)
+            torch.manual_seed(step)
+            t0, c0 = time.perf_counter(), time.process_time()
+            losses[name].append(trainer.train_step(batches))
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+        print(f"step {step}: " + "  ".join(f"{n} {wall[n][-1]:.2f} s" for n in trainers), flush=True)
+    base = STEP_SIDES[0][0]
+    tokens = [sum(int(b["input_ids"].numel()) for b in trainers[base].micro_batches(s)) for s in range(steps)]
+    print(f"\n== step times, llama100m, {args.step_rows} packed rows of <= {args.row_length} tokens a step "
+          f"({statistics.mean(tokens[2:]):.0f} tokens on average), {args.timed_steps} timed steps after 2, "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"   {'side':<18} {'wall median':>11} {'wall min':>9} {'cpu median':>10} {'x eager (wall med, min)':>24}"
+          f" {'first 2 steps':>13} {'max |loss - eager|':>18}")
+    for name in trainers:
+        w, c = wall[name][2:], cpu[name][2:]
+        ratio_med = statistics.median(wall[base][2:]) / statistics.median(w)
+        ratio_min = min(wall[base][2:]) / min(w)
+        diff = max(abs(a - b) for a, b in zip(losses[name], losses[base]))
+        print(f"   {name:<18} {statistics.median(w):10.2f}s {min(w):8.2f}s {statistics.median(c):9.2f}s "
+              f"{ratio_med:14.2f}, {ratio_min:.2f} {sum(wall[name][:2]):12.1f}s {diff:18.2e}")
+
+
 def main_100m(args: Any) -> None:
     if args.profile:
         profile_step(args)
         return
-    sides = [("hf", None, "")] + (LADDER if args.ladder else LADDER[-1:])
+    if args.step_times:
+        step_times(args)
+        return
+    rungs = LADDER if args.ladder else []
+    if args.rungs:
+        rungs = [LADDER[int(i)] for i in args.rungs.split(",")]
+    sides = [("hf", None, {})] + rungs + [DEFAULTS]
     rows: dict[str, list[dict[str, Any]]] = {s[0]: [] for s in sides}
     for r in range(args.repeats):
         for side in sides:

@@ -139,12 +139,19 @@ class TrainConfig:
         resume: continue from the newest complete checkpoint in output_dir/checkpoints.
         early_stopping_patience: stop after N evaluations without a better metric_for_best.
         metric_for_best: the eval metric early stopping watches (eval_loss: lower is better; others higher).
-        gradient_checkpointing: recompute activations in the backward pass (saves memory).
+        gradient_checkpointing: recompute each block's activations in the backward pass (saves memory, costs
+            about one more forward). Default (none): on when the activations of a micro-batch, measured on a
+            probe row, would take more than half of the free memory (the run says which and why).
         precision: auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16 or fp16.
         loss_head: causal LMs: chunked computes the LM head and the cross-entropy only at target positions,
             a chunk of rows at a time (no full tokens x vocab logits; same loss and gradients); full takes
             the model's logits everywhere; auto: chunked where the model's logits are plain lm_head(hidden),
             else full (the run says which and why).
+        compile: torch.compile each decoder block: on, off, or auto (on where measured faster on the device
+            type; the run says which and why). The first steps pay the compilation.
+        fused_lora: LoRA linear layers with one active adapter compute base and adapter as one autograd
+            node in training (same outputs and gradients; DoRA, Conv1D and quantized bases, several active
+            adapters and autocast take the general path; the run says how many layers fuse).
         num_generations: prompts generated and printed before and after training.
         eval_generate_samples: eval examples scored by generation (exact match, ROUGE-L); 0: none.
         max_new_tokens: generation length for those.
@@ -171,9 +178,11 @@ class TrainConfig:
     resume: bool = False
     early_stopping_patience: Optional[int] = None
     metric_for_best: str = "eval_loss"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Optional[bool] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     loss_head: Literal["auto", "chunked", "full"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    fused_lora: bool = True
     num_generations: int = 3
     eval_generate_samples: int = 32
     max_new_tokens: int = 48

@@ -34,8 +34,9 @@ from .config import TrainConfig
 from .data import Dataset
 from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects
 from .evaluation import evaluate, generate_texts, print_samples, sample_outputs
-from .loss_head import LossForward, choose_loss_head
+from .loss_head import LossForward, choose_loss_head, target_index
 from .reporting import MetricsLog, folder_bytes, human_bytes, peak_memory, plot_losses, print_report
+from .speed import eager_stance, enable_checkpointing, plan_speed, remove_compile
 from .step import (
     autocast_context,
     batch_count,
@@ -91,6 +92,7 @@ class Trainer:
         self._plan_batches(self.packed)
         self.loss_head = choose_loss_head(self.model, task_type, config.loss_head, self.device)
         self.loss_forward = LossForward(self.model, task_type, self.loss_head)
+        self._plan_speed()
         self._build_optimization()
         self.ddp = self._wrap_ddp()
         self.log = MetricsLog(os.path.join(output_dir, "metrics.jsonl") if output_dir else os.devnull,
@@ -103,11 +105,18 @@ class Trainer:
         model = model.to(self.device)
         if self.config.gradient_checkpointing:
             base = unwrap(model)
-            enable = getattr(base, "gradient_checkpointing_enable", None)
-            if not callable(enable):
+            if not enable_checkpointing(base):
                 raise PeftkitError(f"{type(base).__name__} does not support gradient checkpointing.")
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
+
+    def _plan_speed(self) -> None:
+        """Checkpointing by the memory estimate (when not set), then compiling the blocks (when chosen)."""
+        longest = max(self.units, key=lambda u: len(u.input_ids))
+        probe = collate([longest], self.tokenizer.pad_token_id, self.task_type)
+        with autocast_context(self.precision, self.device):
+            self.checkpointing, self.compile_plan, self.fused_lora = plan_speed(
+                unwrap(self.model), self.loss_forward, probe, self.micro * len(longest.input_ids), self.config,
+                self.device, prompt_learning=is_prompt_learning(self.model))
 
     def _training_units(self, train_data: Dataset, packing: Optional[bool], max_length: int) -> list[Any]:
         """The rows the steps draw from: the training examples, or rows packed from them. ``packing``
@@ -306,10 +315,12 @@ class Trainer:
     def run_eval(self, tag: str) -> dict[str, float]:
         if self.eval_data is None:
             return {}
-        metrics = evaluate(self.model, self.eval_data, self.tokenizer, task_type=self.task_type, device=self.device,
-                           batch_size=max(self.micro, 8), generate_samples=self.config.eval_generate_samples,
-                           max_new_tokens=self.config.max_new_tokens, precision=self.precision, dist_info=self.info,
-                           loss_head=self.loss_head)
+        with eager_stance(self.compile_plan):
+            metrics = evaluate(self.model, self.eval_data, self.tokenizer, task_type=self.task_type,
+                               device=self.device, batch_size=max(self.micro, 8),
+                               generate_samples=self.config.eval_generate_samples,
+                               max_new_tokens=self.config.max_new_tokens, precision=self.precision,
+                               dist_info=self.info, loss_head=self.loss_head)
         self.log.log({"event": "eval", "step": self.step, "tag": tag, **metrics})
         if not self.quiet:
             shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
@@ -335,8 +346,9 @@ class Trainer:
         if self.eval_data is None or self.quiet:
             return
         cfg = self.config
-        samples = sample_outputs(self.model, self.eval_data, self.tokenizer, self.task_type, self.device,
-                                 cfg.num_generations, cfg.max_new_tokens, self.precision)
+        with eager_stance(self.compile_plan):
+            samples = sample_outputs(self.model, self.eval_data, self.tokenizer, self.task_type, self.device,
+                                     cfg.num_generations, cfg.max_new_tokens, self.precision)
         print_samples(title, samples, self.task_type)
 
     def _write(self, text: str) -> None:
@@ -367,6 +379,9 @@ class Trainer:
                                 f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps",
             "batches": self.batching,
             "loss head": self.loss_head.describe(),
+            "activation checkpointing": self.checkpointing.describe(),
+            "compile": self.compile_plan.describe(),
+            "fused LoRA": self.fused_lora,
         }
         self._report_numbers = {"trainable_params": trainable, "total_params": total, "adapter_bytes": size}
         return report
@@ -412,7 +427,9 @@ class Trainer:
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on device: no sync per batch
         for i, batch in enumerate(micro_batches):
             self._count_tokens(batch)  # on the host, before the copy to the device
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            if self.loss_head.path == "chunked":  # the loss positions, found on the host: no sync on the device
+                batch["target_index"] = target_index(batch["labels"])
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             sync = self.ddp is None or i == len(micro_batches) - 1
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
             with ctx:
@@ -532,6 +549,7 @@ class Trainer:
     def _after_training(self) -> dict[str, float]:
         """The final eval; the adapter; the samples and resources at end; the plot and summary."""
         unwrap(self.model).eval()
+        remove_compile(unwrap(self.model), self.compile_plan)  # the model leaves as it came
         after = self.run_eval("after")
         if self.output_dir and self.info.is_main:
             save_trainable(self.model, os.path.join(self.output_dir, "adapter"))

@@ -195,18 +195,33 @@ def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, c
     return _HeadLoss.apply(hidden, labels, head, chunk_rows, *params)
 
 
+def target_index(labels: torch.Tensor) -> torch.Tensor:
+    """The loss positions of ``labels`` (B, T) as flat indices (N,) into its B * T positions: position
+    ``b * T + t`` when ``labels[b, t + 1] != -100`` (its hidden state predicts that label, the flat
+    position after it).
+
+    Computed where ``labels`` lives: the trainer computes it on the host before the batch goes to the
+    device, so that selecting the rows does not wait on the device (boolean indexing there would)."""
+    keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep.reshape(-1).nonzero().squeeze(1)
+
+
 def chunked_loss_sum(plan: LossHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The summed causal-LM loss of ``batch`` through ``plan``'s body and head, on target positions only.
 
     Position t of row b is kept when ``labels[b, t + 1] != -100``; its hidden state (H,) predicts that label.
+    ``batch["target_index"]``, when given, holds those positions (:func:`target_index`), else they are found here.
     """
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    index = batch.get("target_index")
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "target_index")}
     hidden = _last_hidden(plan.body(**inputs, use_cache=False))  # (B, T, H)
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX  # (B, T - 1)
-    rows = hidden[:, :-1][keep]  # (N, H)
-    return head_loss_sum(rows, targets[keep], plan.head, plan.chunk_rows)
+    if index is None:
+        index = target_index(labels)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H)
+    targets = labels.reshape(-1).index_select(0, index + 1)  # (N,): the next position's label
+    return head_loss_sum(rows, targets, plan.head, plan.chunk_rows)
 
 
 class LossForward(nn.Module):
@@ -229,4 +244,4 @@ class LossForward(nn.Module):
 
 
 __all__ = ["LOSS_HEAD_MODES", "LossForward", "LossHead", "choose_loss_head", "chunk_rows_for", "chunked_loss_sum",
-           "head_loss_sum"]
+           "head_loss_sum", "target_index"]

@@ -6,7 +6,8 @@ For a frozen weight ``W`` (out x in) LoRA learns ``A`` (r x in) and ``B`` (out x
 
 Files: :mod:`.config` (LoraConfig), :mod:`.layer` (the shared bookkeeping), :mod:`.linear`,
 :mod:`.embedding`, :mod:`.conv`, :mod:`.mha` (the layer types), :mod:`.dora` (DoRA as a variant object),
-:mod:`.fast_path` (the no-grad road of Linear), :mod:`.dispatch` (which layer wraps a module),
+:mod:`.fast_path` (the no-grad road of Linear),
+:mod:`.fused` (the fused training road of Linear: base and adapter in one autograd node), :mod:`.dispatch` (which layer wraps a module),
 :mod:`.param` (LoRA on bare parameters, ``target_parameters``: MoE expert tensors),
 :mod:`.combine` (``add_weighted_adapter``), :mod:`.sparse` (``keep_sparsity``: LoRA over a pruned base).
 """
@@ -20,6 +21,7 @@ from .conv import ConvNd
 from .dispatch import make_layer
 from .dora import DoraConv, DoraEmbedding, DoraLinear, DoraMagnitude, DoraVariant
 from .embedding import Embedding
+from .fused import FusedLoraLinear, set_fused_training
 from .layer import LoraLayer
 from .linear import Linear
 from .mha import MixedBatchUnsupportedError, MultiheadAttention
@@ -47,6 +49,6 @@ register_method(Method(
 ))
 
 __all__ = ["LoraModel", "DEFAULT_TARGETS", "ConvNd", "DoraConv", "DoraEmbedding", "DoraLinear", "DoraMagnitude",
-           "DoraVariant", "Embedding", "Linear", "LoraConfig", "LoraLayer", "MixedBatchUnsupportedError",
+           "DoraVariant", "Embedding", "FusedLoraLinear", "Linear", "LoraConfig", "LoraLayer", "MixedBatchUnsupportedError",
            "MultiheadAttention", "ParamWrapper", "add_weighted_adapter", "combine_layer", "keep_sparsity", "make_layer",
-           "make_param_layer"]
+           "make_param_layer", "set_fused_training"]

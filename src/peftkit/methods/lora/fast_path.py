@@ -36,6 +36,7 @@ from torch.nn.modules import module as _torch_module
 
 from ...core import mixed as _mixed
 from ...core.base_call import tracing_state
+from . import fused
 from .layer import LoraLayer
 
 _compiling = torch.compiler.is_compiling
@@ -143,6 +144,10 @@ def forward(self: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
                     return out.view(*shape[:-1], d["out_features"])
             if not current:
                 d["_road"] = None  # plan anew on the next call
+    elif d.get("fused_training") and not (args or kwargs) and _grad_enabled():
+        out = fused.forward(self, x)  # the fused training road (None: this call does not take it)
+        if out is not None:
+            return out
     return LoraLayer.forward(self, x, *args, **kwargs)
 
 

@@ -29,6 +29,7 @@ class Linear(LoraLayer):
 
     dora_variant = DoraLinear
     forward = fast_path.forward  # the road, falling back to LoraLayer.forward
+    fused_road = True  # in training, the forward may take the fused road (.fused.set_fused_training)
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer, fan_in_fan_out)
