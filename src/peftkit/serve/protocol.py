@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..train.data import plain_turn
 from .errors import ServeError
 from .text import token_text
 
@@ -142,7 +143,7 @@ def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
-    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in plain) + "Assistant: "
+    text = "".join(plain_turn(m["role"], m["content"]) for m in plain) + plain_turn("assistant")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + list(tokenizer(text, add_special_tokens=False).input_ids)
 

@@ -54,6 +54,13 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+def plain_turn(role: str, content: Optional[str] = None) -> str:
+    """Plain chat format (no chat template; train and serve): ``Role: content`` + newline per message;
+    with no ``content``, the head that starts the reply (``Assistant: ``)."""
+    head = f"{role.capitalize()}: "
+    return head if content is None else head + content + "\n"
+
+
 class DataError(PeftkitError):
     """A data file is missing, empty, unreadable, or lacks the columns its format needs."""
 
@@ -362,12 +369,11 @@ class Encoder:
                     done = upto
             return segments, msgs[last]["content"]
         for m in msgs[: last + 1]:
-            head = f"{m['role'].capitalize()}: "
             if m["role"] == "assistant":
-                segments.append((head, False))
+                segments.append((plain_turn("assistant"), False))
                 segments.append((m["content"] + "\n", True))
             else:
-                segments.append((head + m["content"] + "\n", False))
+                segments.append((plain_turn(m["role"], m["content"]), False))
         # the completion's trailing newline is replaced by eos below
         text, _ = segments[-1]
         segments[-1] = (text[:-1], True)
@@ -588,7 +594,7 @@ __all__ = [
     "bundled_data",
     "detect_format",
     "format_prompt",
-    "prepare_data",
+    "plain_turn", "prepare_data",
     "read_records",
     "resolve_columns",
 ]
