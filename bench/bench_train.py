@@ -23,12 +23,14 @@ own (its peak RSS is its own), the sides alternating --repeats times. Tokens/s c
 padding-free ``DataCollatorWithFlattening`` (--peer flatten) or padded batches with
 ``train_sampling_strategy="group_by_length"`` (--peer group_by_length); and peftkit, by default at
 its defaults, with --ladder also at the ladder's steps, each adding one technique: padded and full
-logits, packed, the chunked loss-position head, the fused LoRA road, torch.compile of the blocks,
+logits, packed, the chunked loss-position head, the fused LoRA road, attention per packed example
+(segments), torch.compile of the blocks (over masked rows: compiling and segments exclude each other),
 activation checkpointing (a memory rung: compare the peak RSS) (--rungs 3,5: only those steps).
 
     python bench/bench_train.py --model llama100m --examples 48 --repeats 2 --threads 2 [--ladder | --rungs 3,5]
 
-``--step-times``: the steady-state step time of the speed options (chunked eager, + fused LoRA, + compile)
+``--step-times``: the steady-state step time of the speed options (chunked eager, + fused LoRA, + segments,
++ compile)
 in one process, the sides alternating step by step on the same packed batches; the first two steps (the
 compilations) are reported apart, and per-step pairs give the spread (a few minutes on 2 CPUs):
 

@@ -21,13 +21,15 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 # peftkit's ladder: (name, packing, TrainConfig settings), each rung adding one technique to the one before;
 # the speed options are set on every rung so that a change of their defaults leaves the rungs as they are
-PLAIN = {"loss_head": "full", "fused_lora": False, "compile": "off", "gradient_checkpointing": False}
+PLAIN = {"loss_head": "full", "fused_lora": False, "compile": "off", "gradient_checkpointing": False,
+         "packed_attention": "mask"}
+FUSED = {**PLAIN, "loss_head": "chunked", "fused_lora": True}
 LADDER = [("padded+full", False, PLAIN), ("packed+full", True, PLAIN),
           ("packed+chunked", True, {**PLAIN, "loss_head": "chunked"}),
-          ("+fused LoRA", True, {**PLAIN, "loss_head": "chunked", "fused_lora": True}),
-          ("+compile", True, {**PLAIN, "loss_head": "chunked", "fused_lora": True, "compile": "on"}),
-          ("+checkpointing", True, {**PLAIN, "loss_head": "chunked", "fused_lora": True,
-                                    "gradient_checkpointing": True})]
+          ("+fused LoRA", True, FUSED),
+          ("+segments", True, {**FUSED, "packed_attention": "segments"}),
+          ("+compile (masked rows)", True, {**FUSED, "compile": "on"}),
+          ("+checkpointing", True, {**FUSED, "packed_attention": "segments", "gradient_checkpointing": True})]
 DEFAULTS = ("peftkit defaults", None, {})  # whatever peftkit chooses on this model and machine
 
 
@@ -186,8 +188,9 @@ def profile_step(args: Any) -> None:
 
 
 STEP_SIDES = [("chunked, eager", {**PLAIN, "loss_head": "chunked"}),
-              ("+fused LoRA", {**PLAIN, "loss_head": "chunked", "fused_lora": True}),
-              ("+fused +compile", {**PLAIN, "loss_head": "chunked", "fused_lora": True, "compile": "on"})]
+              ("+fused LoRA", FUSED),
+              ("+fused +segments", {**FUSED, "packed_attention": "segments"}),
+              ("+fused +compile", {**FUSED, "compile": "on"})]
 
 
 def step_times(args: Any) -> None:

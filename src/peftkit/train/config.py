@@ -152,6 +152,10 @@ class TrainConfig:
         fused_lora: LoRA linear layers with one active adapter compute base and adapter as one autograd
             node in training (same outputs and gradients; DoRA, Conv1D and quantized bases, several active
             adapters and autocast take the general path; the run says how many layers fuse).
+        packed_attention: packed rows: segments runs one causal attention per packed example (no row x row
+            mask; same outputs and gradients), mask keeps transformers' block-diagonal mask over the row;
+            auto: segments on the CPU where the model uses SDPA and a probe shows the same logits (the run
+            says which and why). Not with --compile on.
         num_generations: prompts generated and printed before and after training.
         eval_generate_samples: eval examples scored by generation (exact match, ROUGE-L); 0: none.
         max_new_tokens: generation length for those.
@@ -183,6 +187,7 @@ class TrainConfig:
     loss_head: Literal["auto", "chunked", "full"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
     fused_lora: bool = True
+    packed_attention: Literal["auto", "segments", "mask"] = "auto"
     num_generations: int = 3
     eval_generate_samples: int = 32
     max_new_tokens: int = 48

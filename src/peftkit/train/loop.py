@@ -36,6 +36,7 @@ from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects
 from .evaluation import evaluate, generate_texts, print_samples, sample_outputs
 from .loss_head import LossForward, choose_loss_head, target_index
 from .reporting import MetricsLog, folder_bytes, human_bytes, peak_memory, plot_losses, print_report
+from .segments import SEGMENTS, choose_segments, segment_lengths
 from .speed import eager_stance, enable_checkpointing, plan_speed, remove_compile
 from .step import (
     autocast_context,
@@ -77,6 +78,7 @@ class Trainer:
                  output_dir: Optional[str] = None, packing: Optional[bool] = None, max_length: int = 256,
                  quiet: bool = False, callbacks: Optional[list[Any]] = None) -> None:
         self.config = config
+        config.validate()  # again: fields may have been set after construction
         self.callbacks = list(callbacks or [])
         self.info = dist_info or DistInfo()
         self.device = self.info.device
@@ -93,6 +95,8 @@ class Trainer:
         self.loss_head = choose_loss_head(self.model, task_type, config.loss_head, self.device)
         self.loss_forward = LossForward(self.model, task_type, self.loss_head)
         self._plan_speed()
+        self.segments = choose_segments(unwrap(self.model), config.packed_attention, self.packed,
+                                        self.compile_plan.enabled, self.device)
         self._build_optimization()
         self.ddp = self._wrap_ddp()
         self.log = MetricsLog(os.path.join(output_dir, "metrics.jsonl") if output_dir else os.devnull,
@@ -152,8 +156,6 @@ class Trainer:
         """The batch geometry: micro-batch size, accumulation, steps per epoch and in all."""
         world = self.info.world_size
         B = self.config.batch_size
-        if B < 1:
-            raise PeftkitError(f"batch_size must be >= 1, got {B}.")
         if B % world:
             raise PeftkitError(f"The global batch_size {B} is not divisible by the {world} processes.")
         micro = self.config.micro_batch_size or B // world
@@ -169,13 +171,7 @@ class Trainer:
 
     def _count_steps(self) -> int:
         config = self.config
-        if config.max_steps is not None:
-            if config.max_steps < 1:
-                raise PeftkitError(f"max_steps must be >= 1, got {config.max_steps}.")
-            return config.max_steps
-        if config.epochs < 1:
-            raise PeftkitError(f"epochs must be >= 1, got {config.epochs}.")
-        return config.epochs * self.steps_per_epoch
+        return config.max_steps if config.max_steps is not None else config.epochs * self.steps_per_epoch
 
     def _build_optimization(self) -> None:
         """The trainable parameters, AdamW, its LR schedule and (fp16) the gradient scaler."""
@@ -382,6 +378,7 @@ class Trainer:
             "activation checkpointing": self.checkpointing.describe(),
             "compile": self.compile_plan.describe(),
             "fused LoRA": self.fused_lora,
+            "packed attention": self.segments.describe(),
         }
         self._report_numbers = {"trainable_params": trainable, "total_params": total, "adapter_bytes": size}
         return report
@@ -429,10 +426,13 @@ class Trainer:
             self._count_tokens(batch)  # on the host, before the copy to the device
             if self.loss_head.path == "chunked":  # the loss positions, found on the host: no sync on the device
                 batch["target_index"] = target_index(batch["labels"])
+            segments = segment_lengths(batch["position_ids"]) if self.segments.enabled else None
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            if segments is not None:  # the packed examples' lengths, from the host
+                batch[SEGMENTS] = segments
             sync = self.ddp is None or i == len(micro_batches) - 1
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
-            with ctx:
+            with ctx, self.segments.active():  # the backward too: checkpointed blocks run their forward again
                 with autocast_context(self.precision, self.device):
                     loss = runner(batch)
                 scaled = loss * scale

@@ -33,7 +33,7 @@ RESUME_FREE = frozenset({
     ("train", "logging_steps"), ("train", "eval_steps"), ("train", "save_steps"), ("train", "save_total_limit"),
     ("train", "num_generations"), ("train", "eval_generate_samples"), ("train", "max_new_tokens"),
     ("train", "micro_batch_size"), ("train", "gradient_checkpointing"),
-    ("train", "compile"), ("train", "fused_lora"),  # the same math, compiled or fused or not
+    ("train", "compile"), ("train", "fused_lora"), ("train", "packed_attention"),  # the same math, another road
     ("train", "loss_head"),  # the same loss and gradients, summed in another order (as micro_batch_size)
 })
 SECTIONS = ("model", "method_args", "data", "train")

@@ -226,6 +226,7 @@ def _resolved_settings(run: RunConfig, model_path: str, method_name: str, peft_m
         "precision": trainer.precision,
         "batching": trainer.batching,
         "loss_head": trainer.loss_head.describe(),
+        "packed_attention": trainer.segments.describe(),
         "versions": {"peftkit": str(__version__), "torch": str(torch.__version__),
                      "transformers": str(transformers.__version__)},
     }
