@@ -15,8 +15,9 @@ instruction form (the meaning representation is the prompt, masked from the loss
 with the bundled tokenizer, 46% of them targets), LoRA r=16 alpha=16 on every linear layer of the blocks,
 AdamW lr --lr (default 1e-3 here), no warmup (the two count warmup steps differently), linear decay,
 clipping 1.0. Token budget: one pass over the first --examples training examples, for every side;
---batch examples a step (packed runs: rows of --row-length
-tokens, as many a step as hold the same number of tokens on average). Each run is a child process of its
+--batch examples a step (packed runs: by default one row a step, of the shortest length that packs the
+examples into as many rows as the peer makes steps, so that both make the same number of optimizer steps;
+--row-length N: rows of N tokens, as many a step as hold the same number of tokens on average). Each run is a child process of its
 own (its peak RSS is its own), the sides alternating --repeats times. Tokens/s count the target tokens
 (labels that are not -100) over the training time; the eval loss (same function for all) is over
 --eval-examples held-out examples. Sides: the peer, Hugging Face PEFT + transformers.Trainer with the
@@ -55,7 +56,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=48, help="llama100m: training examples (one pass)")
     parser.add_argument("--eval-examples", type=int, default=16, help="llama100m: eval examples")
     parser.add_argument("--batch", type=int, default=8, help="llama100m: examples a step")
-    parser.add_argument("--row-length", type=int, default=512, help="llama100m: tokens of a packed row")
+    parser.add_argument("--row-length", type=int, default=0,
+                        help="llama100m: tokens of a packed row (0: equal steps, see above; --step-times, --profile: 1280)")
     parser.add_argument("--ladder", action="store_true", help="llama100m: also peftkit's ladder steps")
     parser.add_argument("--rungs", default=None, help="llama100m: only these ladder steps (indices, e.g. 2,3,4)")
     parser.add_argument("--step-times", action="store_true",

@@ -73,11 +73,12 @@ def run_peftkit(args: Any, packing: Any, settings: dict[str, Any]) -> dict[str, 
     pm = peftkit.get_peft_model(model, peftkit.LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=16,
                                                           target_modules=LORA_TARGETS))
     mean_len = statistics.mean(len(e.input_ids) for e in data.train.examples)
-    rows = max(1, round(args.batch * mean_len / args.row_length))
+    row_length = args.row_length or equal_steps_row(data.train.examples, len(data.train.examples) // args.batch)
+    rows = 1 if not args.row_length else max(1, round(args.batch * mean_len / row_length))
     cfg = TrainConfig(epochs=1, batch_size=1, lr=args.lr, warmup_steps=0, scheduler="linear",
                       max_grad_norm=1.0, eval_steps=0, save_steps=0, num_generations=0, eval_generate_samples=0,
                       progress=False, seed=0, **settings)
-    kw = dict(task_type="CAUSAL_LM", quiet=True, packing=packing, max_length=args.row_length)
+    kw = dict(task_type="CAUSAL_LM", quiet=True, packing=packing, max_length=row_length)
     probe = Trainer(pm, tok, data.train, data.eval, cfg, **kw)  # packed or not (packed: rows a step)
     import dataclasses
 
@@ -90,7 +91,18 @@ def run_peftkit(args: Any, packing: Any, settings: dict[str, Any]) -> dict[str, 
             "eval_loss": result.metrics_after["eval_loss"], "steps": trainer.total_steps,
             "how": f"{trainer.batching}; {trainer.loss_head.describe()}; checkpointing "
                    f"{trainer.checkpointing.describe()}; {trainer.compile_plan.describe()}; "
-                   f"fused LoRA {trainer.fused_lora}"}
+                   f"fused LoRA {trainer.fused_lora}; attention {trainer.segments.describe()}"}
+
+
+def equal_steps_row(examples: list[Any], steps: int) -> int:
+    """The shortest packed-row length (a multiple of 32) that packs ``examples`` into at most ``steps`` rows:
+    one row a step then makes as many optimizer steps as the peer's batches of --batch examples."""
+    from peftkit.train.collate import pack
+
+    length = max(len(e.input_ids) for e in examples)
+    while len(pack(examples, length)) > max(steps, 1):
+        length += 32
+    return length
 
 
 class Records(torch.utils.data.Dataset):
@@ -178,7 +190,7 @@ def profile_step(args: Any) -> None:
     cfg = TrainConfig(max_steps=2, batch_size=3, progress=False, eval_steps=0, save_steps=0, num_generations=0,
                       eval_generate_samples=0, loss_head=os.environ.get("LOSS_HEAD", "auto"))
     trainer = Trainer(pm, tok, data.train, data.eval, cfg, task_type="CAUSAL_LM", quiet=True,
-                      max_length=args.row_length)
+                      max_length=args.row_length or 1280)
     pm.train()
     trainer.train_step(trainer.micro_batches(0))  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -211,7 +223,7 @@ def step_times(args: Any) -> None:
         cfg = TrainConfig(max_steps=steps, batch_size=args.step_rows, progress=False, eval_steps=0, save_steps=0,
                           num_generations=0, eval_generate_samples=0, seed=0, lr=args.lr, **settings)
         trainers[name] = Trainer(pm, tok, data.train, data.eval, cfg, task_type="CAUSAL_LM", quiet=True,
-                                 packing=True, max_length=args.row_length)
+                                 packing=True, max_length=args.row_length or 1280)
         pm.train()
     wall = {n: [] for n in trainers}
     cpu = {n: [] for n in trainers}
@@ -227,7 +239,7 @@ def step_times(args: Any) -> None:
         print(f"step {step}: " + "  ".join(f"{n} {wall[n][-1]:.2f} s" for n in trainers), flush=True)
     base = STEP_SIDES[0][0]
     tokens = [sum(int(b["input_ids"].numel()) for b in trainers[base].micro_batches(s)) for s in range(steps)]
-    print(f"\n== step times, llama100m, {args.step_rows} packed rows of <= {args.row_length} tokens a step "
+    print(f"\n== step times, llama100m, {args.step_rows} packed rows of <= {args.row_length or 1280} tokens a step "
           f"({statistics.mean(tokens[2:]):.0f} tokens on average), {args.timed_steps} timed steps after 2, "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(f"   {'side':<18} {'wall median':>11} {'wall min':>9} {'cpu median':>10} {'x eager (wall med, min)':>24}"
