@@ -1,7 +1,8 @@
 """What one decode step of ``peftkit serve``'s engine costs, without HTTP: the bench model of
-bench/serve_model.py with its 32 LoRA adapters installed, B rows spread over K adapters, one token each.
+bench/serve_model.py with its 32 LoRA adapters installed, B rows spread over K adapters, one token each,
+through the engine's RunningBatch (its cache written in place) after a prefill of --prompt-tokens.
 
-    python bench/serve_decode_step.py [--model-dir /tmp/peftkit-serve-bench] [--threads 1]
+    python bench/serve_decode_step.py [--model-dir /tmp/peftkit-serve-bench] [--threads 1] [--prompt-tokens 80]
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ def main() -> None:
     ap.add_argument("--model-dir", default=DEFAULT_OUT)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=80, help="prompt length (the E2E prompts: about 80)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     from peftkit.adapter_io import read_adapter
     from peftkit.core.mixed import mixed_batch
-    from peftkit.serve.batch import build_prefill
+    from peftkit.serve.batch import RunningBatch, build_prefill
     from peftkit.serve.host import AdapterHost
 
     base, adapters = write_bench_model(args.model_dir)
@@ -41,8 +43,8 @@ def main() -> None:
     for name in names:
         source, config, weights = read_adapter(adapters[name], None, None, False, None, {})
         host.install(name, config, weights, source)
-    prompt = list(range(5, 25))
-    print(f"decode step, {args.threads} thread(s), {len(names)} adapters installed")
+    prompt = list(range(5, 5 + args.prompt_tokens))
+    print(f"decode step, {args.threads} thread(s), {len(names)} adapters installed, {len(prompt)}-token prompts")
     for B in (64, 128, 256):
         for K in (1, 8, 32):
             rows = [names[i % K] for i in range(B)]
@@ -50,14 +52,14 @@ def main() -> None:
                 pre = build_prefill(model, [prompt] * B, [None] * B, torch.device("cpu"), torch.float32)
                 with mixed_batch(rows, static=True):
                     out = model(**pre.inputs, use_cache=True, logits_to_keep=1)
-                cache, mask = pre.inputs["past_key_values"], pre.inputs["attention_mask"]
+                batch = RunningBatch()
+                batch.add(rows, pre.inputs["past_key_values"], pre.inputs["attention_mask"])
                 t = time.perf_counter()
                 for step in range(args.steps):
-                    mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-                    ids = out.logits[:, -1].argmax(-1, keepdim=True)
+                    ids = out.logits[:, -1].argmax(-1).tolist()
+                    inputs = batch.step_inputs(ids, [len(prompt) + step] * B)
                     with mixed_batch(rows, static=True):
-                        out = model(input_ids=ids, attention_mask=mask, position_ids=torch.full((B, 1), 20 + step),
-                                    past_key_values=cache, use_cache=True)
+                        out = model(**inputs, use_cache=True)
                 dt = (time.perf_counter() - t) / args.steps
             print(f"  {B:4d} rows over {K:2d} adapters: {dt * 1000:6.1f} ms per step, {B / dt:6.0f} tokens/s")
 
