@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,6 +229,7 @@ def test_resume_after_kill_9_is_bit_exact(tmp_path):
     r = _run(["-m", "peftkit", "train", "--output-dir", str(killed), "--resume", *TRAIN_FLAGS])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "step-8" in r.stdout
+    assert re.search(r"packed attention\s+per example", r.stdout)  # the default road on the CPU, resumed
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
     b = load_file(killed / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -253,6 +255,11 @@ def test_ddp_two_processes_match_one(tmp_path):
                 "--output-dir", str(tmp_path / "two"), *flags])
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 micro x 2 accumulation x 2 processes" in two.stdout
+    import yaml
+
+    for run in ("one", "two"):  # packed rows, attention per example: the default road on the CPU
+        resolved = yaml.safe_load((tmp_path / run / "run.yaml").read_text())["resolved"]
+        assert resolved["packed_attention"].startswith("per example"), resolved
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     # Float tolerance: the all-reduce sums gradients in another order, and Adam's g / sqrt(v) turns the
