@@ -217,6 +217,8 @@ def test_training_steps_equal_the_masked_road(packed_data, checkpointing):
     runs = {m: _trainer(m, packed_data, gradient_checkpointing=checkpointing) for m in ("mask", "segments")}
     assert runs["segments"].segments.enabled and not runs["mask"].segments.enabled
     assert runs["segments"].start_report()["packed attention"].startswith("per example")
+    for t in runs.values():  # SGD: Adam's g / sqrt(v) would turn float rounding of near-zero entries into lr steps
+        t.optimizer = torch.optim.SGD(t.params, lr=0.1)
     losses = {m: [t.train_step(t.micro_batches(s)) for s in range(3)] for m, t in runs.items()}
     assert losses["segments"] == pytest.approx(losses["mask"], rel=1e-5)
     a = dict(runs["mask"].model.named_parameters())

@@ -10,9 +10,11 @@ the cross-entropy to them ``chunk_rows`` rows at a time::
     loss = sum over chunks c of  sum_i  logsumexp(z_ci) - z_ci[y_ci],   z_c = head(h_c).float()  (n_c, V)
 
 The gradient is computed chunk by chunk in the forward pass (as Liger's fused linear cross-entropy
-does): for each chunk ``dloss/dh_c`` and ``dloss/dθ`` for the head's trainable parameters θ (a LoRA
-or ``modules_to_save`` copy on ``lm_head``, tied embeddings) are taken with ``torch.autograd.grad``
-while the chunk's logits exist, then freed; the backward pass only scales the stored gradients by
+does): for each chunk the logits' gradient ``softmax(z_c) - onehot(y_c)`` is written directly (one
+pass over the logits: no log-softmax, no zero-filled tensor), and ``dloss/dh_c`` and ``dloss/dθ`` for
+the head's trainable parameters θ (a LoRA or ``modules_to_save`` copy on ``lm_head``, tied embeddings)
+are taken from it with ``torch.autograd.grad`` while the chunk's logits exist, then freed; the
+backward pass only scales the stored gradients by
 the incoming scalar. So at most one chunk of logits (and its gradient) exists at a time, and the
 head's matmul runs once per chunk instead of being recomputed. The result equals the plain path to
 float rounding (the sums run in another order).
@@ -158,20 +160,25 @@ class _HeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, max(hidden.shape[0], 1), chunk_rows):
             h = hidden[start:start + chunk_rows].detach().requires_grad_(want_h)
+            y = labels[start:start + chunk_rows].unsqueeze(1)
             with torch.enable_grad():
                 logits = head(h).float()
-                loss = F.cross_entropy(logits, labels[start:start + chunk_rows], reduction="sum")
+            with torch.no_grad():  # the loss sum_i lse_i - z_i[y_i], and its gradient softmax(z) - onehot(y)
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                total += (lse - logits.gather(1, y)).sum()
             inputs = ([h] if want_h else []) + list(params)
-            if inputs and loss.requires_grad:
-                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            if inputs and logits.requires_grad:
+                grad_z = logits.detach().sub(lse).exp_()  # written once: no zero-filled tensor, no log-softmax
+                grad_z.scatter_add_(1, y, grad_z.new_full(y.shape, -1.0))
+                grads = torch.autograd.grad(logits, inputs, grad_z, allow_unused=True)
                 if want_h:
                     grad_h[start:start + chunk_rows] = grads[0]
                     grads = grads[1:]
                 for acc, g in zip(grad_p, grads):
                     if g is not None:
                         acc += g
-            total += loss.detach()
-            del logits, loss
+                del grad_z
+            del logits
         ctx.save_for_backward(*([grad_h] if want_h else []), *grad_p)
         ctx.want_h = want_h
         return total
