@@ -212,9 +212,11 @@ def packed_data():
     return Dataset(exs, "tokens", "CAUSAL_LM")
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_training_steps_equal_the_masked_road(packed_data, checkpointing):
-    runs = {m: _trainer(m, packed_data, gradient_checkpointing=checkpointing) for m in ("mask", "segments")}
+@pytest.mark.parametrize("checkpointing,head", [(False, "auto"), (True, "auto"), (False, "full")],
+                         ids=["plain", "checkpointing", "full-logits"])
+def test_training_steps_equal_the_masked_road(packed_data, checkpointing, head):
+    runs = {m: _trainer(m, packed_data, gradient_checkpointing=checkpointing, loss_head=head)
+            for m in ("mask", "segments")}
     assert runs["segments"].segments.enabled and not runs["mask"].segments.enabled
     assert runs["segments"].start_report()["packed attention"].startswith("per example")
     for t in runs.values():  # SGD: Adam's g / sqrt(v) would turn float rounding of near-zero entries into lr steps
