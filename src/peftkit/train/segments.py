@@ -113,18 +113,20 @@ class SegmentsPlan:
     def describe(self) -> str:
         return f"{'per example' if self.enabled else 'masked rows'}: {self.reason}"
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
+    def active(self) -> contextlib.AbstractContextManager:
         """The model's attention is :data:`SEGMENTS` inside (when enabled), its own again after."""
-        if not self.enabled:
-            yield
-            return
-        before = self.model.config._attn_implementation
-        self.model.set_attn_implementation(SEGMENTS)
-        try:
-            yield
-        finally:
-            self.model.set_attn_implementation(before)
+        return use_attention(self.model, SEGMENTS) if self.enabled else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def use_attention(model: nn.Module, name: str) -> Iterator[None]:
+    """``model`` (a transformers model) runs the registered attention ``name`` inside, its own after."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def choose_segments(model: nn.Module, mode: str, packed: bool, compiled: bool,
@@ -204,4 +206,4 @@ def _calls(seen: list[int]) -> Iterator[None]:
 
 
 __all__ = ["SEGMENTS", "SEGMENTS_MODES", "SegmentsPlan", "choose_segments", "probe", "register", "segment_attention",
-           "segment_lengths"]
+           "segment_lengths", "use_attention"]
