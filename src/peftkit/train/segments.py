@@ -10,7 +10,8 @@ n_k`` (their sum is ``L``) the attention that counts is::
 which costs ``sum n_j**2 / 2``: at 8 examples of about 156 tokens in one 1,250-token row, about 16x
 less than the masked row. :func:`segment_attention` computes exactly that with one causal SDPA per
 example (the same kernel, so the same numbers up to float rounding), registered with transformers'
-public ``AttentionInterface`` under :data:`SEGMENTS`.
+public ``AttentionInterface`` under :data:`SEGMENTS`. A sliding window shorter than an example gets
+its window mask for that example; soft-capping, attention sinks and non-causal attention are refused.
 
 The segments travel as the keyword argument ``peftkit_segments`` (a tuple per row of the example
 lengths, from the host: no device sync) through the model's ``**kwargs`` to its attention modules.
