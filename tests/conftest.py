@@ -11,3 +11,12 @@ def _one_thread_per_process():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The bundled model's tokenizer as ``peftkit train`` loads it (a pad token set), one per test file."""
+    import peftkit
+    from peftkit.train.modeling import load_tokenizer
+
+    return load_tokenizer(str(peftkit.model_path()))

@@ -194,13 +194,6 @@ def test_chunk_rows_follow_the_vocabulary():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from peftkit.train.modeling import load_tokenizer
-
-    return load_tokenizer(str(peftkit.model_path()))
-
-
-@pytest.fixture(scope="module")
 def instruction_data(tok):
     """Instruction records (the prompt masked from the loss) from the bundled E2E data."""
     recs = [{"instruction": "Describe the restaurant.", "input": r["source"], "output": r["target"]}

@@ -189,11 +189,8 @@ def test_a_sliding_window_shorter_than_the_examples_is_honoured():
 # -- in training runs ------------------------------------------------------------------------------
 
 
-def _trainer(mode, data, **kw):
-    from peftkit.train.modeling import load_tokenizer
-
-    model, tok = peftkit.load_model()[0], load_tokenizer(str(peftkit.model_path()))
-    pm = _lora(model)
+def _trainer(tok, mode, data, **kw):
+    pm = _lora(peftkit.load_model()[0])
     cfg = TrainConfig(progress=False, eval_steps=0, save_steps=0, num_generations=0, eval_generate_samples=0,
                       batch_size=4, micro_batch_size=2, max_steps=3, lr=1e-2, seed=0, packed_attention=mode, **kw)
     return Trainer(pm, tok, data, None, cfg, task_type="CAUSAL_LM", quiet=True, packing=True, max_length=64)
@@ -214,8 +211,8 @@ def packed_data():
 
 @pytest.mark.parametrize("checkpointing,head", [(False, "auto"), (True, "auto"), (False, "full")],
                          ids=["plain", "checkpointing", "full-logits"])
-def test_training_steps_equal_the_masked_road(packed_data, checkpointing, head):
-    runs = {m: _trainer(m, packed_data, gradient_checkpointing=checkpointing, loss_head=head)
+def test_training_steps_equal_the_masked_road(tok, packed_data, checkpointing, head):
+    runs = {m: _trainer(tok, m, packed_data, gradient_checkpointing=checkpointing, loss_head=head)
             for m in ("mask", "segments")}
     assert runs["segments"].segments.enabled and not runs["mask"].segments.enabled
     assert runs["segments"].start_report()["packed attention"].startswith("per example")

@@ -24,13 +24,6 @@ from peftkit.train.metrics import MetricSums, exact_match, f1_from_confusion, ro
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from peftkit.train.modeling import load_tokenizer
-
-    return load_tokenizer(str(peftkit.model_path()))
-
-
-@pytest.fixture(scope="module")
 def lm():
     model, _ = peftkit.load_model()
     return model.eval()

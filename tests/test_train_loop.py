@@ -25,13 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from peftkit.train.modeling import load_tokenizer
-
-    return load_tokenizer(str(peftkit.model_path()))
-
-
-@pytest.fixture(scope="module")
 def small_data(tok):
     recs = read_records(bundled_data()[0])[:24]
     return prepare_data(DataConfig(eval_fraction=0, max_length=160), tok, lambda f: "CAUSAL_LM", train_source=recs[:16],

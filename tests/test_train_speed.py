@@ -188,13 +188,6 @@ def test_checkpointing_choice_by_memory(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from peftkit.train.modeling import load_tokenizer
-
-    return load_tokenizer(str(peftkit.model_path()))
-
-
-@pytest.fixture(scope="module")
 def small_data(tok):
     from peftkit.train.config import DataConfig
     from peftkit.train.data import bundled_data, prepare_data, read_records
