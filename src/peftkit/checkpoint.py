@@ -253,9 +253,7 @@ def strip_stacks(key: str, layer: AdapterLayer, modules: dict[str, nn.Module]) -
     out: list[str] = []
     for i, part in enumerate(parts):
         if part == "base_layer" and i > 0:
-            holder = modules.get(".".join(parts[:i]))
-            if (isinstance(holder, AdapterLayer) and holder.stackable
-                    and type(holder).adapter_layer_names != type(layer).adapter_layer_names):
+            if layer.stacks_another_method(modules.get(".".join(parts[:i]))):
                 continue
         out.append(part)
     return ".".join(out)

@@ -52,6 +52,12 @@ class AdapterLayer(nn.Module):
     # innermost weight, so a stack computes and merges as the composition it is (inner first).
     stackable = False
 
+    def stacks_another_method(self, other: nn.Module) -> bool:
+        """Whether ``other`` is a stackable adapter layer of another method than this one (a layer the
+        stacking of methods on one module puts inside or around this one)."""
+        return (isinstance(other, AdapterLayer) and other.stackable
+                and type(other).adapter_layer_names != type(self).adapter_layer_names)
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer

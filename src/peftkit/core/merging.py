@@ -115,7 +115,7 @@ def check_stack_order(todo: Sequence[tuple[str, AdapterLayer]], adapter_names: O
     for key, layer in todo:
         inner = layer.base_layer
         while isinstance(inner, AdapterLayer):
-            if inner.stackable and type(inner).adapter_layer_names != type(layer).adapter_layer_names:
+            if layer.stacks_another_method(inner):
                 left = [n for n in inner.adapter_names
                         if n not in inner.merged_adapters and n not in merging.get(id(inner), set())]
                 if left:
