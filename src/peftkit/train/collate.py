@@ -16,6 +16,7 @@ on the actual model before training and refuses to pack it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -130,28 +131,36 @@ def _collate_packed(rows: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
-def check_packing(model: Any, vocab_size: int, device: Optional[torch.device] = None) -> Optional[str]:
-    """None when ``model`` keeps packed examples apart, else why not.
-
-    Runs two short random sequences separately and packed into one row, and compares the logits of
-    the second: they are equal only if the second cannot see the first.
-    """
+def packed_matches_alone(model: Any, vocab_size: int, lengths: Sequence[int], device: Optional[torch.device] = None,
+                        context: Any = None, **packed_kwargs: Any) -> bool:
+    """Whether random sequences of ``lengths`` packed in one row (position ids restarting at 0) give, in
+    eval mode and under ``context`` (a context manager) with ``packed_kwargs``, the logits each gives
+    alone. Exceptions of the model propagate."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randint(3, max(4, vocab_size), (1, 5), generator=g)
-    b = torch.randint(3, max(4, vocab_size), (1, 7), generator=g)
     device = device or next(model.parameters()).device
+    seqs = [torch.randint(3, max(4, vocab_size), (1, n), generator=g).to(device) for n in lengths]
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(device)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            alone = model(input_ids=b.to(device), use_cache=False).logits.float()
-            packed = torch.cat([a, b], dim=1).to(device)
-            pos = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0).to(device)
-            together = model(input_ids=packed, position_ids=pos, use_cache=False).logits.float()[:, -7:]
-    except Exception as exc:  # a model that does not take position_ids
-        return f"the model does not run packed rows ({type(exc).__name__}: {exc})"
+            alone = [model(input_ids=s, use_cache=False).logits.float() for s in seqs]
+            with context if context is not None else contextlib.nullcontext():
+                packed = model(input_ids=torch.cat(seqs, dim=1), position_ids=pos, use_cache=False,
+                               **packed_kwargs).logits.float()
     finally:
         model.train(was_training)
-    if alone.shape != together.shape or not torch.allclose(alone, together, atol=1e-4, rtol=1e-3):
+    together = packed.split(list(lengths), dim=1)
+    return all(a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(alone, together))
+
+
+def check_packing(model: Any, vocab_size: int, device: Optional[torch.device] = None) -> Optional[str]:
+    """None when ``model`` keeps packed examples apart, else why not: two short random sequences run
+    separately and packed into one row give the same logits only if the second cannot see the first."""
+    try:
+        same = packed_matches_alone(model, vocab_size, (5, 7), device)
+    except Exception as exc:  # a model that does not take position_ids
+        return f"the model does not run packed rows ({type(exc).__name__}: {exc})"
+    if not same:
         return "the model lets packed examples attend to each other (it ignores position_ids for masking)"
     return None

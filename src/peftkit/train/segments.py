@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, PeftkitError
+from .collate import packed_matches_alone
 
 SEGMENTS = "peftkit_segments"
 SEGMENTS_MODES = ("auto", "segments", "mask")
@@ -138,15 +139,15 @@ def choose_segments(model: nn.Module, mode: str, packed: bool, compiled: bool,
     if mode not in SEGMENTS_MODES:
         raise ConfigError(f"packed_attention must be one of {SEGMENTS_MODES}, got {mode!r}.")
     device = device or next(model.parameters()).device
-    why_not = None
     if mode == "mask":
         return SegmentsPlan(False, "packed_attention mask")
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if not packed:
         why_not = "the rows are not packed"
     elif compiled:
         why_not = "compiled blocks would recompile for every set of example lengths"
-    elif getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa":
-        why_not = f"the model's attention is {getattr(getattr(model, 'config', None), '_attn_implementation', None)!r}, not sdpa"
+    elif attention != "sdpa":
+        why_not = f"the model's attention is {attention!r}, not sdpa"
     elif mode == "auto" and device.type != "cpu":
         why_not = f"auto takes it on the CPU only (not measured on {device.type}); --packed-attention segments asks"
     else:
@@ -161,37 +162,25 @@ def choose_segments(model: nn.Module, mode: str, packed: bool, compiled: bool,
 def probe(model: nn.Module, device: torch.device) -> Optional[str]:
     """None when two short random sequences packed in one row (plus a padding tail) give under
     :func:`segment_attention` the logits they give alone under the model's own attention, else why not."""
-    vocab = max(4, getattr(model.config, "vocab_size", 100))
-    g = torch.Generator().manual_seed(0)
-    lengths = (5, 7, 3)
-    seqs = [torch.randint(3, vocab, (1, n), generator=g) for n in lengths]
-    ids = torch.cat(seqs, dim=1).to(device)
-    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(device)
     register()
-    was_training = model.training
-    model.eval()
+    lengths = (5, 7, 3)
+    seen: list[int] = []
     plan = SegmentsPlan(True, "probe", model)
-    seen = []
     try:
-        with torch.no_grad():
-            alone = [model(input_ids=s.to(device), use_cache=False).logits.float() for s in seqs]
-            with plan.active(), _calls(seen):
-                packed = model(input_ids=ids, position_ids=pos, use_cache=False, **{SEGMENTS: (lengths,)})
+        same = packed_matches_alone(model, getattr(model.config, "vocab_size", 100), lengths, device,
+                                    _probing(plan, seen), **{SEGMENTS: (lengths,)})
     except Exception as exc:  # the model refuses the keyword, or its attention has more than a causal mask
         return f"the model does not run segment attention ({type(exc).__name__}: {exc})"
-    finally:
-        model.train(was_training)
     if not seen:
         return "the model does not pass keyword arguments down to its attention"
-    together = packed.logits.float().split(lengths, dim=1)
-    if any(not torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(alone, together)):
+    if not same:
         return "segment attention does not reproduce the model's own attention"
     return None
 
 
 @contextlib.contextmanager
-def _calls(seen: list[int]) -> Iterator[None]:
-    """Record in ``seen`` each call of the attention function that carried segments."""
+def _probing(plan: SegmentsPlan, seen: list[int]) -> Iterator[None]:
+    """``plan`` active, and each call of the attention function that carried segments recorded in ``seen``."""
     from transformers import AttentionInterface
 
     def counting(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -201,7 +190,8 @@ def _calls(seen: list[int]) -> Iterator[None]:
 
     AttentionInterface.register(SEGMENTS, counting)
     try:
-        yield
+        with plan.active():
+            yield
     finally:
         AttentionInterface.register(SEGMENTS, segment_attention)
 
