@@ -225,3 +225,17 @@ def test_training_steps_equal_the_masked_road(tok, packed_data, checkpointing, h
         if p.requires_grad:
             torch.testing.assert_close(p, a[n], rtol=1e-4, atol=1e-6, msg=n)
     assert runs["segments"].model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_a_refused_combination_leaves_the_model_as_it_came(tok, packed_data):
+    """--packed-attention segments with --compile on is refused before any block is compiled."""
+    from peftkit.train.speed import decoder_blocks
+
+    pm = _lora(peftkit.load_model()[0])
+    cfg = TrainConfig(progress=False, eval_steps=0, save_steps=0, num_generations=0, eval_generate_samples=0,
+                      batch_size=4, max_steps=1, packed_attention="segments", compile="on")
+    with pytest.raises(ConfigError, match="recompile"):
+        Trainer(pm, tok, packed_data, None, cfg, task_type="CAUSAL_LM", quiet=True, packing=True, max_length=64)
+    base = pm.get_base_model()
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in decoder_blocks(base))
+    assert base.config._attn_implementation == "sdpa"

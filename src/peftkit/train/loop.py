@@ -37,7 +37,7 @@ from .evaluation import evaluate, generate_texts, print_samples, sample_outputs
 from .loss_head import LossForward, choose_loss_head, target_index
 from .reporting import MetricsLog, folder_bytes, human_bytes, peak_memory, plot_losses, print_report
 from .segments import SEGMENTS, choose_segments, segment_lengths
-from .speed import eager_stance, enable_checkpointing, plan_speed, remove_compile
+from .speed import choose_compile, eager_stance, enable_checkpointing, plan_speed, remove_compile
 from .step import (
     autocast_context,
     batch_count,
@@ -94,9 +94,11 @@ class Trainer:
         self._plan_batches(self.packed)
         self.loss_head = choose_loss_head(self.model, task_type, config.loss_head, self.device)
         self.loss_forward = LossForward(self.model, task_type, self.loss_head)
-        self._plan_speed()
+        # before the speed plan compiles blocks or turns checkpointing on: a refusal leaves the model as it came
         self.segments = choose_segments(unwrap(self.model), config.packed_attention, self.packed,
-                                        self.compile_plan.enabled, self.device)
+                                        choose_compile(unwrap(self.model), config.compile, self.device).enabled,
+                                        self.device)
+        self._plan_speed()
         self._build_optimization()
         self.ddp = self._wrap_ddp()
         self.log = MetricsLog(os.path.join(output_dir, "metrics.jsonl") if output_dir else os.devnull,
