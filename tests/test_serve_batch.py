@@ -29,7 +29,7 @@ def test_rows_join_and_leave_and_each_equals_itself_alone():
     model, _ = peftkit.load_model()
     model.eval()
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 12)]
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 12, 8, 6)]
     steps = ROOM + 12  # past the buffers' room: one rebuild for want of free columns
     want = [_alone(model, p, steps) for p in prompts]
     batch = RunningBatch()
@@ -41,13 +41,17 @@ def test_rows_join_and_leave_and_each_equals_itself_alone():
         for i, t in zip((0, 1, 2), first):
             got[i] = [t]
         assert all(isinstance(layer, SlackLayer) for layer in batch.cache.layers)
-        buffers = set()
-        for step in range(steps + 6):
-            if step == 3:  # two rows join mid-way
-                pre, first = _prefill(model, prompts[3:])
-                batch.add([3, 4], pre.inputs["past_key_values"], pre.inputs["attention_mask"])
-                lengths.update({i: n for i, n in zip((3, 4), pre.lengths)})
-                for i, t in zip((3, 4), first):
+        buffers, joined_in_place = set(), None
+        for step in range(steps + 10):
+            if step in (3, 8):  # two rows join mid-way: longer than the others (a rebuild), then shorter (in place)
+                new = (3, 4) if step == 3 else (5, 6)
+                pre, first = _prefill(model, [prompts[i] for i in new])
+                before = batch.cache.layers[0].keys.data_ptr()
+                batch.add(list(new), pre.inputs["past_key_values"], pre.inputs["attention_mask"])
+                if step == 8:
+                    joined_in_place = batch.cache.layers[0].keys.data_ptr() == before
+                lengths.update({i: n for i, n in zip(new, pre.lengths)})
+                for i, t in zip(new, first):
                     got[i] = [t]
             rows = batch.rows
             inputs = batch.step_inputs([got[r][-1] for r in rows], [lengths[r] for r in rows])
@@ -62,9 +66,10 @@ def test_rows_join_and_leave_and_each_equals_itself_alone():
             if not batch.rows:
                 break
     assert got[1] == want[1][:len(got[1])] and len(got[1]) == 12
-    for i in (0, 2, 3, 4):
+    for i in (0, 2, 3, 4, 5, 6):
         assert got[i] == want[i], i
-    # the cache is written in place: a new buffer only when rows join or leave or the room runs out
+    assert joined_in_place
+    # the cache is written in place: a new buffer only when rows join longer, columns run out or free up
     assert len(buffers) <= 6
 
 
@@ -78,3 +83,63 @@ def test_a_step_writes_one_free_column_and_refuses_when_there_is_none():
     assert torch.equal(keys[:, :, :4], k) and torch.equal(values[:, :, :4], k + 1)
     with pytest.raises(RuntimeError, match="free column"):
         layer.update(new, new)
+
+
+def _cache(rows, columns, seed, layers=2):
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(seed)
+    cache = DynamicCache()
+    for i in range(layers):
+        cache.update(torch.randn(rows, 2, columns, 4, generator=g), torch.randn(rows, 2, columns, 4, generator=g), i)
+    return cache
+
+
+def test_rows_join_into_free_rows_and_leave_by_moving_the_last_rows():
+    batch = RunningBatch(max_rows=8)
+    first = _cache(4, 6, 0)
+    want = [(layer.keys.clone(), layer.values.clone()) for layer in first.layers]
+    batch.add(["a", "b", "c", "d"], first, torch.ones(4, 6, dtype=torch.long))
+    assert batch.capacity == 8  # as many free rows again, up to max_rows
+    ptr = batch.cache.layers[0].keys.data_ptr()
+    # two rows of 3 entries join: into rows 4-5, right-aligned with the 6 written columns, no copy of a-d
+    joining = _cache(2, 3, 1)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    batch.add(["e", "f"], joining, mask)
+    layer = batch.cache.layers[1]
+    assert batch.cache.layers[0].keys.data_ptr() == ptr and batch.rows == ["a", "b", "c", "d", "e", "f"]
+    assert torch.equal(layer.keys[4:6, :, 3:6], joining.layers[1].keys)
+    assert torch.equal(batch.mask[4:6, :6], torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]]))
+    # b and d leave: e and f move into their places, a and c stay; nothing else is copied
+    batch.keep([0, 2, 4, 5])
+    assert batch.rows == ["a", "e", "c", "f"] and batch.cache.layers[0].keys.data_ptr() == ptr
+    k, v = batch.cache.layers[0].live(4)
+    assert torch.equal(k[0], want[0][0][0]) and torch.equal(k[2], want[0][0][2])
+    assert torch.equal(v[1, :, 3:], joining.layers[0].values[0]) and torch.equal(v[3, :, 3:], joining.layers[0].values[1])
+    assert torch.equal(batch.mask[:4, :6], torch.tensor([[1] * 6, [0, 0, 0, 0, 1, 1], [1] * 6, [0, 0, 0, 1, 1, 1]]))
+    # a decode step reads the 4 rows' whole buffers: the free columns are masked
+    inputs = batch.step_inputs([1, 2, 3, 4], [6, 3, 6, 2])
+    assert inputs["attention_mask"].shape == (4, 6 + ROOM) and inputs["attention_mask"][:, 6].eq(1).all()
+    keys, _ = batch.cache.layers[0].update(torch.ones(4, 2, 1, 4), torch.ones(4, 2, 1, 4))
+    batch.cache.layers[1].update(torch.ones(4, 2, 1, 4), torch.ones(4, 2, 1, 4))
+    assert keys.shape[0] == 4 and keys.data_ptr() == ptr and keys[:, :, 6].eq(1).all()
+    # a row joins into a row that another left: the stale entries there are masked out
+    batch.add(["g"], _cache(1, 2, 3), torch.ones(1, 2, dtype=torch.long))
+    assert batch.rows[4] == "g" and batch.cache.layers[0].keys.data_ptr() == ptr
+    assert torch.equal(batch.mask[4, :batch.used], torch.tensor([0] * 5 + [1, 1]))
+
+
+def test_a_longer_row_or_a_full_batch_rebuilds_and_freed_left_columns_are_cut():
+    batch = RunningBatch(max_rows=3)
+    batch.add(["a", "b"], _cache(2, 4, 0), torch.ones(2, 4, dtype=torch.long))
+    assert batch.capacity == 3
+    long = _cache(1, 40, 1)
+    batch.add(["c"], long, torch.ones(1, 40, dtype=torch.long))  # longer than the written columns
+    assert batch.used == 40 and torch.equal(batch.mask[:2, :36].sum(), torch.tensor(0))
+    assert torch.equal(batch.cache.layers[0].live(3)[0][2], long.layers[0].keys[0])
+    batch.add(["d"], _cache(1, 4, 2), torch.ones(1, 4, dtype=torch.long))  # no free row: rebuilt
+    assert batch.rows == ["a", "b", "c", "d"] and batch.capacity == 4
+    keys_a = batch.cache.layers[0].live(4)[0][0, :, 36:].clone()
+    batch.keep([0, 1, 3])  # c leaves: 36 columns no row uses any more are cut off the left
+    assert batch.used == 4 and batch.rows == ["a", "b", "d"]
+    assert torch.equal(batch.cache.layers[0].live(3)[0][0], keys_a)

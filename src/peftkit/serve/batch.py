@@ -1,18 +1,26 @@
 """The running decode batch: its rows' key/value cache, left-padded, and the inputs of a prefill.
 
 Every row of the batch is a sequence ``[kv prefix; virtual prompt; prompt; generated]`` whose entries
-sit in one transformers ``DynamicCache`` whose layers are :class:`SlackLayer` buffers of shape (rows,
-kv_heads, W, head_dim); ``mask`` (rows, W) marks the real entries (padding can sit anywhere: positions
-are explicit). A row's next token gets the position ``length`` (its count of real entries), the position
-it has when the row runs alone, so a row's outputs do not depend on the rows beside it.
+sit in one transformers ``DynamicCache`` whose layers are :class:`SlackLayer` buffers of shape
+(capacity, kv_heads, W, head_dim), the batch's B rows first; ``mask`` (capacity, W) marks the real
+entries (padding can sit anywhere: positions are explicit). A row's next token gets the position
+``length`` (its count of real entries), the position it has when the row runs alone, so a row's outputs
+do not depend on the rows beside it.
 
-A decode step writes its token into the next free column of every layer's buffer, in place, and
-attention reads the whole buffer with the free columns masked out: no step copies the cache (a
-``DynamicCache`` concatenates, i.e. copies every layer's cache, at every step; at 256 rows of about 110
-entries that was half of the step). Rows join (:meth:`RunningBatch.add`: the shorter side left-padded,
-then stacked) and leave (:meth:`RunningBatch.keep`) between steps, and the buffers are rebuilt then,
-with :data:`ROOM` free columns, and when a step finds no free column; columns no row uses any more are
-cut off the left.
+Nothing copies the whole cache in the common case:
+
+* a decode step writes its token into the next free column of every layer's buffer, in place, and
+  attention reads the B rows' whole buffer with the free columns masked out (a ``DynamicCache``
+  concatenates, i.e. copies every layer's cache, at every step: at 256 rows of about 110 entries
+  that was half of the step);
+* rows that join (:meth:`RunningBatch.add`) are written into free rows of the buffers, their entries
+  right-aligned with the written columns, when they fit (as many columns or fewer);
+* rows that leave (:meth:`RunningBatch.keep`) make room for the last rows, which move into their
+  places: a copy of the moved rows only.
+
+The buffers are rebuilt (the written part copied into new ones with :data:`ROOM` free columns and free
+rows for as many rows again) when joining rows do not fit, when a step finds no free column, and when
+rows leaving free :data:`ROOM` or more columns on the left.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from transformers.cache_utils import DynamicLayer
 from .host import PromptTokens
 
 ROOM = 32  # free columns a rebuilt buffer gets: a copy of the cache every ROOM steps at most
+ROW_ROOM = 16  # the least free rows a rebuilt buffer gets (else as many as it holds, up to max_rows)
 
 
 def new_cache(model: nn.Module) -> Any:
@@ -42,36 +51,38 @@ def new_cache(model: nn.Module) -> Any:
 
 
 class SlackLayer(DynamicLayer):
-    """A decode-only cache layer: ``keys``/``values`` are (rows, heads, W, head_dim) buffers whose columns
-    from ``used`` on are free. :meth:`update` writes a one-token step into column ``used`` in place and
-    returns the whole buffers; the batch's mask hides the free columns. ``get_seq_length`` is ``W - 1``, so
-    that transformers sizes the step's mask to the buffer's W columns."""
+    """A decode-only cache layer: ``keys``/``values`` are (capacity, heads, W, head_dim) buffers whose
+    columns from ``used`` on are free; a step of B rows uses the first B. :meth:`update` writes a
+    one-token step into column ``used`` in place and returns the B rows' whole buffers (a view); the
+    batch's mask hides the free columns. ``get_seq_length`` is ``W - 1``, so that transformers sizes
+    the step's mask to the buffer's W columns."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int = ROOM) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int = ROOM, row_room: int = 0) -> None:
         super().__init__()
         B, H, T, D = keys.shape
-        self.keys = keys.new_zeros(B, H, T + room, D)
-        self.values = values.new_zeros(B, values.shape[1], T + room, values.shape[-1])
-        self.keys[:, :, :T] = keys
-        self.values[:, :, :T] = values
+        self.keys = keys.new_zeros(B + row_room, H, T + room, D)
+        self.values = values.new_zeros(B + row_room, values.shape[1], T + room, values.shape[-1])
+        self.keys[:B, :, :T] = keys
+        self.values[:B, :, :T] = values
         self.used = T
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if key_states.shape[-2] != 1 or self.used >= self.keys.shape[-2]:
+        B = key_states.shape[0]
+        if key_states.shape[-2] != 1 or self.used >= self.keys.shape[-2] or B > self.keys.shape[0]:
             raise RuntimeError("SlackLayer takes one-token steps into a free column (RunningBatch makes room).")
-        self.keys[:, :, self.used] = key_states[:, :, 0]
-        self.values[:, :, self.used] = value_states[:, :, 0]
+        self.keys[:B, :, self.used] = key_states[:, :, 0]
+        self.values[:B, :, self.used] = value_states[:, :, 0]
         self.used += 1
-        return self.keys, self.values
+        return self.keys[:B], self.values[:B]
 
     def get_seq_length(self) -> int:
         return self.keys.shape[-2] - 1
 
-    def live(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The written columns (views)."""
-        return self.keys[:, :, :self.used], self.values[:, :, :self.used]
+    def live(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The written columns of the first ``rows`` rows (views)."""
+        return self.keys[:rows, :, :self.used], self.values[:rows, :, :self.used]
 
 
 def _layers(cache: Any) -> list:
@@ -79,69 +90,103 @@ def _layers(cache: Any) -> list:
 
 
 class RunningBatch:
-    """The rows being decoded (any objects, kept in cache order), their cache and attention mask."""
+    """The rows being decoded (any objects, kept in cache order), their cache and attention mask;
+    ``max_rows`` bounds the buffers' row capacity (the engine's largest batch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: Optional[int] = None) -> None:
         self.rows: list[Any] = []
         self.cache: Any = None
-        self.mask: Optional[torch.Tensor] = None  # (rows, W) long: 1 on real entries
+        self.mask: Optional[torch.Tensor] = None  # (capacity, W) long: 1 on real entries
         self.used = 0  # columns written (the rest of W is free)
+        self.max_rows = max_rows
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def capacity(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
     def add(self, rows: Sequence[Any], cache: Any, mask: torch.Tensor) -> None:
-        """Append ``rows`` whose cache and mask came from their prefill."""
+        """Append ``rows`` whose cache and mask (rows, T) came from their prefill."""
+        n, new, T = len(self.rows), len(rows), mask.shape[1]
         if not self.rows:
             self.rows = list(rows)
             self.cache = cache
             self._rebuild([(layer.keys, layer.values) for layer in _layers(cache)], mask)
             return
-        T = max(self.used, mask.shape[1])
+        if n + new <= self.capacity and T <= self.used:  # into free rows, right-aligned: no other row moves
+            lo = self.used - T
+            for mine, theirs in zip(_layers(self.cache), _layers(cache)):
+                mine.keys[n:n + new, :, lo:self.used] = theirs.keys
+                mine.values[n:n + new, :, lo:self.used] = theirs.values
+            self.mask[n:n + new] = 0  # the rows' other columns hold stale (finite) entries: masked out
+            self.mask[n:n + new, lo:self.used] = mask
+            self.rows.extend(rows)
+            return
+        W = max(self.used, T)
         parts = []
         for mine, theirs in zip(_layers(self.cache), _layers(cache)):
-            k, v = mine.live()
-            parts.append((torch.cat([_left_pad(k, T), _left_pad(theirs.keys, T)]),
-                          torch.cat([_left_pad(v, T), _left_pad(theirs.values, T)])))
-        live = self.mask[:, :self.used]
-        self._rebuild(parts, torch.cat([F.pad(live, (T - live.shape[1], 0)), F.pad(mask, (T - mask.shape[1], 0))]))
+            k, v = mine.live(n)
+            parts.append((torch.cat([_left_pad(k, W), _left_pad(theirs.keys, W)]),
+                          torch.cat([_left_pad(v, W), _left_pad(theirs.values, W)])))
+        live = self.mask[:n, :self.used]
+        self._rebuild(parts, torch.cat([F.pad(live, (W - live.shape[1], 0)), F.pad(mask, (W - T, 0))]))
         self.rows.extend(rows)
 
     def keep(self, keep: Sequence[int]) -> None:
-        """Keep only the rows at positions ``keep`` (in order); drop the columns no row uses."""
+        """Keep only the rows at positions ``keep``. The kept rows beyond the new row count move into
+        the places of the rows that leave (rows change places: read :attr:`rows` again); columns no row
+        uses any more are cut off the left once they are :data:`ROOM` or more."""
         if len(keep) == len(self.rows):
             return
-        self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.cache = self.mask = None
-            self.used = 0
+        n = len(keep)
+        if not n:
+            self.rows, self.cache, self.mask, self.used = [], None, None, 0
             return
-        idx = torch.tensor(keep, device=self.mask.device)
-        mask = self.mask[:, :self.used].index_select(0, idx)
-        start = int(mask.any(0).long().argmax())  # the first column a row still uses
-        parts = []
-        for layer in _layers(self.cache):
-            k, v = layer.live()
-            parts.append((k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]))
-        self._rebuild(parts, mask[:, start:])
+        kept = set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in keep if i >= n]
+        rows = self.rows[:n]
+        if holes:
+            dst = torch.tensor(holes, device=self.mask.device)
+            src = torch.tensor(movers, device=self.mask.device)
+            for layer in _layers(self.cache):
+                layer.keys[dst, :, :self.used] = layer.keys[src, :, :self.used]
+                layer.values[dst, :, :self.used] = layer.values[src, :, :self.used]
+            self.mask[dst] = self.mask[src]
+            for h, m in zip(holes, movers):
+                rows[h] = self.rows[m]
+        self.rows = rows
+        start = int(self.mask[:n, :self.used].any(0).long().argmax())  # the first column a row still uses
+        if start >= ROOM:
+            parts = [tuple(t[:, :, start:] for t in layer.live(n)) for layer in _layers(self.cache)]
+            self._rebuild(parts, self.mask[:n, start:self.used])
 
     def step_inputs(self, last: Sequence[int], lengths: Sequence[int]) -> dict[str, Any]:
         """The inputs of one decode step (each row's last token at its own position); its column in the mask."""
+        n = len(self.rows)
         if self.used >= self.mask.shape[1]:  # no free column: rebuild with room
-            self._rebuild([layer.live() for layer in _layers(self.cache)], self.mask)
+            self._rebuild([layer.live(n) for layer in _layers(self.cache)], self.mask[:n])
         device = self.mask.device
-        self.mask[:, self.used] = 1
+        self.mask[:n, self.used] = 1
         self.used += 1
         return {"input_ids": torch.tensor(last, device=device).unsqueeze(1),
                 "position_ids": torch.tensor(lengths, device=device).unsqueeze(1),
-                "attention_mask": self.mask, "past_key_values": self.cache}
+                "attention_mask": self.mask[:n], "past_key_values": self.cache}
 
     def _rebuild(self, parts: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         """The cache's layers become new buffers holding ``parts`` (per layer: keys, values of the written
-        columns) with ROOM free columns; ``mask`` (rows, written columns) is padded likewise."""
-        self.cache.layers[:] = [SlackLayer(k, v) for k, v in parts]
-        self.used = mask.shape[1]
-        self.mask = F.pad(mask, (0, ROOM))
+        columns of every row) with ROOM free columns and free rows; ``mask`` (rows, written columns)
+        is laid into a mask of the buffers' shape."""
+        rows, used = mask.shape
+        room = max(ROW_ROOM, rows)
+        if self.max_rows is not None:
+            room = max(0, min(room, self.max_rows - rows))
+        self.cache.layers[:] = [SlackLayer(k, v, ROOM, room) for k, v in parts]
+        self.used = used
+        self.mask = mask.new_zeros(rows + room, used + ROOM)
+        self.mask[:rows, :used] = mask
 
 
 def _left_pad(t: torch.Tensor, T: int) -> torch.Tensor:

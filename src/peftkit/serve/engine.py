@@ -7,7 +7,7 @@ Each iteration of the engine thread's loop:
 3. admits waiting requests whose adapter is installed (first come first served, up to ``max_batch``
    rows and ``max_prefill_tokens`` prompt tokens; a request waiting for its adapter does not hold up the
    ones behind it) and prefills them in one forward: soft prompts laid into the rows, layer adapters
-   routed per row (:mod:`peftkit.serve.batch`);
+   routed per row (:mod:`peftkit.serve.batch`), a prefill's rows grouped by adapter;
 4. runs one decode step of every running row, newcomers included, in one forward; rows that finish
    leave the batch at once and their slots go to the next waiting requests.
 
@@ -116,7 +116,7 @@ class Engine:
         self.host, self.store, self.tok = host, store, tokenizer
         self.max_batch, self.max_prefill_tokens, self.max_waiting = max_batch, max_prefill_tokens, max_waiting
         self.metrics = metrics
-        self.batch = RunningBatch()
+        self.batch = RunningBatch(self.max_batch)
         self.waiting: deque[Request] = deque()
         self.context = int(getattr(host.base.config, "max_position_embeddings", 0) or 0) or None
         eos = getattr(getattr(host.base, "generation_config", None), "eos_token_id", None)
@@ -190,8 +190,11 @@ class Engine:
     def _iteration(self) -> None:
         self._expire()
         rows = self._admit()
+        order = {name: i for i, name in enumerate(self.host.installed())}
         for group in length_groups(rows, [self._entries(r) for r in rows]):
-            self._prefill(group)
+            # rows of one adapter side by side, adapters in the layers' order: the batched adapter
+            # matmuls of the prefill then read each adapter's tokens in place (no gather, no scatter)
+            self._prefill(sorted(group, key=lambda r: order.get(r.layer_name, -1)))
         if self.batch.rows:
             self._decode()
         if self.metrics is not None:
@@ -323,7 +326,7 @@ class Engine:
             if row.req.id not in seen:
                 seen.add(row.req.id)
                 row.req.deliver(Event("error", error=err))
-        self.batch = RunningBatch()
+        self.batch = RunningBatch(self.max_batch)
         if isinstance(exc, ServeError) and exc.status == 503:
             while self.waiting:
                 self.waiting.popleft().deliver(Event("error", error=err))
