@@ -369,3 +369,14 @@ def test_length_groups_cut_padding_and_keep_every_row():
     for g in groups:  # each group pads at most 25% over its real tokens (or is the last one allowed)
         assert max(lengths[i] for i in g) * len(g) <= 1.25 * sum(lengths[i] for i in g) or g is groups[-1]
     assert length_groups([], []) == [] and length_groups(["x"], [5]) == [["x"]]
+
+
+def test_prefill_pieces_bound_the_padded_tokens_of_a_forward():
+    from peftkit.serve.engine import prefill_pieces
+
+    lengths = [10, 30, 20, 20, 50, 5, 5]
+    pieces = prefill_pieces(list(range(7)), lengths, 60)
+    assert [i for p in pieces for i in p] == list(range(7))  # every row once, in order
+    assert pieces == [[0, 1], [2, 3], [4], [5, 6]]
+    assert prefill_pieces(["x"], [500], 60) == [["x"]]  # a row longer than the bound runs alone
+    assert prefill_pieces([], [], 60) == []

@@ -7,7 +7,8 @@ Each iteration of the engine thread's loop:
 3. admits waiting requests whose adapter is installed (first come first served, up to ``max_batch``
    rows and ``max_prefill_tokens`` prompt tokens; a request waiting for its adapter does not hold up the
    ones behind it) and prefills them in one forward: soft prompts laid into the rows, layer adapters
-   routed per row (:mod:`peftkit.serve.batch`), a prefill's rows grouped by adapter;
+   routed per row (:mod:`peftkit.serve.batch`), a prefill's rows grouped by adapter (on a CPU, in
+   forwards of at most :data:`PREFILL_TOKENS` padded tokens);
 4. runs one decode step of every running row, newcomers included, in one forward; rows that finish
    leave the batch at once and their slots go to the next waiting requests.
 
@@ -38,6 +39,10 @@ from .batch import RunningBatch, build_prefill
 from .errors import ServeError
 from .host import AdapterHost
 from .text import TextStream
+
+# padded prompt tokens a prefill forward takes at most on a CPU: the 256-prompt prefill of
+# bench/serve_decode_step.py's model took 2.1-2.5 s in forwards of 640-2,560 tokens, 3.2-3.8 s in one
+PREFILL_TOKENS = 2048
 
 
 @dataclass
@@ -115,6 +120,8 @@ class Engine:
                  max_prefill_tokens: int = 8192, max_waiting: int = 4096, metrics: Any = None):
         self.host, self.store, self.tok = host, store, tokenizer
         self.max_batch, self.max_prefill_tokens, self.max_waiting = max_batch, max_prefill_tokens, max_waiting
+        # CPU: prefill forwards of at most PREFILL_TOKENS (measured faster per token than larger ones)
+        self.prefill_tokens = PREFILL_TOKENS if host.device.type == "cpu" else max_prefill_tokens
         self.metrics = metrics
         self.batch = RunningBatch(self.max_batch)
         self.waiting: deque[Request] = deque()
@@ -194,7 +201,9 @@ class Engine:
         for group in length_groups(rows, [self._entries(r) for r in rows]):
             # rows of one adapter side by side, adapters in the layers' order: the batched adapter
             # matmuls of the prefill then read each adapter's tokens in place (no gather, no scatter)
-            self._prefill(sorted(group, key=lambda r: order.get(r.layer_name, -1)))
+            group = sorted(group, key=lambda r: order.get(r.layer_name, -1))
+            for piece in prefill_pieces(group, [self._entries(r) for r in group], self.prefill_tokens):
+                self._prefill(piece)
         if self.batch.rows:
             self._decode()
         if self.metrics is not None:
@@ -351,6 +360,21 @@ def length_groups(rows: list, lengths: list[int], waste: float = 0.25, most: int
     return [[rows[i] for i in group] for group in groups]
 
 
+def prefill_pieces(rows: list, lengths: list[int], most_tokens: int) -> list[list]:
+    """``rows`` (in their order) cut into consecutive pieces whose padded size (rows x the piece's longest
+    length) is at most ``most_tokens``; a piece has at least one row."""
+    pieces: list[list] = []
+    piece: list = []
+    longest = 0
+    for row, n in zip(rows, lengths):
+        if piece and (len(piece) + 1) * max(longest, n) > most_tokens:
+            pieces.append(piece)
+            piece, longest = [], 0
+        piece.append(row)
+        longest = max(longest, n)
+    return pieces + [piece] if piece else pieces
+
+
 def pick_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[Optional[torch.Generator]]
                 ) -> list[tuple[int, Optional[float], list[tuple[int, float]]]]:
     """Each row's next token (greedy, or sampled at its temperature within its top-p nucleus) with its
@@ -380,4 +404,4 @@ def pick_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: 
     return out
 
 
-__all__ = ["Engine", "Event", "Request", "Row", "SamplingParams", "length_groups", "pick_tokens"]
+__all__ = ["Engine", "Event", "Request", "Row", "SamplingParams", "length_groups", "pick_tokens", "prefill_pieces"]
