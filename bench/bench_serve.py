@@ -242,7 +242,7 @@ def measure_server(server: Server, row: str, names: list[str], prompts: list[str
 class HFPeft:
     """All adapters in one ``peft.PeftModel``; requests served as same-adapter batches, one after the other."""
 
-    def __init__(self, base: str, paths: dict[str, str], max_batch: int) -> None:
+    def __init__(self, base: str, paths: dict[str, str], max_batch: int, device: str = "cpu") -> None:
         import peft
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -250,12 +250,12 @@ class HFPeft:
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.unk_token or self.tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(base).eval()
+        model = AutoModelForCausalLM.from_pretrained(base).eval().to(device)
         names = list(paths)
         self.model = peft.PeftModel.from_pretrained(model, paths[names[0]], adapter_name=names[0])
         for name in names[1:]:
             self.model.load_adapter(paths[name], adapter_name=name)
-        self.max_batch = max_batch
+        self.max_batch, self.device = max_batch, device
 
     def measure(self, names: list[str], prompts: list[str], new_tokens: int) -> Result:
         import torch
@@ -279,7 +279,7 @@ class HFPeft:
             self.model.set_adapter(name)
             for start in range(0, len(rows), self.max_batch):
                 batch = rows[start:start + self.max_batch]
-                enc = self.tok([prompts[i] for i in batch], return_tensors="pt", padding=True)
+                enc = self.tok([prompts[i] for i in batch], return_tensors="pt", padding=True).to(self.device)
                 first = FirstCall()
                 with torch.no_grad():
                     out = self.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -363,10 +363,11 @@ def start_rows(rows: list[str], base: str, paths: dict[str, str], args) -> dict[
             except ImportError:
                 print("skipping (b) HF PEFT: the peft package is not installed", flush=True)
                 continue
-            engines[row] = HFPeft(base, paths, args.hf_batch)
+            engines[row] = HFPeft(base, paths, args.hf_batch, args.device)
         else:
             if row == "a":
-                server, why = start_peftkit(base, paths, shlex.split(args.peftkit_args), args.threads)
+                extra = shlex.split(args.peftkit_args) + ["--device", args.device]
+                server, why = start_peftkit(base, paths, extra, args.threads)
             else:
                 server, why = start_vllm(args.vllm_venv, base, paths, shlex.split(args.vllm_args))
             if server is None:
@@ -404,13 +405,14 @@ def measure_or_drop(engines: dict[str, object], row: str, names: list[str], prom
 
 
 def run_rounds(engines: dict[str, object], args, prompts: list[str]) -> dict[tuple[str, int], list[Result]]:
-    """For each adapter count: one warm-up per engine, then ``--repeat`` rounds, the rows' order
+    """For each adapter count: one warm-up per engine (as many requests as a round, 4 tokens each: the
+    first full-size round of a fresh server ran up to 20% slower), then ``--repeat`` rounds, the rows' order
     alternating between rounds; each (K, round) uses its own slice of prompts, the same for every row."""
     results: dict[tuple[str, int], list[Result]] = {}
     offset = 0
     for k in args.adapters:
         names = [f"a{i:02d}" for i in range(k)]
-        warm = prompt_slice(prompts, offset, min(16, args.requests))
+        warm = prompt_slice(prompts, offset, args.requests)
         offset += len(warm)
         for row in list(engines):
             measure_or_drop(engines, row, names, warm, 4)
@@ -476,6 +478,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                          "as vLLM's CPU build (it keeps one core for its front end)")
     ap.add_argument("--peftkit-args", default="", help="more arguments of peftkit serve, e.g. '--threads 1'")
     ap.add_argument("--vllm-args", default="", help="more arguments of vLLM's server")
+    ap.add_argument("--device", default="cpu", help="device of rows a and b, e.g. cuda (default cpu; vLLM's CPU "
+                                                   "build stays on the CPU)")
     ap.add_argument("--json", help="also write the summary as JSON to this file")
     args = ap.parse_args(argv)
     args.adapters = sorted({int(k) for k in args.adapters.split(",") if k.strip()})

@@ -7,14 +7,17 @@
 # 2. prints the versions (python, torch, CUDA, GPU, transformers, peft, bitsandbytes, peftkit);
 # 3. runs tests/test_cuda.py;
 # 4. runs bench/bench_gpu.py (peftkit vs Hugging Face PEFT on the GPU) -> $OUT/gpu_bench.json;
-# 5. with the time left, a CPU subset of the normal suite (-m "not slow") under this machine's torch.
+# 5. runs bench/bench_serve.py on the GPU: peftkit serve vs Hugging Face PEFT batch-per-adapter, 64
+#    requests at 1 and 32 adapters, one round (rows a and b; vLLM's CPU build is not on this machine)
+#    -> $OUT/serve_bench.json;
+# 6. with the time left, a CPU subset of the normal suite (-m "not slow") under this machine's torch.
 #    (tests/test_bnb.py is left out: its 4-bit tests fail on CPUs with AVX512-BF16, where bitsandbytes
 #    repacks 4-bit weights for the CPU and asserts out_features % 32 == 0; a bitsandbytes limit.)
 #
 # Everything it prints also goes to $OUT/gpu_check.log ($OUT defaults to /tmp/out). It writes only
 # under $OUT and /tmp (caches, HOME, pytest's temporary folders and no .pyc / .pytest_cache in the
 # repository). Each stage runs under `timeout`, capped by one deadline, so that the whole script
-# ends within GPU_CHECK_BUDGET seconds (default 410, under 7 minutes). Exit status: 0 when every
+# ends within GPU_CHECK_BUDGET seconds (default 530, under 9 minutes). Exit status: 0 when every
 # stage that ran passed.
 
 set -u -o pipefail
@@ -22,7 +25,7 @@ set -u -o pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
-BUDGET="${GPU_CHECK_BUDGET:-410}"
+BUDGET="${GPU_CHECK_BUDGET:-530}"
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 STATUS=""
@@ -108,6 +111,9 @@ main() {
 
     # BENCH_ARGS: extra arguments, e.g. "--tiny --device cpu --quick" for a smoke run without a GPU
     stage bench 270 python3 bench/bench_gpu.py --out "$OUT/gpu_bench.json" --budget 200 ${BENCH_ARGS:-}
+
+    stage serve 120 python3 bench/bench_serve.py --rows a,b --requests 64 --adapters 1,32 --repeat 1 --device cuda \
+        --model-dir /tmp/peftkit-serve-bench --json "$OUT/serve_bench.json"
 
     local xdist_opt=()
     local workers=$(( $(nproc) < 8 ? $(nproc) : 8 ))
