@@ -100,7 +100,7 @@ def test_rows_join_into_free_rows_and_leave_by_moving_the_last_rows():
     first = _cache(4, 6, 0)
     want = [(layer.keys.clone(), layer.values.clone()) for layer in first.layers]
     batch.add(["a", "b", "c", "d"], first, torch.ones(4, 6, dtype=torch.long))
-    assert batch.capacity == 8  # as many free rows again, up to max_rows
+    assert batch.capacity == 8  # free rows (at least 16, a quarter of the rows) up to max_rows
     ptr = batch.cache.layers[0].keys.data_ptr()
     # two rows of 3 entries join: into rows 4-5, right-aligned with the 6 written columns, no copy of a-d
     joining = _cache(2, 3, 1)

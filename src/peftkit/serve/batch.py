@@ -18,9 +18,9 @@ Nothing copies the whole cache in the common case:
 * rows that leave (:meth:`RunningBatch.keep`) make room for the last rows, which move into their
   places: a copy of the moved rows only.
 
-The buffers are rebuilt (the written part copied into new ones with :data:`ROOM` free columns and free
-rows for as many rows again) when joining rows do not fit, when a step finds no free column, and when
-rows leaving free :data:`ROOM` or more columns on the left.
+The buffers are rebuilt (the written part copied into new ones with :data:`ROOM` free columns, and
+free rows for a quarter as many rows again, at least :data:`ROW_ROOM`) when joining rows do not fit,
+when a step finds no free column, and when rows leaving free :data:`ROOM` or more columns on the left.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from transformers.cache_utils import DynamicLayer
 from .host import PromptTokens
 
 ROOM = 32  # free columns a rebuilt buffer gets: a copy of the cache every ROOM steps at most
-ROW_ROOM = 16  # the least free rows a rebuilt buffer gets (else as many as it holds, up to max_rows)
+ROW_ROOM = 16  # the least free rows a rebuilt buffer gets (else a quarter of its rows, up to max_rows in all)
 
 
 def new_cache(model: nn.Module) -> Any:
@@ -180,7 +180,7 @@ class RunningBatch:
         columns of every row) with ROOM free columns and free rows; ``mask`` (rows, written columns)
         is laid into a mask of the buffers' shape."""
         rows, used = mask.shape
-        room = max(ROW_ROOM, rows)
+        room = max(ROW_ROOM, rows // 4)
         if self.max_rows is not None:
             room = max(0, min(room, self.max_rows - rows))
         self.cache.layers[:] = [SlackLayer(k, v, ROOM, room) for k, v in parts]
