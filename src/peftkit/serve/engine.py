@@ -6,9 +6,9 @@ Each iteration of the engine thread's loop:
 2. drops cancelled or timed-out requests;
 3. admits waiting requests whose adapter is installed (first come first served, up to ``max_batch``
    rows and ``max_prefill_tokens`` prompt tokens; a request waiting for its adapter does not hold up the
-   ones behind it) and prefills them in one forward: soft prompts laid into the rows, layer adapters
-   routed per row (:mod:`peftkit.serve.batch`), a prefill's rows grouped by adapter (on a CPU, in
-   forwards of at most :data:`PREFILL_TOKENS` padded tokens);
+   ones behind it) and prefills them in batched forwards (rows of similar length together, ordered by
+   adapter; on a CPU, forwards of at most :data:`PREFILL_TOKENS` padded tokens): soft prompts laid into
+   the rows, layer adapters routed per row (:mod:`peftkit.serve.batch`);
 4. runs one decode step of every running row, newcomers included, in one forward; rows that finish
    leave the batch at once and their slots go to the next waiting requests.
 
