@@ -143,3 +143,60 @@ def test_a_longer_row_or_a_full_batch_rebuilds_and_freed_left_columns_are_cut():
     batch.keep([0, 1, 3])  # c leaves: 36 columns no row uses any more are cut off the left
     assert batch.used == 4 and batch.rows == ["a", "b", "d"]
     assert torch.equal(batch.cache.layers[0].live(3)[0][0], keys_a)
+
+
+def test_random_joins_and_leaves_each_row_equals_itself_alone():
+    """Rows of random lengths join at random steps and leave after random token counts, in a batch of
+    at most 6 rows: every path (join in place or by a rebuild, leave by moving rows, left columns cut,
+    no free column) is taken, and every row's greedy tokens equal its tokens alone."""
+    import random
+
+    model, _ = peftkit.load_model()
+    model.eval()
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(0)
+    jobs = []  # (join step, prompt, tokens wanted)
+    for i in range(14):
+        length = rng.choice([2, 4, 9, 25, 60]) if i else 70  # a long first row: its leaving frees columns
+        jobs.append((rng.randrange(0, 50) if i else 0, torch.randint(3, 500, (length,), generator=g).tolist(),
+                     rng.randrange(1, ROOM + 20) if i else 12))
+    want = [_alone(model, p, n) for _, p, n in jobs]
+    batch = RunningBatch(max_rows=6)
+    got: dict[int, list[int]] = {}
+    lengths: dict[int, int] = {}
+    waiting = sorted(range(len(jobs)), key=lambda i: jobs[i][0])
+    paths = set()
+    with torch.inference_mode():
+        step = 0
+        while waiting or batch.rows:
+            joining = [i for i in waiting if jobs[i][0] <= step][:6 - len(batch)]
+            if joining:
+                for i in joining:
+                    waiting.remove(i)
+                pre, first = _prefill(model, [jobs[i][1] for i in joining])
+                before = (batch.cache.layers[0].keys.data_ptr(), batch.used) if batch.rows else None
+                batch.add(joining, pre.inputs["past_key_values"], pre.inputs["attention_mask"])
+                if before is not None:
+                    paths.add("join in place" if batch.cache.layers[0].keys.data_ptr() == before[0] else "join rebuilt")
+                for i, t, n in zip(joining, first, pre.lengths):
+                    got[i], lengths[i] = [t], n
+            keep = [j for j, r in enumerate(batch.rows) if len(got[r]) < jobs[r][2]]
+            if len(keep) < len(batch.rows):
+                used = batch.used
+                batch.keep(keep)
+                if batch.rows and batch.used < used:
+                    paths.add("left columns cut")
+            if batch.rows:
+                rows = batch.rows
+                ptr = batch.cache.layers[0].keys.data_ptr()
+                inputs = batch.step_inputs([got[r][-1] for r in rows], [lengths[r] for r in rows])
+                if batch.cache.layers[0].keys.data_ptr() != ptr:
+                    paths.add("no free column")
+                logits = model(**inputs, use_cache=True).logits[:, -1]
+                for r, t in zip(rows, logits.argmax(-1).tolist()):
+                    got[r].append(t)
+                    lengths[r] += 1
+            step += 1
+    for i, (_, _, n) in enumerate(jobs):
+        assert got[i][:n] == want[i], i
+    assert paths == {"join in place", "join rebuilt", "left columns cut", "no free column"}, paths
