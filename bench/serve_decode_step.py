@@ -27,17 +27,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=80, help="prompt length (the E2E prompts: about 80)")
+    ap.add_argument("--attention", choices=("decode", "sdpa"), default="decode",
+                    help="one-token steps: the engine's decode attention (default) or SDPA")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     from peftkit.adapter_io import read_adapter
     from peftkit.core.mixed import mixed_batch
-    from peftkit.serve.batch import RunningBatch, build_prefill
+    from peftkit.serve.batch import DECODE, RunningBatch, build_prefill, register_decode_attention
     from peftkit.serve.host import AdapterHost
 
     base, adapters = write_bench_model(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if args.attention == "decode":  # what the engine does on CPUs
+        register_decode_attention()
+        model.set_attn_implementation(DECODE)
     host = AdapterHost(model, "base")
     names = sorted(adapters)
     for name in names:

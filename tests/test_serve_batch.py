@@ -200,3 +200,57 @@ def test_random_joins_and_leaves_each_row_equals_itself_alone():
     for i, (_, _, n) in enumerate(jobs):
         assert got[i][:n] == want[i], i
     assert paths == {"join in place", "join rebuilt", "left columns cut", "no free column"}, paths
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_decode_attention_equals_sdpa_for_one_token_steps_and_hands_the_rest_to_it(kv_heads):
+    import torch.nn.functional as F
+
+    from peftkit.serve.batch import decode_attention
+
+    g = torch.Generator().manual_seed(kv_heads)
+    B, H, W, D = 5, 4, 11, 8
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, kv_heads, W, D, generator=g), torch.randn(B, kv_heads, W, D, generator=g)
+    allowed = torch.rand(B, 1, 1, W, generator=g) > 0.3
+    allowed[..., -1] = True  # every row sees its own new entry
+    rep = H // kv_heads
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                          attn_mask=allowed, scale=0.3).transpose(1, 2)
+    module = torch.nn.Module()
+    got, _ = decode_attention(module, q, k, v, allowed, scaling=0.3)
+    assert got.shape == (B, 1, H, D) and torch.allclose(got, want, atol=1e-6)
+    additive = torch.zeros(B, 1, 1, W).masked_fill(~allowed, float("-inf"))
+    assert torch.allclose(decode_attention(module, q, k, v, additive, scaling=0.3)[0], want, atol=1e-6)
+    plain = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)).transpose(1, 2)
+    assert torch.allclose(decode_attention(module, q, k, v, None)[0], plain, atol=1e-6)  # scaling 1/sqrt(D)
+    # a prefill (several query tokens) is transformers' SDPA itself
+    q3 = torch.randn(B, H, 3, D, generator=g)
+    mask3 = torch.ones(B, 1, 3, W, dtype=torch.bool)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module.is_causal, module.num_key_value_groups = False, rep
+    assert torch.equal(decode_attention(module, q3, k, v, mask3, scaling=0.3)[0],
+                       sdpa_attention_forward(module, q3, k, v, mask3, scaling=0.3)[0])
+
+
+def test_the_engine_decodes_with_its_attention_on_cpus():
+    from peftkit.serve.batch import DECODE
+    from peftkit.serve.engine import Engine
+    from peftkit.serve.host import AdapterHost
+
+    model, tok = peftkit.load_model()
+    assert model.config._attn_implementation == "sdpa"
+    Engine(AdapterHost(model, "base"), None, tok)
+    assert model.config._attn_implementation == DECODE
+    prompt = [5, 17, 80, 3, 44]
+    with torch.inference_mode():  # the model still generates as before (prefill: SDPA; steps: the products)
+        pre, first = _prefill(model, [prompt])
+        batch = RunningBatch()
+        batch.add([0], pre.inputs["past_key_values"], pre.inputs["attention_mask"])
+        tokens = [first[0]]
+        for step in range(6):
+            inputs = batch.step_inputs([tokens[-1]], [len(prompt) + step])
+            tokens.append(int(model(**inputs, use_cache=True).logits[0, -1].argmax()))
+    fresh, _ = peftkit.load_model()
+    assert tokens == _alone(fresh.eval(), prompt, 7)

@@ -18,6 +18,11 @@ Nothing copies the whole cache in the common case:
 * rows that leave (:meth:`RunningBatch.keep`) make room for the last rows, which move into their
   places: a copy of the moved rows only.
 
+A one-token step's attention over those buffers is two batched matrix products (:func:`decode_attention`,
+registered with transformers' ``AttentionInterface`` as :data:`DECODE` and used on CPUs): SDPA's CPU
+kernel took 2.0 ms for 64 rows of 144 entries (8 heads of 32) where the products take 0.7, and 8.9
+against 5.2 ms at 256 rows; anything else (a prefill, dropout, a window, soft-capping) goes to SDPA.
+
 The buffers are rebuilt (the written part copied into new ones with :data:`ROOM` free columns, and
 free rows for a quarter as many rows again, at least :data:`ROW_ROOM`) when joining rows do not fit,
 when a step finds no free column, and when rows leaving free :data:`ROOM` or more columns on the left.
@@ -36,6 +41,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .host import PromptTokens
 
+DECODE = "peftkit_decode"  # the attention of one-token steps, registered by register_decode_attention
 ROOM = 32  # free columns a rebuilt buffer gets: a copy of the cache every ROOM steps at most
 ROW_ROOM = 16  # the least free rows a rebuilt buffer gets (else a quarter of its rows, up to max_rows in all)
 
@@ -83,6 +89,44 @@ class SlackLayer(DynamicLayer):
     def live(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The written columns of the first ``rows`` rows (views)."""
         return self.keys[:rows, :, :self.used], self.values[:rows, :, :self.used]
+
+
+def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention of a one-token step (query (B, H, 1, D), keys/values (B, H_kv, W, D), a boolean or
+    additive mask (B, 1, 1, W)), grouped-query heads without copying the keys::
+
+        out[b, h] = softmax(scaling * q[b, h] K[b, h // G]^T + mask[b]) V[b, h // G],   G = H / H_kv
+
+    returned as transformers' attention functions do, (B, 1, H, D). Other calls go to transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, H, L, D = query.shape
+    plain_mask = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[2] == 1)
+    if (L != 1 or dropout or not plain_mask or H % key.shape[1]
+            or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias"))):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    Hkv = key.shape[1]
+    scores = torch.matmul(query.reshape(B, Hkv, H // Hkv, D), key.transpose(-1, -2))  # (B, H_kv, G, W)
+    scores.mul_(D ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores.masked_fill_(attention_mask.logical_not(), float("-inf"))
+        else:
+            scores.add_(attention_mask)
+    out = torch.matmul(scores.softmax(-1), value)  # (B, H_kv, G, D)
+    return out.reshape(B, 1, H, D), None
+
+
+def register_decode_attention() -> None:
+    """Register :func:`decode_attention` as :data:`DECODE` (SDPA's mask function with it)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DECODE, decode_attention)
+    AttentionMaskInterface.register(DECODE, sdpa_mask)
 
 
 def _layers(cache: Any) -> list:
@@ -238,4 +282,5 @@ def build_prefill(model: nn.Module, prompts: Sequence[Sequence[int]], tokens: Se
     return Prefill(inputs, [k + n for k, n in zip(nk, lens)])
 
 
-__all__ = ["Prefill", "RunningBatch", "build_prefill", "new_cache"]
+__all__ = ["DECODE", "Prefill", "RunningBatch", "build_prefill", "decode_attention", "new_cache",
+           "register_decode_attention"]

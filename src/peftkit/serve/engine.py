@@ -35,7 +35,7 @@ import torch
 from ..core.mixed import mixed_batch
 from ..prompt.introspect import accepts
 from .adapters import AdapterStore
-from .batch import RunningBatch, build_prefill
+from .batch import DECODE, RunningBatch, build_prefill, register_decode_attention
 from .errors import ServeError
 from .host import AdapterHost
 from .text import TextStream
@@ -123,6 +123,9 @@ class Engine:
         # CPU: prefill forwards of at most PREFILL_TOKENS (measured faster per token than larger ones)
         self.prefill_tokens = PREFILL_TOKENS if host.device.type == "cpu" else max_prefill_tokens
         self.metrics = metrics
+        if host.device.type == "cpu" and getattr(host.base.config, "_attn_implementation", None) == "sdpa":
+            register_decode_attention()  # one-token steps as two batched products; the rest is SDPA
+            host.base.set_attn_implementation(DECODE)
         self.batch = RunningBatch(self.max_batch)
         self.waiting: deque[Request] = deque()
         self.context = int(getattr(host.base.config, "max_position_embeddings", 0) or 0) or None
