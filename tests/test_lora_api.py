@@ -418,6 +418,35 @@ def test_batched_lora_paths_agree_with_per_row_reference(tokens, assign):
     assert torch.equal(base.grad, torch.ones_like(base))
 
 
+def test_decode_steps_on_cpu_take_padded_groups_and_lopsided_batches_do_not(monkeypatch):
+    """One token a row, many rows over few adapters, on a CPU: two batched matmuls over one padded group
+    per adapter (no grouped_mm); a batch where one adapter holds most rows keeps the grouped matmul."""
+    import torch.nn.functional as F
+
+    from peftkit.core.kernels import batched_lora
+    from peftkit.core.mixed import RowPlan
+
+    calls = []
+    if hasattr(F, "grouped_mm"):
+        real = F.grouped_mm
+        monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(6, 16, 8, generator=g), torch.randn(6, 8, 24, generator=g)
+    for idx, padded in (([3, 1, 3, 5, 1, 5, 3, 1, 5, 5, 1, 3], True),  # 3 adapters, 4 rows each
+                        ([2, 4, 2, 2, 0, 4, 4, 2, 0, 2, 4, 4], True),  # slots 0, 2, 4: not consecutive
+                        ([2] * 30 + [1, 3, 4, 5], False)):  # 5 groups of up to 30 places for 34 rows
+        plan = RowPlan(torch.tensor(idx))
+        x = torch.randn(len(idx), 1, 16, generator=g)
+        want = torch.stack([x[i] @ A[j] @ B[j] for i, j in enumerate(idx)])
+        calls.clear()
+        with torch.no_grad():
+            assert torch.allclose(batched_lora(x, A, B, plan), want, atol=1e-4)
+        assert (not calls) == padded or not hasattr(F, "grouped_mm"), idx
+    slots, first, m, gather, place = RowPlan(torch.tensor([3, 1, 3])).padded_groups()
+    assert slots.tolist() == [1, 3] and first is None and m == 2
+    assert gather.tolist() == [1, 3, 0, 2] and place.tolist() == [2, 0, 3]  # 3: the zero row
+
+
 def test_base_linear_hooks_and_patched_forwards_still_run():
     """LoRA computes a plain hook-free nn.Linear base with F.linear directly; hooks on the base
     (forward pre/post, global) and an instance-level forward (as accelerate installs) are honoured."""

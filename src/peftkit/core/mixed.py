@@ -73,7 +73,8 @@ class RowPlan:
     ``start``: when rows use consecutive slots ``start, start+1, ...`` in order (each row its own
     adapter, in slot order), layers can slice their stacked weights instead of gathering them.
     ``n_slots_used``: distinct slots among the rows. :meth:`groups` sorts tokens by slot for grouped
-    matmuls (``torch.nn.functional.grouped_mm``).
+    matmuls (``torch.nn.functional.grouped_mm``); :meth:`padded_groups` lays the rows out as equal-sized
+    groups for batched matmuls.
     """
 
     def __init__(self, idx: torch.Tensor) -> None:
@@ -95,6 +96,29 @@ class RowPlan:
             offs = torch.bincount(slots, minlength=n_slots).cumsum(0).to(torch.int32)
             order = None if self._sorted else torch.argsort(slots, stable=True)  # repeating rows keeps the order
             hit = self._groups[key] = (offs, order)
+        return hit
+
+    def padded_groups(self) -> tuple[torch.Tensor, Optional[int], int, torch.Tensor, torch.Tensor]:
+        """The rows as G groups of m places, one group per slot in use: ``slots`` (G,) those slots in
+        order, ``first`` when they are consecutive (``slots[0]``, else None), ``m`` the largest group,
+        ``gather`` (G * m,) the row in each place (the row count, i.e. one past the last row, in places a
+        smaller group leaves empty) and ``place`` (rows,) each row's place. Built on the host, once."""
+        hit = self._groups.get("padded")
+        if hit is None:
+            values = self.idx.tolist()
+            members: dict[int, list[int]] = {}
+            for row, slot in enumerate(values):
+                members.setdefault(slot, []).append(row)
+            slots = sorted(members)
+            m = max(len(rows) for rows in members.values())
+            gather, place = [len(values)] * (len(slots) * m), [0] * len(values)
+            for g, slot in enumerate(slots):
+                for j, row in enumerate(members[slot]):
+                    gather[g * m + j], place[row] = row, g * m + j
+            first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
+            device = self.idx.device
+            hit = self._groups["padded"] = (torch.tensor(slots, device=device), first, m,
+                                            torch.tensor(gather, device=device), torch.tensor(place, device=device))
         return hit
 
 
