@@ -254,3 +254,14 @@ def test_the_engine_decodes_with_its_attention_on_cpus():
             tokens.append(int(model(**inputs, use_cache=True).logits[0, -1].argmax()))
     fresh, _ = peftkit.load_model()
     assert tokens == _alone(fresh.eval(), prompt, 7)
+
+
+def test_a_first_piece_leaves_room_for_the_rows_joining_after_it():
+    batch = RunningBatch(max_rows=200)
+    batch.add(list(range(40)), _cache(40, 9, 0), torch.ones(40, 9, dtype=torch.long), more=60)
+    assert batch.capacity == 100  # 40 rows and the 60 announced (more than a quarter, more than 16)
+    ptr = batch.cache.layers[0].keys.data_ptr()
+    for start in (40, 70):  # the shorter pieces after it join in place
+        batch.add(list(range(start, start + 30)), _cache(30, 7, start), torch.ones(30, 7, dtype=torch.long))
+    assert len(batch) == 100 and batch.cache.layers[0].keys.data_ptr() == ptr
+    assert torch.equal(batch.mask[40:100, :9].sum(1), torch.full((60,), 7))

@@ -151,13 +151,14 @@ class RunningBatch:
     def capacity(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
-    def add(self, rows: Sequence[Any], cache: Any, mask: torch.Tensor) -> None:
-        """Append ``rows`` whose cache and mask (rows, T) came from their prefill."""
+    def add(self, rows: Sequence[Any], cache: Any, mask: torch.Tensor, more: int = 0) -> None:
+        """Append ``rows`` whose cache and mask (rows, T) came from their prefill; ``more``: rows about to
+        join after them (a rebuild leaves room for them)."""
         n, new, T = len(self.rows), len(rows), mask.shape[1]
         if not self.rows:
             self.rows = list(rows)
             self.cache = cache
-            self._rebuild([(layer.keys, layer.values) for layer in _layers(cache)], mask)
+            self._rebuild([(layer.keys, layer.values) for layer in _layers(cache)], mask, more)
             return
         if n + new <= self.capacity and T <= self.used:  # into free rows, right-aligned: no other row moves
             lo = self.used - T
@@ -175,7 +176,7 @@ class RunningBatch:
             parts.append((torch.cat([_left_pad(k, W), _left_pad(theirs.keys, W)]),
                           torch.cat([_left_pad(v, W), _left_pad(theirs.values, W)])))
         live = self.mask[:n, :self.used]
-        self._rebuild(parts, torch.cat([F.pad(live, (W - live.shape[1], 0)), F.pad(mask, (W - T, 0))]))
+        self._rebuild(parts, torch.cat([F.pad(live, (W - live.shape[1], 0)), F.pad(mask, (W - T, 0))]), more)
         self.rows.extend(rows)
 
     def keep(self, keep: Sequence[int]) -> None:
@@ -219,12 +220,12 @@ class RunningBatch:
                 "position_ids": torch.tensor(lengths, device=device).unsqueeze(1),
                 "attention_mask": self.mask[:n], "past_key_values": self.cache}
 
-    def _rebuild(self, parts: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+    def _rebuild(self, parts: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, more: int = 0) -> None:
         """The cache's layers become new buffers holding ``parts`` (per layer: keys, values of the written
-        columns of every row) with ROOM free columns and free rows; ``mask`` (rows, written columns)
-        is laid into a mask of the buffers' shape."""
+        columns of every row) with ROOM free columns and free rows (``more`` at least); ``mask`` (rows,
+        written columns) is laid into a mask of the buffers' shape."""
         rows, used = mask.shape
-        room = max(ROW_ROOM, rows // 4)
+        room = max(ROW_ROOM, rows // 4, more)
         if self.max_rows is not None:
             room = max(0, min(room, self.max_rows - rows))
         self.cache.layers[:] = [SlackLayer(k, v, ROOM, room) for k, v in parts]

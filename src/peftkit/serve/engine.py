@@ -7,8 +7,9 @@ Each iteration of the engine thread's loop:
 3. admits waiting requests whose adapter is installed (first come first served, up to ``max_batch``
    rows and ``max_prefill_tokens`` prompt tokens; a request waiting for its adapter does not hold up the
    ones behind it) and prefills them in batched forwards (rows of similar length together, ordered by
-   adapter; on a CPU, forwards of at most :data:`PREFILL_TOKENS` padded tokens): soft prompts laid into
-   the rows, layer adapters routed per row (:mod:`peftkit.serve.batch`);
+   adapter; on a CPU, forwards of at most :data:`PREFILL_TOKENS` padded tokens; the longest first, so
+   that the others join the cache in place): soft prompts laid into the rows, layer adapters routed per
+   row (:mod:`peftkit.serve.batch`);
 4. runs one decode step of every running row, newcomers included, in one forward; rows that finish
    leave the batch at once and their slots go to the next waiting requests.
 
@@ -201,12 +202,18 @@ class Engine:
         self._expire()
         rows = self._admit()
         order = {name: i for i, name in enumerate(self.host.installed())}
+        pieces = []
         for group in length_groups(rows, [self._entries(r) for r in rows]):
             # rows of one adapter side by side, adapters in the layers' order: the batched adapter
             # matmuls of the prefill then read each adapter's tokens in place (no gather, no scatter)
             group = sorted(group, key=lambda r: order.get(r.layer_name, -1))
-            for piece in prefill_pieces(group, [self._entries(r) for r in group], self.prefill_tokens):
-                self._prefill(piece)
+            pieces += prefill_pieces(group, [self._entries(r) for r in group], self.prefill_tokens)
+        # the longest piece first: the shorter ones then join the batch's cache in place
+        pieces.sort(key=lambda piece: -max(self._entries(r) for r in piece))
+        left = len(rows)
+        for piece in pieces:
+            left -= len(piece)
+            self._prefill(piece, more=left)
         if self.batch.rows:
             self._decode()
         if self.metrics is not None:
@@ -269,7 +276,8 @@ class Engine:
         t = self.host.tokens.get(row.req.adapter)
         return len(row.req.prompt_ids) + (t.n if t is not None else 0)
 
-    def _prefill(self, rows: list[Row]) -> None:
+    def _prefill(self, rows: list[Row], more: int = 0) -> None:
+        """Prefill ``rows`` and add them to the running batch (``more`` rows join after them)."""
         tokens = [self.host.tokens.get(r.req.adapter) for r in rows]
         pre = build_prefill(self.host.base, [r.req.prompt_ids for r in rows], tokens, self.host.device,
                             self.host.dtype)
@@ -281,7 +289,7 @@ class Engine:
         if self.metrics is not None:
             self.metrics.prefill(len(rows), sum(len(r.req.prompt_ids) for r in rows))
         start = len(self.batch)
-        self.batch.add(rows, pre.inputs["past_key_values"], pre.inputs["attention_mask"])
+        self.batch.add(rows, pre.inputs["past_key_values"], pre.inputs["attention_mask"], more)
         self._advance(logits, first=start)
 
     def _decode(self) -> None:
