@@ -34,23 +34,27 @@ def batched_lora(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, plan: RowPl
     copy = grad or not in_place  # add out of place
     if plan.start is not None:
         return bmm_pair(x3, A.narrow(0, plan.start, rows), B.narrow(0, plan.start, rows), add_to, copy)
-    if not grad and plan.n_slots_used * 4 <= rows and tokens == 1 and x3.device.type == "cpu":
-        out = padded_group_lora(x3.reshape(rows, d_in), A, B, plan)
+    if not grad and plan.n_slots_used * 4 <= rows:  # many rows share few adapters
+        one_token_on_cpu = tokens == 1 and x3.device.type == "cpu"
+        out = padded_group_lora(x3.reshape(rows, d_in), A, B, plan) if one_token_on_cpu else None
+        if out is None and (hasattr(F, "grouped_mm") and x3.dtype in (torch.float32, torch.bfloat16)
+                            and d_in % 8 == 0 and B.shape[-1] % 8 == 0):
+            out = grouped_lora(x3.reshape(rows * tokens, d_in), A, B, plan.groups(tokens, A.shape[0]))
         if out is not None:
-            out = out.view(rows, 1, -1)
+            out = out.view(rows, tokens, -1)
             return out if add_to is None else (add_to + out if copy else add_to.add_(out))
-    if (not grad and plan.n_slots_used * 4 <= rows and hasattr(F, "grouped_mm")
-            and x3.dtype in (torch.float32, torch.bfloat16) and d_in % 8 == 0 and B.shape[-1] % 8 == 0):
-        offs, order = plan.groups(tokens, A.shape[0])
-        flat = x3.reshape(rows * tokens, d_in)
-        if order is not None:
-            flat = flat.index_select(0, order)
-        out = F.grouped_mm(F.grouped_mm(flat, A, offs=offs), B, offs=offs)
-        if order is not None:
-            out = torch.empty_like(out).index_copy_(0, order, out)
-        out = out.view(rows, tokens, -1)
-        return out if add_to is None else (add_to + out if copy else add_to.add_(out))
     return bmm_pair(x3, A.index_select(0, plan.idx), B.index_select(0, plan.idx), add_to, copy)
+
+
+def grouped_lora(flat: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 groups: tuple[torch.Tensor, Optional[torch.Tensor]]) -> torch.Tensor:
+    """Token t of ``flat`` (tokens, in) times its slot's ``A`` and ``B`` as two grouped matmuls over the
+    tokens sorted by slot (``groups``: :meth:`RowPlan.groups`, the offsets and the sorting order)."""
+    offs, order = groups
+    if order is not None:
+        flat = flat.index_select(0, order)
+    out = F.grouped_mm(F.grouped_mm(flat, A, offs=offs), B, offs=offs)
+    return out if order is None else torch.empty_like(out).index_copy_(0, order, out)
 
 
 def padded_group_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, plan: RowPlan) -> Optional[torch.Tensor]:
@@ -92,4 +96,4 @@ def rowwise_dropout(x: torch.Tensor, ps: list[float], idx: torch.Tensor) -> torc
     return x * keep / (1 - p)
 
 
-__all__ = ["batched_lora", "bmm_pair", "dropout_p", "padded_group_lora", "rowwise_dropout"]
+__all__ = ["batched_lora", "bmm_pair", "dropout_p", "grouped_lora", "padded_group_lora", "rowwise_dropout"]
