@@ -35,14 +35,13 @@ def main() -> None:
 
     from peftkit.adapter_io import read_adapter
     from peftkit.core.mixed import mixed_batch
-    from peftkit.serve.batch import DECODE, RunningBatch, build_prefill, register_decode_attention
+    from peftkit.serve.batch import RunningBatch, build_prefill, use_decode_attention
     from peftkit.serve.host import AdapterHost
 
     base, adapters = write_bench_model(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     if args.attention == "decode":  # what the engine does on CPUs
-        register_decode_attention()
-        model.set_attn_implementation(DECODE)
+        use_decode_attention(model)
     host = AdapterHost(model, "base")
     names = sorted(adapters)
     for name in names:

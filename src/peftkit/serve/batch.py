@@ -19,9 +19,9 @@ Nothing copies the whole cache in the common case:
   places: a copy of the moved rows only.
 
 A one-token step's attention over those buffers is two batched matrix products (:func:`decode_attention`,
-registered with transformers' ``AttentionInterface`` as :data:`DECODE` and used on CPUs): SDPA's CPU
-kernel took 2.0 ms for 64 rows of 144 entries (8 heads of 32) where the products take 0.7, and 8.9
-against 5.2 ms at 256 rows; anything else (a prefill, dropout, a window, soft-capping) goes to SDPA.
+registered with transformers' ``AttentionInterface`` as :data:`DECODE`; :func:`use_decode_attention` on
+CPUs): SDPA's CPU kernel took 2.0 ms for 64 rows of 144 entries (8 heads of 32) where the products take
+0.7, and 8.9 against 5.2 ms at 256 rows; anything else (a prefill, dropout, a window, soft-capping) goes to SDPA.
 
 The buffers are rebuilt (the written part copied into new ones with :data:`ROOM` free columns, and
 free rows for a quarter as many rows again, at least :data:`ROW_ROOM`) when joining rows do not fit,
@@ -38,10 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..train.segments import register_attention
 from .host import PromptTokens
 
-DECODE = "peftkit_decode"  # the attention of one-token steps, registered by register_decode_attention
+DECODE = "peftkit_decode"  # the attention of one-token steps, registered by use_decode_attention
 ROOM = 32  # free columns a rebuilt buffer gets: a copy of the cache every ROOM steps at most
 ROW_ROOM = 16  # the least free rows a rebuilt buffer gets (else a quarter of its rows, up to max_rows in all)
 
@@ -100,8 +102,6 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         out[b, h] = softmax(scaling * q[b, h] K[b, h // G]^T + mask[b]) V[b, h // G],   G = H / H_kv
 
     returned as transformers' attention functions do, (B, 1, H, D). Other calls go to transformers' SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     B, H, L, D = query.shape
     plain_mask = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[2] == 1)
     if (L != 1 or dropout or not plain_mask or H % key.shape[1]
@@ -120,13 +120,14 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return out.reshape(B, 1, H, D), None
 
 
-def register_decode_attention() -> None:
-    """Register :func:`decode_attention` as :data:`DECODE` (SDPA's mask function with it)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(DECODE, decode_attention)
-    AttentionMaskInterface.register(DECODE, sdpa_mask)
+def use_decode_attention(model: nn.Module) -> bool:
+    """Switch ``model`` (a transformers model) to :func:`decode_attention` where it pays: on a CPU, for a
+    model that uses SDPA. True when switched."""
+    if next(model.parameters()).device.type != "cpu" or getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    register_attention(DECODE, decode_attention)
+    model.set_attn_implementation(DECODE)
+    return True
 
 
 def _layers(cache: Any) -> list:
@@ -284,4 +285,4 @@ def build_prefill(model: nn.Module, prompts: Sequence[Sequence[int]], tokens: Se
 
 
 __all__ = ["DECODE", "Prefill", "RunningBatch", "build_prefill", "decode_attention", "new_cache",
-           "register_decode_attention"]
+           "use_decode_attention"]

@@ -36,7 +36,7 @@ import torch
 from ..core.mixed import mixed_batch
 from ..prompt.introspect import accepts
 from .adapters import AdapterStore
-from .batch import DECODE, RunningBatch, build_prefill, register_decode_attention
+from .batch import RunningBatch, build_prefill, use_decode_attention
 from .errors import ServeError
 from .host import AdapterHost
 from .text import TextStream
@@ -124,9 +124,7 @@ class Engine:
         # CPU: prefill forwards of at most PREFILL_TOKENS (measured faster per token than larger ones)
         self.prefill_tokens = PREFILL_TOKENS if host.device.type == "cpu" else max_prefill_tokens
         self.metrics = metrics
-        if host.device.type == "cpu" and getattr(host.base.config, "_attn_implementation", None) == "sdpa":
-            register_decode_attention()  # one-token steps as two batched products; the rest is SDPA
-            host.base.set_attn_implementation(DECODE)
+        use_decode_attention(host.base)  # CPUs: one-token steps as two batched products; the rest is SDPA
         self.batch = RunningBatch(self.max_batch)
         self.waiting: deque[Request] = deque()
         self.context = int(getattr(host.base.config, "max_position_embeddings", 0) or 0) or None
@@ -201,19 +199,8 @@ class Engine:
     def _iteration(self) -> None:
         self._expire()
         rows = self._admit()
-        order = {name: i for i, name in enumerate(self.host.installed())}
-        pieces = []
-        for group in length_groups(rows, [self._entries(r) for r in rows]):
-            # rows of one adapter side by side, adapters in the layers' order: the batched adapter
-            # matmuls of the prefill then read each adapter's tokens in place (no gather, no scatter)
-            group = sorted(group, key=lambda r: order.get(r.layer_name, -1))
-            pieces += prefill_pieces(group, [self._entries(r) for r in group], self.prefill_tokens)
-        # the longest piece first: the shorter ones then join the batch's cache in place
-        pieces.sort(key=lambda piece: -max(self._entries(r) for r in piece))
-        left = len(rows)
-        for piece in pieces:
-            left -= len(piece)
-            self._prefill(piece, more=left)
+        if rows:
+            self._prefill_all(rows)
         if self.batch.rows:
             self._decode()
         if self.metrics is not None:
@@ -275,6 +262,23 @@ class Engine:
         """The cache entries a row's prefill makes (its adapter's virtual tokens and its prompt)."""
         t = self.host.tokens.get(row.req.adapter)
         return len(row.req.prompt_ids) + (t.n if t is not None else 0)
+
+    def _prefill_all(self, rows: list[Row]) -> None:
+        """Prefill newly admitted ``rows``: grouped by length; in a group, rows of one adapter side by side,
+        adapters in the layers' order (the batched adapter matmuls then read each adapter's tokens in
+        place); cut into forwards of at most ``prefill_tokens``, the longest first (the shorter ones then
+        join the batch's cache in place)."""
+        order = {name: i for i, name in enumerate(self.host.installed())}
+        entries = {id(r): self._entries(r) for r in rows}
+        pieces = []
+        for group in length_groups(rows, [entries[id(r)] for r in rows]):
+            group = sorted(group, key=lambda r: order.get(r.layer_name, -1))
+            pieces += prefill_pieces(group, [entries[id(r)] for r in group], self.prefill_tokens)
+        pieces.sort(key=lambda piece: -max(entries[id(r)] for r in piece))
+        left = len(rows)
+        for piece in pieces:
+            left -= len(piece)
+            self._prefill(piece, more=left)
 
     def _prefill(self, rows: list[Row], more: int = 0) -> None:
         """Prefill ``rows`` and add them to the running batch (``more`` rows join after them)."""

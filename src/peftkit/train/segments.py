@@ -82,13 +82,19 @@ def _window_mask(n: int, window: Optional[int], device: torch.device) -> Optiona
     return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
 
 
-def register() -> None:
-    """Register :data:`SEGMENTS` with transformers' attention and mask interfaces (idempotent)."""
+def register_attention(name: str, function: Any) -> None:
+    """Register ``function`` under ``name`` with transformers' public ``AttentionInterface``, with SDPA's
+    mask function, so that a model switched to ``name`` builds the masks it builds for SDPA (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(SEGMENTS, segment_attention)
-    AttentionMaskInterface.register(SEGMENTS, sdpa_mask)
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def register() -> None:
+    """Register :data:`SEGMENTS` with transformers' attention and mask interfaces (idempotent)."""
+    register_attention(SEGMENTS, segment_attention)
 
 
 def segment_lengths(position_ids: torch.Tensor) -> tuple[tuple[int, ...], ...]:
@@ -197,4 +203,4 @@ def _probing(plan: SegmentsPlan, seen: list[int]) -> Iterator[None]:
 
 
 __all__ = ["SEGMENTS", "SEGMENTS_MODES", "SegmentsPlan", "choose_segments", "probe", "register", "segment_attention",
-           "segment_lengths", "use_attention"]
+           "register_attention", "segment_lengths", "use_attention"]
