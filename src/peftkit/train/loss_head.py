@@ -11,7 +11,7 @@ the cross-entropy to them ``chunk_rows`` rows at a time::
 
 The gradient is computed chunk by chunk in the forward pass (as Liger's fused linear cross-entropy
 does): for each chunk the logits' gradient ``softmax(z_c) - onehot(y_c)`` is written directly (one
-pass over the logits: no log-softmax, no zero-filled tensor), and ``dloss/dh_c`` and ``dloss/dθ`` for
+pass over the logits, in place: no log-softmax, no zero-filled tensor), and ``dloss/dh_c`` and ``dloss/dθ`` for
 the head's trainable parameters θ (a LoRA or ``modules_to_save`` copy on ``lm_head``, tied embeddings)
 are taken from it with ``torch.autograd.grad`` while the chunk's logits exist, then freed; the
 backward pass only scales the stored gradients by
@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .data import IGNORE_INDEX
+from .last_block import LastBlock, at_targets, choose_last_block, last_hidden, probe_ids
 from .step import loss_sum
 from .trainable import is_peft_model, is_prompt_learning, unwrap
 
@@ -60,11 +61,13 @@ class LossHead:
     body: Optional[nn.Module] = field(default=None, repr=False)
     head: Optional[nn.Module] = field(default=None, repr=False)
     chunk_rows: int = 0
+    last_block: Optional[LastBlock] = field(default=None, repr=False)
 
     def describe(self) -> str:
         """One line for the run's report."""
         if self.path == "chunked":
-            return f"chunked: LM head + cross-entropy on target positions only, {self.chunk_rows} rows a chunk"
+            cut = f"; {self.last_block.describe()}" if self.last_block is not None else ""
+            return f"chunked: LM head + cross-entropy on target positions only, {self.chunk_rows} rows a chunk{cut}"
         return f"full logits: {self.reason}"
 
 
@@ -90,7 +93,8 @@ def choose_loss_head(model: nn.Module, task_type: str, mode: str = "auto",
         return LossHead("full", reason)
     vocab = int(head.weight.shape[0]) if isinstance(getattr(head, "weight", None), torch.Tensor) else 0
     vocab = vocab or int(getattr(getattr(unwrap(model), "config", None), "vocab_size", 0) or 0)
-    return LossHead("chunked", "the logits are lm_head(last hidden state)", body, head, chunk_rows_for(vocab))
+    return LossHead("chunked", "the logits are lm_head(last hidden state)", body, head, chunk_rows_for(vocab),
+                    choose_last_block(body, device))
 
 
 def _split_model(model: nn.Module, task_type: str,
@@ -122,16 +126,13 @@ def _split_model(model: nn.Module, task_type: str,
 
 def _probe(model: nn.Module, body: nn.Module, head: nn.Module, device: Optional[torch.device]) -> Optional[str]:
     """None when ``model``'s logits equal ``head(body(ids).last_hidden_state)`` on a short random sequence."""
-    config = getattr(model, "config", None)
-    vocab = int(getattr(config, "vocab_size", 0) or 16)
-    ids = torch.randint(3, max(4, vocab), (1, 6), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device or next(model.parameters()).device)
+    ids = probe_ids(model, 6, device)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             full = model(input_ids=ids, use_cache=False).logits.float()
-            split = head(_last_hidden(body(input_ids=ids, use_cache=False))).float()
+            split = head(last_hidden(body(input_ids=ids, use_cache=False))).float()
     except Exception as exc:  # noqa: BLE001 - any failure means: not separable this way
         return f"the body and head do not run apart ({type(exc).__name__}: {exc})"
     finally:
@@ -139,11 +140,6 @@ def _probe(model: nn.Module, body: nn.Module, head: nn.Module, device: Optional[
     if full.shape != split.shape or not torch.allclose(full, split, rtol=1e-4, atol=1e-5):
         return "the model's logits are not lm_head(last hidden state)"
     return None
-
-
-def _last_hidden(out: Any) -> torch.Tensor:
-    hidden = getattr(out, "last_hidden_state", None)
-    return hidden if hidden is not None else out[0]
 
 
 class _HeadLoss(torch.autograd.Function):
@@ -163,12 +159,12 @@ class _HeadLoss(torch.autograd.Function):
             y = labels[start:start + chunk_rows].unsqueeze(1)
             with torch.enable_grad():
                 logits = head(h).float()
-            with torch.no_grad():  # the loss sum_i lse_i - z_i[y_i], and its gradient softmax(z) - onehot(y)
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                total += (lse - logits.gather(1, y)).sum()
             inputs = ([h] if want_h else []) + list(params)
-            if inputs and logits.requires_grad:
-                grad_z = logits.detach().sub(lse).exp_()  # written once: no zero-filled tensor, no log-softmax
+            if not (inputs and logits.requires_grad):
+                with torch.no_grad():
+                    total += (torch.logsumexp(logits, dim=-1, keepdim=True) - logits.gather(1, y)).sum()
+            else:
+                grad_z = _loss_and_softmax_(logits.detach(), y, total)
                 grad_z.scatter_add_(1, y, grad_z.new_full(y.shape, -1.0))
                 grads = torch.autograd.grad(logits, inputs, grad_z, allow_unused=True)
                 if want_h:
@@ -188,6 +184,20 @@ class _HeadLoss(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         grad_h = saved.pop(0) * grad_out if ctx.want_h else None
         return (grad_h, None, None, None, *[g * grad_out for g in saved])
+
+
+@torch.no_grad()
+def _loss_and_softmax_(z: torch.Tensor, y: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Add ``sum_i lse(z_i) - z_i[y_i]`` to ``total`` and turn the logits ``z`` (n, V) into ``softmax(z)`` in
+    place: ``m = max_j z_ij``, ``p = exp(z - m)``, ``lse = m + log sum_j p_ij``, ``softmax = p / sum_j p_ij``.
+    No (n, V) tensor is allocated (each one is fresh pages from the OS: a chunk of logits is tens of MB).
+    The head's backward must not need its output (a linear head's does not; autograd raises if it did)."""
+    picked = z.gather(1, y)
+    m = z.amax(dim=1, keepdim=True)
+    p = z.sub_(m).exp_()
+    sums = p.sum(dim=1, keepdim=True)
+    total += (m + sums.log() - picked).sum()
+    return p.div_(sums)
 
 
 def head_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_rows: int) -> torch.Tensor:
@@ -222,10 +232,11 @@ def chunked_loss_sum(plan: LossHead, batch: dict[str, torch.Tensor]) -> torch.Te
     """
     labels = batch["labels"]
     index = batch.get("target_index")
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "target_index")}
-    hidden = _last_hidden(plan.body(**inputs, use_cache=False))  # (B, T, H)
     if index is None:
         index = target_index(labels)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "target_index")}
+    with at_targets(plan.last_block, index, *labels.shape):
+        hidden = last_hidden(plan.body(**inputs, use_cache=False))  # (B, T, H)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H)
     targets = labels.reshape(-1).index_select(0, index + 1)  # (N,): the next position's label
     return head_loss_sum(rows, targets, plan.head, plan.chunk_rows)

@@ -261,6 +261,9 @@ def plan_speed(model: nn.Module, loss_forward: Callable[[dict[str, torch.Tensor]
     fused = plan_fused_lora(model, config.fused_lora)
     compiling = choose_compile(model, config.compile, device)
     apply_compile(model, compiling)
+    cut = getattr(getattr(loss_forward, "plan", None), "last_block", None)  # see .last_block: eager blocks only
+    if cut is not None and (checkpointing.enabled or compiling.enabled):
+        cut.drop("activation checkpointing recomputes" if checkpointing.enabled else "compiled blocks run")
     return checkpointing, compiling, fused
 
 
