@@ -22,12 +22,13 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # peftkit's ladder: (name, packing, TrainConfig settings), each rung adding one technique to the one before;
 # the speed options are set on every rung so that a change of their defaults leaves the rungs as they are
 PLAIN = {"loss_head": "full", "fused_lora": False, "compile": "off", "gradient_checkpointing": False,
-         "packed_attention": "mask"}
+         "packed_attention": "mask", "last_block_at_targets": False}
 FUSED = {**PLAIN, "loss_head": "chunked", "fused_lora": True}
 LADDER = [("padded+full", False, PLAIN), ("packed+full", True, PLAIN),
           ("packed+chunked", True, {**PLAIN, "loss_head": "chunked"}),
           ("+fused LoRA", True, FUSED),
           ("+segments", True, {**FUSED, "packed_attention": "segments"}),
+          ("+last block at targets", True, {**FUSED, "packed_attention": "segments", "last_block_at_targets": True}),
           ("+compile (masked rows)", True, {**FUSED, "compile": "on"}),
           ("+checkpointing", True, {**FUSED, "packed_attention": "segments", "gradient_checkpointing": True})]
 DEFAULTS = ("peftkit defaults", None, {})  # whatever peftkit chooses on this model and machine

@@ -149,12 +149,15 @@ def test_trainer_reports_the_cut_and_keeps_the_block_whole_with_checkpointing(to
     prepared = prepare_data(DataConfig(eval_fraction=0, max_length=96), tok, lambda f: "CAUSAL_LM",
                             train_source=recs[:6], eval_source=recs[6:])
     reports = {}
-    for checkpointing in (None, True):
+    for name, kw in (("default", {}), ("checkpointing", {"gradient_checkpointing": True}),
+                     ("off", {"last_block_at_targets": False})):
         model, _ = peftkit.load_model()
         pm = peftkit.get_peft_model(model, peftkit.LoraConfig(task_type="CAUSAL_LM", r=4))
         cfg = TrainConfig(progress=False, eval_steps=0, save_steps=0, num_generations=0, eval_generate_samples=0,
-                          batch_size=2, max_steps=1, gradient_checkpointing=checkpointing)
+                          batch_size=2, max_steps=1, **kw)
         t = Trainer(pm, tok, prepared.train, prepared.eval, cfg, task_type="CAUSAL_LM", quiet=True)
-        reports[checkpointing] = t.loss_head.describe()
-    assert "last block's q/o projections and MLP at target positions only" in reports[None]
-    assert "last block whole (activation checkpointing recomputes the block without the cut)" in reports[True]
+        reports[name] = t.loss_head.describe()
+        assert t.loss_head.last_block.enabled is (name == "default")
+    assert "last block's q/o projections and MLP at target positions only" in reports["default"]
+    assert "last block whole (activation checkpointing recomputes the block without the cut)" in reports["checkpointing"]
+    assert "last block whole (last_block_at_targets off)" in reports["off"]

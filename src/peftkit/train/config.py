@@ -152,6 +152,10 @@ class TrainConfig:
         fused_lora: LoRA linear layers with one active adapter compute base and adapter as one autograd
             node in training (same outputs and gradients; DoRA, Conv1D and quantized bases, several active
             adapters and autocast take the general path; the run says how many layers fuse).
+        last_block_at_targets: with the chunked loss head, the last decoder block computes its query and
+            output projections and its MLP only at target positions (same loss and gradients; Llama-style
+            blocks checked by a probe; not for modules with dropout, mixtures of experts, checkpointing or
+            compiled blocks; the run says which and why).
         packed_attention: packed rows: segments runs one causal attention per packed example (no row x row
             mask; same outputs and gradients), mask keeps transformers' block-diagonal mask over the row;
             auto: segments on the CPU where the model uses SDPA and a probe shows the same logits (the run
@@ -187,6 +191,7 @@ class TrainConfig:
     loss_head: Literal["auto", "chunked", "full"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
     fused_lora: bool = True
+    last_block_at_targets: bool = True
     packed_attention: Literal["auto", "segments", "mask"] = "auto"
     num_generations: int = 3
     eval_generate_samples: int = 32

@@ -92,7 +92,8 @@ class Trainer:
         self.units = self._training_units(train_data, packing, max_length)
         self.train_data = train_data
         self._plan_batches(self.packed)
-        self.loss_head = choose_loss_head(self.model, task_type, config.loss_head, self.device)
+        self.loss_head = choose_loss_head(self.model, task_type, config.loss_head, self.device,
+                                          config.last_block_at_targets)
         self.loss_forward = LossForward(self.model, task_type, self.loss_head)
         # before the speed plan compiles blocks or turns checkpointing on: a refusal leaves the model as it came
         self.segments = choose_segments(unwrap(self.model), config.packed_attention, self.packed,

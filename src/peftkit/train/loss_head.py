@@ -77,8 +77,9 @@ def chunk_rows_for(vocab_size: int) -> int:
 
 
 def choose_loss_head(model: nn.Module, task_type: str, mode: str = "auto",
-                     device: Optional[torch.device] = None) -> LossHead:
-    """The loss path of ``model`` for ``mode`` (auto: chunked where exact, else full).
+                     device: Optional[torch.device] = None, last_block: bool = True) -> LossHead:
+    """The loss path of ``model`` for ``mode`` (auto: chunked where exact, else full); chunked, with the
+    last block at target positions only where ``last_block`` and :func:`~.last_block.choose_last_block` allow.
 
     ``mode="chunked"`` on a model where it is not exact raises ConfigError with the reason.
     """
@@ -94,7 +95,7 @@ def choose_loss_head(model: nn.Module, task_type: str, mode: str = "auto",
     vocab = int(head.weight.shape[0]) if isinstance(getattr(head, "weight", None), torch.Tensor) else 0
     vocab = vocab or int(getattr(getattr(unwrap(model), "config", None), "vocab_size", 0) or 0)
     return LossHead("chunked", "the logits are lm_head(last hidden state)", body, head, chunk_rows_for(vocab),
-                    choose_last_block(body, device))
+                    choose_last_block(body, device) if last_block else LastBlock(reason="last_block_at_targets off"))
 
 
 def _split_model(model: nn.Module, task_type: str,

@@ -34,7 +34,7 @@ RESUME_FREE = frozenset({
     ("train", "num_generations"), ("train", "eval_generate_samples"), ("train", "max_new_tokens"),
     ("train", "micro_batch_size"), ("train", "gradient_checkpointing"),
     ("train", "compile"), ("train", "fused_lora"), ("train", "packed_attention"),  # the same math, another road
-    ("train", "loss_head"),  # the same loss and gradients, summed in another order (as micro_batch_size)
+    ("train", "loss_head"), ("train", "last_block_at_targets"),  # the same loss and gradients, summed in another order
 })
 SECTIONS = ("model", "method_args", "data", "train")
 
