@@ -258,6 +258,9 @@ def test_trainer_compiled_blocks_take_the_eager_steps(tok, small_data):
     blocks = speed.decoder_blocks(b.model)
     assert len(blocks) == 5 and all(blk._compiled_call_impl is not None for blk in blocks)
     assert b.start_report()["compile"] == "torch.compile of the 5 decoder blocks (asked for)"
+    # compiled blocks would run without the last-block hooks: the compiled run keeps the whole block
+    assert a.loss_head.last_block.enabled and not b.loss_head.last_block.enabled
+    assert b.loss_head.last_block.reason == "compiled blocks run the block without the cut"
     losses = [[], []]
     for s in range(2):
         for i, t in enumerate((a, b)):
