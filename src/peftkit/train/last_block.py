@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .speed import decoder_blocks
+from .trainable import in_mode
 
 
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -51,9 +52,14 @@ class LastBlock:
     def enabled(self) -> bool:
         return bool(self.modules)
 
+    @classmethod
+    def whole(cls, why: str) -> "LastBlock":
+        """No cut, because ``why`` (e.g. "activation checkpointing recomputes") the block without the hooks."""
+        return cls(reason=f"{why} the block without the cut")
+
     def drop(self, why: str) -> None:
-        """Keep the whole block: ``why`` (e.g. "activation checkpointing recomputes") it without the hooks."""
-        self.modules, self.reason = [], f"{why} the block without the cut"
+        """Keep the whole block from now on (``why``: as in :meth:`whole`)."""
+        self.modules, self.reason = [], LastBlock.whole(why).reason
 
     def describe(self) -> str:
         if self.enabled:
@@ -109,7 +115,7 @@ def choose_last_block(body: nn.Module, device: Optional[torch.device] = None) ->
     if any(hasattr(m, "experts") or "moe" in type(m).__name__.lower() for m in mlp.modules()):
         return LastBlock(reason="the MLP is a mixture of experts (routing sees every token)")
     if any(getattr(m, "gradient_checkpointing", False) is True for m in body.modules()):  # transformers' switch
-        return LastBlock(reason="activation checkpointing recomputes the block without the cut")
+        return LastBlock.whole("activation checkpointing recomputes")
     candidates = [m for m in (getattr(attention, "q_proj", None), o_proj, mlp) if isinstance(m, nn.Module)]
     cut = LastBlock([m for m in candidates if not _drops(m)])
     if not cut.enabled:
@@ -127,17 +133,13 @@ def _probe(body: nn.Module, cut: LastBlock, device: Optional[torch.device]) -> O
     """None when ``body``'s last hidden states at some positions of a short random row equal the cut's."""
     ids = probe_ids(body, 9, device)
     index = torch.tensor([2, 3, 6, 7], device=ids.device)
-    was_training = body.training
-    body.eval()
     try:
-        with torch.no_grad():
+        with in_mode(body, False), torch.no_grad():
             full = last_hidden(body(input_ids=ids, use_cache=False)).reshape(9, -1)[index]
             with at_targets(cut, index, 1, 9):
                 split = last_hidden(body(input_ids=ids, use_cache=False)).reshape(9, -1)[index]
     except Exception as exc:  # noqa: BLE001 - any failure means: this block does not take the cut
         return f"the block does not run on target rows ({type(exc).__name__}: {exc})"
-    finally:
-        body.train(was_training)
     if not torch.allclose(full.float(), split.float(), rtol=1e-4, atol=1e-5):
         return "the block's outputs at the targets change when other positions are left out"
     return None

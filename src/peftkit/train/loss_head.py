@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from .data import IGNORE_INDEX
 from .last_block import LastBlock, at_targets, choose_last_block, last_hidden, probe_ids
 from .step import loss_sum
-from .trainable import is_peft_model, is_prompt_learning, unwrap
+from .trainable import in_mode, is_peft_model, is_prompt_learning, unwrap
 
 LOSS_HEAD_MODES = ("auto", "chunked", "full")
 
@@ -128,16 +128,12 @@ def _split_model(model: nn.Module, task_type: str,
 def _probe(model: nn.Module, body: nn.Module, head: nn.Module, device: Optional[torch.device]) -> Optional[str]:
     """None when ``model``'s logits equal ``head(body(ids).last_hidden_state)`` on a short random sequence."""
     ids = probe_ids(model, 6, device)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with in_mode(model, False), torch.no_grad():
             full = model(input_ids=ids, use_cache=False).logits.float()
             split = head(last_hidden(body(input_ids=ids, use_cache=False))).float()
     except Exception as exc:  # noqa: BLE001 - any failure means: not separable this way
         return f"the body and head do not run apart ({type(exc).__name__}: {exc})"
-    finally:
-        model.train(was_training)
     if full.shape != split.shape or not torch.allclose(full, split, rtol=1e-4, atol=1e-5):
         return "the model's logits are not lm_head(last hidden state)"
     return None

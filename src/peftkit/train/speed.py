@@ -33,6 +33,7 @@ from torch import nn
 from .._io import human_bytes
 from ..errors import ConfigError
 from .config import TrainConfig
+from .trainable import in_mode
 
 COMPILE_MODES = ("auto", "on", "off")
 # device types where "auto" compiles: measured faster and exact there (docs/benchmarks.md)
@@ -244,12 +245,8 @@ def plan_speed(model: nn.Module, loss_forward: Callable[[dict[str, torch.Tensor]
 
     def estimate() -> float:
         batch = {k: (v[:, :PROBE_TOKENS] if v.dim() == 2 else v).to(device) for k, v in probe.items()}
-        was_training = model.training
-        model.train()
-        try:
+        with in_mode(model, True):
             return activation_bytes_per_token(loss_forward, model, batch)
-        finally:
-            model.train(was_training)
 
     if prompt_learning and config.gradient_checkpointing is None:
         checkpointing = CheckpointPlan(False, "not chosen for prompt-learning methods; --gradient-checkpointing asks")

@@ -3,9 +3,10 @@ trainable weights (a PeftModel's adapter folder; for any other model, its traina
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -22,6 +23,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_peft_model(model: nn.Module) -> bool:
     return isinstance(unwrap(model), PeftModel)
+
+
+@contextlib.contextmanager
+def in_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """``model`` in training mode (or eval mode) inside, in its own mode again after, also on errors."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def is_prompt_learning(model: nn.Module) -> bool:
@@ -83,5 +95,5 @@ def load_trainable(model: nn.Module, folder: str, tensors: Optional[dict[str, to
             params[k].copy_(v)
 
 
-__all__ = ["expected_trainable", "is_peft_model", "is_prompt_learning", "load_trainable", "read_trainable",
+__all__ = ["expected_trainable", "in_mode", "is_peft_model", "is_prompt_learning", "load_trainable", "read_trainable",
            "save_trainable", "unwrap"]
